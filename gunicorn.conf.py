@@ -1,0 +1,29 @@
+"""Gunicorn settings for the web process, taken from the same environment as the app."""
+
+from jobs.settings import Settings
+
+_settings = Settings.from_env()
+
+# Heroku assigns PORT; `make run` sets HOST to stay on loopback.
+bind = f"{_settings.host}:{_settings.port}"
+
+# Processes: WEB_CONCURRENCY is the Heroku convention.
+workers = _settings.web_concurrency
+
+# Threads per process: a long poll (`?wait=`) holds a thread, not a process, and the app
+# lets only LONG_POLL_SLOTS of them wait at once, so other requests always find a thread.
+worker_class = "gthread"
+threads = _settings.web_threads
+
+# A long poll lasts up to 60 s; the worker must not be killed for it.
+timeout = 90
+# Heroku sends SIGKILL 30 s after SIGTERM; finish in-flight requests before that.
+graceful_timeout = 25
+keepalive = 5
+
+# Logs to stdout, where the platform collects them.
+accesslog = "-"
+errorlog = "-"
+
+# Never reload code in this process (and Flask's debugger is never enabled).
+reload = False

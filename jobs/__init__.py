@@ -1,0 +1,1 @@
+"""What workers run: job types, their schemas and the RQ worker classes."""

@@ -1,0 +1,39 @@
+"""Every Redis key and channel name Afterward uses besides RQ's own `rq:` keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "afterward:"
+
+# Pub/sub channel a job's id is published on whenever the job reaches an end state.
+JOB_EVENTS_CHANNEL = PREFIX + "job-events"
+
+# Sorted set of job ids by creation time (score), per owner: the `GET /jobs` listing.
+_RECENT_JOBS = PREFIX + "jobs:recent:{owner}"
+
+# Remembered idempotency keys, per owner and key digest.
+_IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
+
+# List idle workers block on; every push of a job id onto a queue adds a ring.
+DOORBELL = PREFIX + "doorbell"
+
+# When a job id was first seen on a queue's intermediate list without being started.
+_INTERMEDIATE_SEEN = PREFIX + "intermediate-seen:{queue}:{job_id}"
+
+# Field RQ's job hash is extended with: how many times a worker started the job.
+JOB_ATTEMPTS_FIELD = "afterward_attempts"
+
+
+def recent_jobs(owner: str) -> str:
+    return _RECENT_JOBS.format(owner=owner)
+
+
+def idempotency(owner: str, key: str) -> str:
+    # Hashing keeps arbitrary client-chosen bytes and lengths out of key names.
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return _IDEMPOTENCY.format(owner=owner, digest=digest)
+
+
+def intermediate_seen(queue: str, job_id: str) -> str:
+    return _INTERMEDIATE_SEEN.format(queue=queue, job_id=job_id)

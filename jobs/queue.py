@@ -1,0 +1,138 @@
+"""RQ's queue with a dequeue that cannot lose a job, even for workers on several queues.
+
+Stock RQ takes a job off several queues with BLPOP: once Redis has popped the id, a worker
+that dies before recording the job as started (or whose socket outlives it in a forked
+child) loses the job for good. Here a Lua script moves the id, in priority order, from the
+first non-empty queue onto that queue's intermediate list in one atomic step; it leaves the
+intermediate list only in the transaction that records the job as started, and a job left
+there by a dead worker is put back at the front of its queue (`recover_intermediate`).
+
+Idle workers wait on a doorbell list that every push rings, with a one-second fallback
+poll, since Redis cannot block on "move from the first non-empty of several lists".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from rq import Queue as RQQueue
+from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.serializers import JSONSerializer
+
+from jobs import keys
+from jobs.job import Job
+
+log = logging.getLogger(__name__)
+
+# Longest a waiting worker sleeps before it looks at the queues again.
+IDLE_POLL_SECONDS = 1
+# Doorbell rings kept while no worker listens.
+DOORBELL_LIMIT = 1000
+
+_MOVE_FIRST = """
+local n = #KEYS / 2
+for i = 1, n do
+  local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+  if id then return {KEYS[i], id} end
+end
+return false
+"""
+
+_RECOVER = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class Queue(RQQueue):
+    job_class = Job
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["serializer"] = JSONSerializer
+        kwargs["job_class"] = Job
+        super().__init__(*args, **kwargs)
+
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        pipe = pipeline if pipeline is not None else self.connection.pipeline()
+        super().push_job_id(job_id, pipeline=pipe, at_front=at_front)
+        ring(pipe)
+        if pipeline is None:
+            pipe.execute()
+
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Iterable[RQQueue],
+        timeout: int | None,
+        connection: redis.Redis,
+        job_class: Any = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[Job, Queue] | None:
+        queues = list(queues)
+        by_key = {q.key: q for q in queues}
+        move_first = connection.register_script(_MOVE_FIRST)
+        script_keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            moved = move_first(keys=script_keys)
+            if moved:
+                queue_key, job_id = (part.decode() if isinstance(part, bytes) else part for part in moved)
+                queue = by_key[queue_key]
+                try:
+                    job = Job.fetch(job_id, connection=connection)
+                except NoSuchJobError:
+                    # Deleted while queued: nothing to run, nothing to keep.
+                    connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                    continue
+                return job, cls(queue.name, connection=connection)
+            if deadline is None:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DequeueTimeout(timeout, list(by_key))
+            connection.blpop([keys.DOORBELL], timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
+
+
+def ring(pipe: Any) -> None:
+    """Wake one idle worker: a job was just pushed."""
+    pipe.lpush(keys.DOORBELL, 1)
+    pipe.ltrim(keys.DOORBELL, 0, DOORBELL_LIMIT - 1)
+
+
+def recover_intermediate(queue: RQQueue, started_ids: set[str], older_than: float) -> list[str]:
+    """Put back at the front of `queue` every job a worker took but never started.
+
+    A job id sits on the intermediate list between the move and the transaction that marks
+    it started; one still there, not started, `older_than` seconds after it was first seen,
+    belongs to a worker that died in between.
+    """
+    connection = queue.connection
+    recover = connection.register_script(_RECOVER)
+    recovered = []
+    now = time.time()
+    for raw in connection.lrange(queue.intermediate_queue_key, 0, -1):
+        job_id = raw.decode()
+        seen_key = keys.intermediate_seen(queue.name, job_id)
+        if job_id in started_ids:
+            connection.delete(seen_key)
+            continue
+        connection.set(seen_key, now, nx=True, ex=24 * 3600)
+        first_seen = float(connection.get(seen_key) or now)
+        if now - first_seen < older_than:
+            continue
+        if recover(keys=[queue.intermediate_queue_key, queue.key], args=[job_id]):
+            log.warning("job %s was taken by a worker that never started it; requeued", job_id)
+            recovered.append(job_id)
+            with connection.pipeline() as pipe:
+                ring(pipe)
+                pipe.delete(seen_key)
+                pipe.execute()
+    return recovered

@@ -1,0 +1,66 @@
+"""The job types Afterward runs: the one place a job type is registered.
+
+A job type is a plain function plus a pydantic input schema. The web process validates a
+request body against the schema and enqueues the function by its dotted path with the
+validated fields as keyword arguments; workers refuse any function not listed here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from jobs.log import LogInput, write_log
+from jobs.schema import OPTION_FIELDS, JobInput
+from jobs.sleep import SleepInput, sleep_for
+
+DEFAULT_TIMEOUT = 180
+
+
+@dataclass(frozen=True)
+class JobType:
+    """A function workers run and the schema of its keyword arguments."""
+
+    func: Callable[..., Any]
+    input: type[JobInput]
+    # Timeout (seconds) when the client sets none: a number or a function of the input.
+    default_timeout: int | Callable[[Any], int] = DEFAULT_TIMEOUT
+
+    @property
+    def path(self) -> str:
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def timeout_for(self, data: JobInput) -> int:
+        if callable(self.default_timeout):
+            return self.default_timeout(data)
+        return self.default_timeout
+
+
+JOB_TYPES: dict[str, JobType] = {
+    "log": JobType(write_log, LogInput, default_timeout=60),
+    "sleep": JobType(sleep_for, SleepInput, default_timeout=lambda data: math.ceil(data.seconds) + 60),
+}
+
+
+@lru_cache(maxsize=8)
+def job_types(extra_modules: tuple[str, ...] = ()) -> Mapping[str, JobType]:
+    """Built-in job types plus those of `extra_modules` (each with its own JOB_TYPES)."""
+    types = dict(JOB_TYPES)
+    for name in extra_modules:
+        module = importlib.import_module(name)
+        types.update(module.JOB_TYPES)
+    for type_name, job_type in types.items():
+        clash = OPTION_FIELDS & set(job_type.input.model_fields)
+        if clash:
+            raise ValueError(f"job type {type_name!r} uses reserved field names: {sorted(clash)}")
+    return types
+
+
+@lru_cache(maxsize=8)
+def allowed_functions(extra_modules: tuple[str, ...] = ()) -> frozenset[str]:
+    """Dotted paths of every function a worker may run."""
+    return frozenset(job_type.path for job_type in job_types(extra_modules).values())

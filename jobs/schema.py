@@ -1,0 +1,58 @@
+"""Input schemas: the base every job type's input extends, and the options common to all jobs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+QUEUES = ("high", "default", "low")
+"""Queues in the order workers take jobs from them."""
+
+Queue = Literal["high", "default", "low"]
+
+MAX_RETRIES = 10
+
+
+class JobInput(BaseModel):
+    """Base of every job type's input: strict types, unknown fields rejected."""
+
+    # strict: `true` is not a number and "5" is not an integer.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class JobOptions(JobInput):
+    """Fields every job accepts besides its own."""
+
+    queue: Queue = Field(default="default", description="Queue to run on; `high` is taken first.")
+    timeout: int | None = Field(
+        default=None, ge=1, description="Seconds the job may run before it is stopped."
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_RETRIES,
+        description="How many times a failed attempt is retried, each after a longer wait.",
+    )
+    delay: float = Field(
+        default=0, ge=0, description="Seconds to wait before the job may run (it is `scheduled` until then)."
+    )
+
+
+OPTION_FIELDS = frozenset(JobOptions.model_fields)
+
+
+@lru_cache(maxsize=16)
+def options_model(max_timeout: int, max_delay: int) -> type[JobOptions]:
+    """JobOptions with the configured upper bounds on `timeout` and `delay`."""
+    return create_model(
+        "JobOptions",
+        __base__=JobOptions,
+        timeout=(int | None, Field(default=None, ge=1, le=max_timeout, description=_doc("timeout"))),
+        delay=(float, Field(default=0, ge=0, le=max_delay, description=_doc("delay"))),
+    )
+
+
+def _doc(name: str) -> str | None:
+    return JobOptions.model_fields[name].description

@@ -1,0 +1,97 @@
+"""Every setting of the service and its workers, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by the web process and the workers."""
+
+    # Hosted Redis add-ons set REDIS_URL; the name is fixed.
+    redis_url: str = "redis://localhost:6379/0"
+    # Web process: address, processes (the Heroku convention) and threads per process.
+    host: str = "0.0.0.0"
+    port: int = 5000
+    web_concurrency: int = 2
+    web_threads: int = 16
+    # Worker processes `rq worker-pool` runs on one machine.
+    workers: int = 2
+    # File the `log` job appends to (one JSON object per line).
+    log_file: str = "var/log/jobs.log"
+    # How long finished and failed jobs (status, result, error) stay readable.
+    result_ttl: int = DAY
+    # Idempotency keys are remembered at least this long.
+    idempotency_ttl: int = DAY
+    # Longest `timeout` a client may ask for, in seconds.
+    max_job_timeout: int = 4 * 3600
+    # Longest `delay` a client may ask for, in seconds.
+    max_delay: int = 7 * DAY
+    # First retry waits this many seconds; each further retry waits twice as long.
+    retry_backoff: int = 2
+    # Longest single retry wait, in seconds.
+    max_retry_backoff: int = 600
+    # Request bodies larger than this are refused with 413.
+    max_body_bytes: int = 1024 * 1024
+    # Long-polling requests (`?wait=N`) one web process holds at once; more answer at once.
+    # 0 means three quarters of WEB_THREADS, leaving threads for other requests.
+    long_poll_slots: int = 0
+    # Extra modules whose JOB_TYPES mappings extend the built-in job types.
+    extra_job_modules: tuple[str, ...] = ()
+    # A running job gets this many seconds past its timeout before its process is killed.
+    timeout_grace: int = 10
+    # Seconds between a worker's checks on a running job (heartbeat, hard timeout).
+    job_monitoring_interval: int = 5
+    # Seconds between a worker's maintenance rounds (registry clean-up, job recovery).
+    maintenance_interval: int = 30
+    # A job taken off a queue but not started after this many seconds is put back.
+    intermediate_grace: int = 30
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables named after the fields in upper case."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, raw)
+        return cls(**values)
+
+    @property
+    def waiting_slots(self) -> int:
+        return self.long_poll_slots or max(1, self.web_threads * 3 // 4)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """Return a copy with the given fields replaced (used by tests and create_app)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+
+def _parse(name: str, annotation: Any, raw: str) -> Any:
+    if annotation in ("int", int):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name.upper()} must be an integer, got {raw!r}") from None
+        if value < 0:
+            raise ValueError(f"{name.upper()} must not be negative, got {raw!r}")
+        return value
+    if annotation in ("tuple[str, ...]",):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def get_settings() -> Settings:
+    """Settings for this process, from its environment."""
+    return Settings.from_env()

@@ -1,0 +1,156 @@
+"""The RQ worker class Afterward's workers run; see the Procfile's `worker:` line.
+
+    rq worker-pool high default low -n 2 -w jobs.worker.Worker -j jobs.job.Job -S json
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from rq import Worker as ForkingWorker
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+from rq.queue import Queue as RQQueue
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+
+from jobs import keys
+from jobs.job import Job, UnregisteredJobError
+from jobs.queue import Queue, recover_intermediate
+from jobs.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Worker(ForkingWorker):
+    """RQ's forking worker with Afterward's job and queue classes, error reports and a hard timeout.
+
+    Each job runs in a forked work-horse, so a job that crashes, leaks or hangs in C code
+    cannot take the worker down, a timeout always ends it, and a cancel request kills it.
+    """
+
+    queue_class = Queue
+
+    def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
+        # Whatever the command line says: JSON jobs of our class, from queues of our class.
+        kwargs.update(serializer=JSONSerializer, job_class=Job, queue_class=Queue)
+        queues = [queues] if isinstance(queues, str | RQQueue) else list(queues)
+        connection = kwargs.get("connection") or queues[0].connection
+        kwargs["connection"] = connection
+        names = [q.name if isinstance(q, RQQueue) else q for q in queues]
+        super().__init__([Queue(name, connection=connection) for name in names], *args, **kwargs)
+
+        settings = get_settings()
+        self.default_result_ttl = settings.result_ttl
+        self.job_monitoring_interval = settings.job_monitoring_interval
+        self.maintenance_interval = settings.maintenance_interval
+        self.timeout_grace = settings.timeout_grace
+        self.intermediate_grace = settings.intermediate_grace
+        self._job_errors: dict[str, dict[str, str]] = {}
+        self._timed_out_job_id: str | None = None
+        self.push_exc_handler(self._remember_error)
+
+    # ------------------------------------------------------------------ taking jobs
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # Wake up for maintenance (job recovery) even when no job comes.
+        return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        # A cancel can land between the dequeue and this point; honour it.
+        if job.get_status() == JobStatus.CANCELED:
+            log.info("job %s was canceled before it started; skipping it", job.id)
+            self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+            return
+        super().execute_job(job, queue)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # Every job was moved onto an intermediate list (jobs.queue), whatever the number of queues.
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+    def clean_registries(self) -> None:
+        super().clean_registries()
+        for queue in self.queues:
+            started = set(queue.started_job_registry.get_job_ids())
+            recover_intermediate(queue, started, older_than=self.intermediate_grace)
+
+    # ------------------------------------------------------------------ running jobs
+
+    def maintain_heartbeats(self, job: Job) -> None:
+        super().maintain_heartbeats(job)
+        # The work-horse enforces the timeout itself with SIGALRM; this catches a job that
+        # swallows that exception or is stuck in C code, a little after its deadline.
+        if job.timeout and job.timeout > 0:
+            if self.current_job_working_time > job.timeout + self.timeout_grace:
+                log.warning("job %s ignored its %s s timeout; killing its work-horse", job.id, job.timeout)
+                self._timed_out_job_id = job.id
+                self.kill_horse()
+
+    # ------------------------------------------------------------------ ends of jobs
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
+        super().handle_job_success(job, queue, started_job_registry)
+        self._announce(job)
+
+    def handle_job_failure(
+        self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
+    ) -> None:
+        error = self._job_errors.pop(job.id, None) or self._error_from_exit(job, exc_string)
+        if job.ended_at is None:  # a stopped or killed work-horse never got to set it
+            job.ended_at = now()
+        try:
+            # Refresh first: the work-horse may have saved progress since this copy was read.
+            job.get_meta(refresh=True)
+            job.meta["error"] = error
+            job.save_meta()
+        except Exception:  # the failure itself must still be recorded below
+            log.exception("could not record the error of job %s", job.id)
+        super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        self._announce(job)
+
+    def _remember_error(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
+        self._job_errors[job.id] = describe_exception(job, exc_value)
+        return True
+
+    def _error_from_exit(self, job: Job, exc_string: str) -> dict[str, str]:
+        if self._stopped_job_id == job.id:
+            return {"type": "JobStopped", "message": "The job was stopped by a cancel request."}
+        if self._timed_out_job_id == job.id:
+            self._timed_out_job_id = None
+            return timeout_error(job)
+        if "Work-horse terminated unexpectedly" in exc_string:
+            match = re.search(r"\(signal (\d+)\)", exc_string)
+            how = f" (signal {match.group(1)})" if match else ""
+            return {
+                "type": "WorkerDied",
+                "message": f"The process running the job died before the job ended{how}.",
+            }
+        last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else "The job failed."
+        return {"type": "JobFailed", "message": last_line[:1000]}
+
+    def _announce(self, job: Job) -> None:
+        try:
+            self.connection.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+        except Exception:  # waiters fall back to polling
+            log.warning("could not publish the end of job %s", job.id, exc_info=True)
+
+
+def describe_exception(job: RQJob, exc: BaseException) -> dict[str, str]:
+    """The `error` of the job view for an exception a job raised: type and message, no traceback."""
+    if isinstance(exc, JobTimeoutException):
+        return timeout_error(job)
+    if isinstance(exc, UnregisteredJobError):
+        return {"type": "UnregisteredJob", "message": str(exc)}
+    message = str(exc).strip() or type(exc).__name__
+    return {"type": type(exc).__name__, "message": message[:1000]}
+
+
+def timeout_error(job: RQJob) -> dict[str, str]:
+    return {
+        "type": "JobTimeout",
+        "message": f"The job ran longer than its {job.timeout} s timeout and was stopped.",
+    }

@@ -1,0 +1,1 @@
+"""Development entry points: `make run` and the embedded Redis."""

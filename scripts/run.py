@@ -1,0 +1,62 @@
+"""`make run`: the Procfile's processes on 127.0.0.1:$PORT, with a Redis of their own if needed.
+
+When REDIS_URL is unset and nothing answers on localhost:6379, an embedded redis-server
+starts with its data and append-only file under var/redis. Ctrl-C stops the web and
+worker processes first (workers finish or give back their jobs), then Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
+
+LOCAL_REDIS = "redis://localhost:6379/0"
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("HOST", "127.0.0.1")
+    env.setdefault("PORT", "5000")
+    env.setdefault("WORKERS", "2")
+    env.setdefault("LOG_FILE", str(ROOT / "var" / "log" / "jobs.log"))
+    env["PYTHONUNBUFFERED"] = "1"
+
+    embedded = None
+    if "REDIS_URL" not in env:
+        if answers(LOCAL_REDIS):
+            env["REDIS_URL"] = LOCAL_REDIS
+        else:
+            embedded = EmbeddedRedis(ROOT / "var" / "redis").start()
+            env["REDIS_URL"] = embedded.url
+            print(f"run: started an embedded Redis at {embedded.url} (data in var/redis)", flush=True)
+    print(f"run: REDIS_URL={env['REDIS_URL']}  API on http://{env['HOST']}:{env['PORT']}", flush=True)
+
+    honcho = Path(sys.executable).with_name("honcho")
+    # Ctrl-C reaches honcho and its processes directly; this process just waits for them.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        process = subprocess.Popen(
+            [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"]], cwd=ROOT, env=env
+        )
+        while True:
+            try:
+                return process.wait()
+            except InterruptedError:
+                continue
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            print("run: embedded Redis stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

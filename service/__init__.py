@@ -1,0 +1,45 @@
+"""Afterward's web process: a JSON API that accepts jobs and reports on them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from jobs.settings import Settings
+from service.errors import register_error_handlers
+from service.state import init_state
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app; `config` overrides settings read from the environment (tests use it)."""
+    settings = Settings.from_env()
+    if config:
+        settings = settings.with_overrides(config)
+    _configure_logging()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.strict_slashes = False
+
+    init_state(app, settings)
+    register_error_handlers(app)
+
+    from service.views import health, jobs
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    return app
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)

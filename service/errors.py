@@ -1,0 +1,108 @@
+"""One JSON error shape for every error the API returns: {"error": {"code", "message", "details"?}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Seconds a client should wait before trying again when Redis is unreachable.
+REDIS_RETRY_AFTER = 5
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "too_many_requests",
+    431: "headers_too_large",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answer; raise it from a view (or `abort`) and the handler renders it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or _CODES.get(status, "error")
+        self.details = details
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, details: Any = None, headers: dict | None = None
+) -> Response:
+    body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message}
+    if details is not None:
+        body["details"] = details
+    response = jsonify(error=body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def handle_api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.message, error.code, error.details, error.headers)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(error: HTTPException) -> Response:
+        status = error.code or 500
+        headers = {}
+        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        return error_response(status, _plain_message(error), headers=headers)
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    @app.errorhandler(redis.exceptions.BusyLoadingError)
+    def handle_redis_down(error: Exception) -> Response:
+        log.warning("Redis unavailable: %s", error)
+        return error_response(
+            503,
+            "The job store is unreachable; try again shortly.",
+            code="redis_unavailable",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER)},
+        )
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error: Exception) -> Response:
+        # The traceback goes to the log, never to the client.
+        log.exception("unhandled error")
+        return error_response(500, "Internal error; it has been logged.")
+
+
+def _plain_message(error: HTTPException) -> str:
+    messages = {
+        404: "No such resource.",
+        405: "Method not allowed on this resource.",
+        413: f"Request body is larger than the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes.",
+    }
+    return messages.get(error.code or 0) or (error.description or error.name)

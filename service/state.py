@@ -1,0 +1,52 @@
+"""Clients the web process shares across requests, kept in `app.extensions`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+from flask import Flask, current_app
+
+from jobs.registry import JobType, job_types
+from jobs.schema import QUEUES
+from jobs.settings import Settings
+from jobs.queue import Queue
+from service.waiting import JobWaiter
+
+EXTENSION = "afterward"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: redis.Redis
+    queues: dict[str, Queue]
+    job_types: dict[str, JobType]
+    waiter: JobWaiter = field(repr=False)
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A Redis client that fails fast when the server is unreachable (the API answers 503)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def init_state(app: Flask, settings: Settings) -> AppState:
+    connection = connect_redis(settings.redis_url)
+    state = AppState(
+        settings=settings,
+        redis=connection,
+        queues={name: Queue(name, connection=connection) for name in QUEUES},
+        job_types=dict(job_types(settings.extra_job_modules)),
+        waiter=JobWaiter(connection, slots=settings.waiting_slots),
+    )
+    app.extensions[EXTENSION] = state
+    return state
+
+
+def get_state() -> AppState:
+    return current_app.extensions[EXTENSION]

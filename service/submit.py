@@ -1,0 +1,138 @@
+"""Turning a validated request into an RQ job, atomically and at most once per idempotency key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any
+
+from pydantic import create_model
+from redis.exceptions import WatchError
+from rq import Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
+from rq.utils import now
+
+from jobs import keys
+from jobs.registry import JobType
+from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
+from jobs.settings import Settings
+from jobs.job import Job
+from service.body import validate
+from service.errors import ApiError
+from service.state import AppState
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@dataclass
+class Submission:
+    job: Job
+    created: bool  # False when an idempotent replay returned an earlier job
+
+
+@lru_cache(maxsize=64)
+def request_model(type_name: str, job_type: JobType, max_timeout: int, max_delay: int) -> type[JobInput]:
+    """The body schema of `POST /jobs/<type_name>`: the type's own fields plus the common options."""
+    title = "".join(part.capitalize() for part in type_name.split("_")) + "Request"
+    return create_model(title, __base__=(job_type.input, options_model(max_timeout, max_delay)))
+
+
+def submit(
+    state: AppState, type_name: str, job_type: JobType, body: dict[str, Any], owner: str, idempotency_key: str | None
+) -> Submission:
+    settings = state.settings
+    model = request_model(type_name, job_type, settings.max_job_timeout, settings.max_delay)
+    request = validate(model, body)
+    # The request model subclasses the type's input and JobOptions: it is both.
+    options: JobOptions = request  # type: ignore[assignment]
+    kwargs = request.model_dump(mode="json", exclude=set(OPTION_FIELDS))
+
+    queue = state.queues[options.queue]
+    retries = options.retries
+    job = queue.create_job(
+        job_type.path,
+        kwargs=kwargs,
+        timeout=options.timeout or job_type.timeout_for(request),
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        job_id=uuid.uuid4().hex,
+        meta={"type": type_name, "owner": owner, "retries": retries},
+        status=JobStatus.SCHEDULED if options.delay else JobStatus.QUEUED,
+        retry=Retry(max=retries, interval=backoff_intervals(settings, retries)) if retries else None,
+    )
+    fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
+    idem_key = keys.idempotency(owner, idempotency_key) if idempotency_key is not None else None
+
+    with state.redis.pipeline() as pipe:
+        while True:
+            try:
+                if idem_key is not None:
+                    pipe.watch(idem_key)
+                    remembered = pipe.get(idem_key)
+                    if remembered is not None:
+                        earlier = _replay(state, remembered, fingerprint)
+                        if earlier is not None:
+                            return Submission(earlier, created=False)
+                pipe.multi()
+                if idem_key is not None:
+                    record = json.dumps({"job_id": job.id, "fingerprint": fingerprint})
+                    pipe.set(idem_key, record, ex=settings.idempotency_ttl)
+                if options.delay:
+                    queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
+                else:
+                    queue.enqueue_job(job, pipeline=pipe)
+                _index(pipe, owner, job.id, settings)
+                pipe.execute()
+                return Submission(job, created=True)
+            except WatchError:
+                continue
+
+
+def backoff_intervals(settings: Settings, retries: int) -> list[int]:
+    """Seconds before each retry: doubling from RETRY_BACKOFF, capped at MAX_RETRY_BACKOFF."""
+    return [min(settings.retry_backoff * 2**attempt, settings.max_retry_backoff) for attempt in range(retries)]
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value or len(value) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise ApiError(
+            422,
+            f"The Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters.",
+            details=[{"field": "Idempotency-Key", "message": "invalid length", "type": "header"}],
+        )
+    return value
+
+
+def _replay(state: AppState, remembered: bytes, fingerprint: str) -> Job | None:
+    record = json.loads(remembered)
+    if record["fingerprint"] != fingerprint:
+        raise ApiError(
+            422,
+            "This Idempotency-Key was already used with a different request.",
+            code="idempotency_key_reused",
+            details={"job_id": record["job_id"]},
+        )
+    try:
+        return Job.fetch(record["job_id"], connection=state.redis)
+    except NoSuchJobError:  # the earlier job has expired: the key no longer protects anything
+        return None
+
+
+def _fingerprint(type_name: str, fields: dict[str, Any]) -> str:
+    canonical = json.dumps({"type": type_name, "fields": fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _index(pipe: Any, owner: str, job_id: str, settings: Settings) -> None:
+    key = keys.recent_jobs(owner)
+    created = time.time()
+    pipe.zadd(key, {job_id: created})
+    pipe.zremrangebyscore(key, "-inf", created - settings.result_ttl)

@@ -1,0 +1,46 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+from redis.exceptions import RedisError
+
+from service.errors import error_response
+from service.state import get_state
+from service.workers import live_workers
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is up. Touches nothing else, so a Redis outage never restarts web processes."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Ready to take jobs: Redis answers and at least one worker is alive."""
+    state = get_state()
+    reasons: list[str] = []
+    checks: dict[str, object] = {}
+    try:
+        state.redis.ping()
+        checks["redis"] = "ok"
+    except RedisError as error:
+        checks["redis"] = "unreachable"
+        reasons.append(f"Redis is unreachable ({type(error).__name__}).")
+    else:
+        workers = live_workers(state.redis)
+        checks["workers"] = len(workers)
+        if not workers:
+            reasons.append("No worker is alive: jobs would wait in their queues.")
+    if reasons:
+        return error_response(
+            503,
+            " ".join(reasons),
+            code="not_ready",
+            details={"reasons": reasons, "checks": checks},
+            headers={"Retry-After": "5"},
+        )
+    return jsonify(status="ready", checks=checks)

@@ -1,0 +1,156 @@
+"""The jobs API: submit, read (with long polling), list, cancel and retry jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from pydantic import BaseModel, ConfigDict, Field
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation
+from rq.job import JobStatus
+
+from jobs import keys
+from jobs.schema import Queue
+from jobs.job import Job
+from service.body import read_json_object, validate
+from service.errors import ApiError
+from service.jobview import is_terminal, job_view, load_job, recent_jobs
+from service.state import get_state
+from service.submit import check_idempotency_key, submit
+
+bp = Blueprint("jobs", __name__)
+
+MAX_WAIT_SECONDS = 60
+# How long DELETE waits for a running job's worker to confirm that it stopped it.
+STOP_CONFIRM_SECONDS = 5
+CANCELABLE = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.STOPPED})
+
+Status = Literal["queued", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"]
+
+
+class ReadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Status | None = None
+    queue: Queue | None = None
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+def current_owner() -> str:
+    """Whose jobs this request may see. Without API keys every client shares one owner."""
+    return "public"
+
+
+@bp.post("/jobs/<type_name>")
+def create_job(type_name: str) -> Response:
+    state = get_state()
+    job_type = state.job_types.get(type_name)
+    if job_type is None:
+        raise ApiError(
+            404,
+            f"Unknown job type {type_name[:100]!r}.",
+            code="unknown_job_type",
+            details={"known_types": sorted(state.job_types)},
+        )
+    idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    body = read_json_object()
+    submission = submit(state, type_name, job_type, body, current_owner(), idempotency_key)
+    response = _job_response(submission.job, 202 if submission.created else 200)
+    if not submission.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.get("/jobs/<job_id>")
+def read_job(job_id: str) -> Response:
+    state = get_state()
+    query = validate(ReadQuery, request.args.to_dict())
+    job = load_job(state, job_id, current_owner())
+    if query.wait > 0 and not is_terminal(job):
+        job = _wait_for_end(job, query.wait)
+    return jsonify(job_view(job))
+
+
+@bp.get("/jobs")
+def list_jobs() -> Response:
+    state = get_state()
+    query = validate(ListQuery, request.args.to_dict())
+    found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit)
+    return jsonify(jobs=[job_view(job) for job in found])
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    state = get_state()
+    job = load_job(state, job_id, current_owner())
+    status = job.get_status(refresh=False)
+    if status in (JobStatus.CANCELED, JobStatus.STOPPED):
+        return jsonify(job_view(job))
+    if status in (JobStatus.FINISHED, JobStatus.FAILED):
+        raise ApiError(409, f"The job has already {status.value}; there is nothing to cancel.")
+    if status in CANCELABLE:
+        try:
+            job.cancel()
+        except InvalidJobOperation:
+            pass
+        state.redis.expire(job.key, state.settings.result_ttl)
+        state.redis.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+        job = load_job(state, job_id, current_owner())
+        if job.get_status(refresh=False) == JobStatus.CANCELED:
+            return jsonify(job_view(job))
+    # Running (or it started while we were canceling): ask its worker to stop it.
+    try:
+        send_stop_job_command(state.redis, job.id, serializer=job.serializer)
+    except InvalidJobOperation:
+        pass  # between attempts; the view below shows where it is
+    job = _wait_for_end(job, STOP_CONFIRM_SECONDS)
+    return _job_response(job, 200 if is_terminal(job) else 202)
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str) -> Response:
+    state = get_state()
+    job = load_job(state, job_id, current_owner())
+    status = job.get_status(refresh=False)
+    if status not in RETRYABLE:
+        raise ApiError(409, f"Only failed or stopped jobs can be retried; this one is {status.value}.")
+    job.meta.pop("progress", None)
+    job.meta.pop("error", None)
+    job.retries_left = job.meta.get("retries") or None
+    job.save(include_result=False)
+    try:
+        job.requeue()
+    except InvalidJobOperation:
+        raise ApiError(409, "The job is being retried already.") from None
+    return _job_response(load_job(state, job_id, current_owner()), 202)
+
+
+def _wait_for_end(job: Job, seconds: float) -> Job:
+    """Re-read `job` until it ends or `seconds` pass; answer at once when no slot is free."""
+    state = get_state()
+    deadline = time.monotonic() + seconds
+    with state.waiter.slot() as may_wait:
+        if not may_wait:
+            return job
+        with state.waiter.watch(job.id) as ended:
+            while True:
+                job.refresh()
+                remaining = deadline - time.monotonic()
+                if is_terminal(job) or remaining <= 0:
+                    return job
+                ended.wait(min(remaining, 1.0))
+                ended.clear()
+
+
+def _job_response(job: Job, status: int) -> Response:
+    response = jsonify(job_view(job))
+    response.status_code = status
+    response.headers["Location"] = url_for("jobs.read_job", job_id=job.id)
+    return response

@@ -1,0 +1,1 @@
+"""Afterward test suite."""
