@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 run: $(VENV)/.runtime
 	$(BIN)/python scripts/run.py
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.dev

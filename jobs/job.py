@@ -13,9 +13,7 @@ from jobs import keys
 from jobs.registry import allowed_functions
 from jobs.settings import get_settings
 
-TERMINAL_STATUSES = frozenset(
-    {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED}
-)
+TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED})
 
 
 class UnregisteredJobError(Exception):

@@ -107,7 +107,9 @@ def ring(pipe: Any) -> None:
     pipe.ltrim(keys.DOORBELL, 0, DOORBELL_LIMIT - 1)
 
 
-def recover_intermediate(queue: RQQueue, started_ids: set[str], older_than: float) -> list[str]:
+def recover_intermediate(
+    queue: RQQueue, started_ids: set[str], older_than: float, now: float | None = None
+) -> list[str]:
     """Put back at the front of `queue` every job a worker took but never started.
 
     A job id sits on the intermediate list between the move and the transaction that marks
@@ -117,7 +119,7 @@ def recover_intermediate(queue: RQQueue, started_ids: set[str], older_than: floa
     connection = queue.connection
     recover = connection.register_script(_RECOVER)
     recovered = []
-    now = time.time()
+    now = time.time() if now is None else now
     for raw in connection.lrange(queue.intermediate_queue_key, 0, -1):
         job_id = raw.decode()
         seen_key = keys.intermediate_seen(queue.name, job_id)

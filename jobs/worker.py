@@ -1,6 +1,6 @@
 """The RQ worker class Afterward's workers run; see the Procfile's `worker:` line.
 
-    rq worker-pool high default low -n 2 -w jobs.worker.Worker -j jobs.job.Job -S json
+rq worker-pool high default low -n 2 -w jobs.worker.Worker -j jobs.job.Job -S json
 """
 
 from __future__ import annotations
@@ -84,11 +84,15 @@ class Worker(ForkingWorker):
         super().maintain_heartbeats(job)
         # The work-horse enforces the timeout itself with SIGALRM; this catches a job that
         # swallows that exception or is stuck in C code, a little after its deadline.
-        if job.timeout and job.timeout > 0:
-            if self.current_job_working_time > job.timeout + self.timeout_grace:
-                log.warning("job %s ignored its %s s timeout; killing its work-horse", job.id, job.timeout)
-                self._timed_out_job_id = job.id
-                self.kill_horse()
+        overdue = (
+            job.timeout
+            and job.timeout > 0
+            and self.current_job_working_time > job.timeout + self.timeout_grace
+        )
+        if overdue:
+            log.warning("job %s ignored its %s s timeout; killing its work-horse", job.id, job.timeout)
+            self._timed_out_job_id = job.id
+            self.kill_horse()
 
     # ------------------------------------------------------------------ ends of jobs
 

@@ -65,21 +65,30 @@ class EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.directory.resolve()),
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--save", "",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.directory.resolve()),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--save",
+            "",
             # An evicting Redis silently drops queued jobs.
-            "--maxmemory-policy", "noeviction",
-            "--logfile", "redis.log",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            "redis.log",
         ]
         # Its own session: Ctrl-C in a terminal must not kill Redis before the workers are done.
         self.process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.directory}/redis.log")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}; see {self.directory}/redis.log"
+                )
             if answers(self.url, timeout=0.2):
                 return self
             time.sleep(0.05)

@@ -25,10 +25,10 @@ def read_json_object() -> dict[str, Any]:
     # body at the limit; a chunked body with more to come is refused here.
     raw = request.get_data(cache=True)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        # The server terminates chunked input (wsgi.input_terminated), so this read cannot block.
-        if request.environ["wsgi.input"].read(1):
-            raise RequestEntityTooLarge()
+    # The server terminates chunked input (wsgi.input_terminated), so the read cannot block.
+    at_limit = request.content_length is None and limit is not None and len(raw) >= limit
+    if at_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -44,9 +44,13 @@ def read_json_object() -> dict[str, Any]:
     except _NonFinite as error:
         raise ApiError(400, str(error), code="invalid_json") from None
     except ValueError:  # e.g. an integer literal with thousands of digits
-        raise ApiError(400, "The body is not valid JSON: a number is out of range.", code="invalid_json") from None
+        raise ApiError(
+            400, "The body is not valid JSON: a number is out of range.", code="invalid_json"
+        ) from None
     except RecursionError:
-        raise ApiError(400, "The body is not valid JSON: it is nested too deeply.", code="invalid_json") from None
+        raise ApiError(
+            400, "The body is not valid JSON: it is nested too deeply.", code="invalid_json"
+        ) from None
     if not isinstance(value, dict):
         raise ApiError(
             422,
@@ -91,4 +95,6 @@ def _finite_float(text: str) -> float:
 
 
 def _is_json(mimetype: str) -> bool:
-    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )

@@ -57,9 +57,7 @@ def is_terminal(job: Job) -> bool:
     return job.get_status(refresh=False) in TERMINAL_STATUSES
 
 
-def recent_jobs(
-    state: AppState, owner: str, status: str | None, queue: str | None, limit: int
-) -> list[Job]:
+def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | None, limit: int) -> list[Job]:
     """Newest first, filtered; reads the recent-jobs index a page at a time."""
     index = keys.recent_jobs(owner)
     found: list[Job] = []

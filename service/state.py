@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
+from jobs.queue import Queue
 from jobs.registry import JobType, job_types
 from jobs.schema import QUEUES
 from jobs.settings import Settings
-from jobs.queue import Queue
 from service.waiting import JobWaiter
 
 EXTENSION = "afterward"

@@ -19,10 +19,10 @@ from rq.job import JobStatus
 from rq.utils import now
 
 from jobs import keys
+from jobs.job import Job
 from jobs.registry import JobType
 from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
 from jobs.settings import Settings
-from jobs.job import Job
 from service.body import validate
 from service.errors import ApiError
 from service.state import AppState
@@ -44,7 +44,12 @@ def request_model(type_name: str, job_type: JobType, max_timeout: int, max_delay
 
 
 def submit(
-    state: AppState, type_name: str, job_type: JobType, body: dict[str, Any], owner: str, idempotency_key: str | None
+    state: AppState,
+    type_name: str,
+    job_type: JobType,
+    body: dict[str, Any],
+    owner: str,
+    idempotency_key: str | None,
 ) -> Submission:
     settings = state.settings
     model = request_model(type_name, job_type, settings.max_job_timeout, settings.max_delay)
@@ -96,7 +101,9 @@ def submit(
 
 def backoff_intervals(settings: Settings, retries: int) -> list[int]:
     """Seconds before each retry: doubling from RETRY_BACKOFF, capped at MAX_RETRY_BACKOFF."""
-    return [min(settings.retry_backoff * 2**attempt, settings.max_retry_backoff) for attempt in range(retries)]
+    return [
+        min(settings.retry_backoff * 2**attempt, settings.max_retry_backoff) for attempt in range(retries)
+    ]
 
 
 def check_idempotency_key(value: str | None) -> str | None:

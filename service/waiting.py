@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import redis
 
@@ -98,7 +98,5 @@ class JobWaiter:
                 threading.Event().wait(backoff)
                 backoff = min(backoff * 2, 10)
             finally:
-                try:
+                with suppress(Exception):
                     pubsub.close()
-                except Exception:
-                    pass

@@ -42,7 +42,11 @@ def client(app):
 @pytest.fixture(scope="session")
 def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A reachable Redis server: TEST_REDIS_URL, REDIS_URL, localhost:6379, or an embedded one."""
-    for candidate in (os.environ.get("TEST_REDIS_URL"), os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379"):
+    for candidate in (
+        os.environ.get("TEST_REDIS_URL"),
+        os.environ.get("REDIS_URL"),
+        "redis://127.0.0.1:6379",
+    ):
         if candidate and answers(candidate):
             yield candidate.rsplit("/", 1)[0] if candidate.count("/") > 2 else candidate
             return
@@ -69,7 +73,9 @@ def real_redis(test_db: TestDatabase) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def session_env(test_db: TestDatabase, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return base_env(test_db.url, tmp_path_factory.mktemp("session"), JOB_MONITORING_INTERVAL=1, TIMEOUT_GRACE=2)
+    return base_env(
+        test_db.url, tmp_path_factory.mktemp("session"), JOB_MONITORING_INTERVAL=1, TIMEOUT_GRACE=2
+    )
 
 
 @pytest.fixture(scope="session")

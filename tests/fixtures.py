@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
 
 from pydantic import Field
 from rq import get_current_job
@@ -34,10 +35,8 @@ def ignore_timeout(seconds: float) -> dict:
     """Swallow every exception (the timeout's included) and keep running."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
+        with suppress(Exception):
             time.sleep(0.1)
-        except Exception:  # noqa: S110 - the point of this job
-            pass
     return {"survived": True}
 
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,8 @@ class Process:
             self.signal(signal.SIGKILL)
             self.popen.wait()
         # Work-horses and pool children share the group: make sure none outlives the test.
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._log.close()
 
     def kill(self) -> None:
@@ -202,7 +200,9 @@ def wait_until(
         if value:
             return value
         if process is not None and not process.alive():
-            raise AssertionError(f"{process.name} exited while waiting for {what}:\n{process.output()[-3000:]}")
+            raise AssertionError(
+                f"{process.name} exited while waiting for {what}:\n{process.output()[-3000:]}"
+            )
         time.sleep(0.05)
     tail = f"\n{process.name} output:\n{process.output()[-3000:]}" if process is not None else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")

@@ -235,7 +235,9 @@ def test_idempotent_repeat_returns_the_same_job(client, fake_redis):
 def test_idempotency_key_with_another_body_is_422(client, fake_redis):
     headers = {"Idempotency-Key": "order-43"}
     first = post(client, "log", {"message": "once"}, headers=headers).get_json()
-    error = assert_error(post(client, "log", {"message": "twice"}, headers=headers), 422, "idempotency_key_reused")
+    error = assert_error(
+        post(client, "log", {"message": "twice"}, headers=headers), 422, "idempotency_key_reused"
+    )
     assert error["details"]["job_id"] == first["id"]
     assert_error(post(client, "sleep", {"seconds": 1}, headers=headers), 422, "idempotency_key_reused")
     assert fake_redis.llen("rq:queue:default") == 1
@@ -261,8 +263,10 @@ def test_bad_idempotency_key_is_422(client, key):
 
 
 def test_list_is_newest_first_and_filters(client):
-    ids = [post(client, "log", {"message": str(i), "queue": q}).get_json()["id"] for i, q in
-           enumerate(["default", "high", "default", "low"])]
+    ids = [
+        post(client, "log", {"message": str(i), "queue": q}).get_json()["id"]
+        for i, q in enumerate(["default", "high", "default", "low"])
+    ]
     listed = client.get("/jobs").get_json()["jobs"]
     assert [job["id"] for job in listed] == ids[::-1]
     high = client.get("/jobs?queue=high").get_json()["jobs"]
@@ -273,7 +277,9 @@ def test_list_is_newest_first_and_filters(client):
     assert [job["id"] for job in canceled] == [ids[0]]
 
 
-@pytest.mark.parametrize("query", ["status=done", "queue=urgent", "limit=0", "limit=201", "limit=x", "color=red"])
+@pytest.mark.parametrize(
+    "query", ["status=done", "queue=urgent", "limit=0", "limit=201", "limit=x", "color=red"]
+)
 def test_bad_list_query_is_422(client, query):
     assert_error(client.get(f"/jobs?{query}"), 422)
 

@@ -24,8 +24,11 @@ TERMINAL = {"finished", "failed", "canceled", "stopped"}
 
 
 def wait_for_workers(real_redis, count: int, timeout: float = 30) -> list[str]:
-    return wait_until(lambda: len(live_workers(real_redis)) >= count and live_workers(real_redis),
-                      timeout=timeout, what=f"{count} live workers")
+    return wait_until(
+        lambda: len(live_workers(real_redis)) >= count and live_workers(real_redis),
+        timeout=timeout,
+        what=f"{count} live workers",
+    )
 
 
 def log_records(path: Path) -> list[dict]:
@@ -305,7 +308,9 @@ def test_unknown_ids_are_404_over_http(web, path):
 
 def test_oversized_bodies_are_413_with_and_without_content_length(web, real_redis):
     big = json.dumps({"message": "x" * (1024 * 1024 + 10)}).encode()
-    response = requests.post(web.url("/jobs/log"), data=big, headers={"Content-Type": "application/json"}, timeout=30)
+    response = requests.post(
+        web.url("/jobs/log"), data=big, headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
 
@@ -313,16 +318,18 @@ def test_oversized_bodies_are_413_with_and_without_content_length(web, real_redi
         for start in range(0, len(big), 65536):
             yield big[start : start + 65536]
 
-    response = requests.post(web.url("/jobs/log"), data=chunks(), headers={"Content-Type": "application/json"},
-                             timeout=30)
+    response = requests.post(
+        web.url("/jobs/log"), data=chunks(), headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
     assert real_redis.llen("rq:queue:default") == 0
 
 
 def test_malformed_json_over_http_is_400(web):
-    response = requests.post(web.url("/jobs/log"), data=b'{"message": ', headers={"Content-Type": "application/json"},
-                             timeout=10)
+    response = requests.post(
+        web.url("/jobs/log"), data=b'{"message": ', headers={"Content-Type": "application/json"}, timeout=10
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_json"
 
@@ -346,7 +353,9 @@ def test_a_dead_worker_process_is_replaced(web, workers, real_redis):
     names = set(wait_for_workers(real_redis, 2))
     victim = int(real_redis.hget(sorted(names)[0], "pid"))
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: set(live_workers(real_redis)) - names, timeout=30, what="a replacement worker", process=pool)
+    wait_until(
+        lambda: set(live_workers(real_redis)) - names, timeout=30, what="a replacement worker", process=pool
+    )
     view = submit(web, "log", {"message": "after replacement"})
     web.wait_for_status(view["id"], {"finished"})
     assert pool.alive()
@@ -377,3 +386,37 @@ def test_web_answers_503_while_redis_is_unreachable(session_env, proc_dir):
         assert requests.get(web.url("/healthz"), timeout=30).status_code == 200
     finally:
         web.stop()
+
+
+def test_a_job_taken_by_a_worker_that_died_is_run_by_another(web, workers, real_redis):
+    # A worker that dies between taking a job and starting it leaves the id on the
+    # intermediate list; this is that state, made directly.
+    view = submit(web, "log", {"message": "orphan"})
+    real_redis.lmove("rq:queue:default", "rq:queue:default:intermediate")
+    workers(count=1, INTERMEDIATE_GRACE="1", MAINTENANCE_INTERVAL="1")
+    done = web.wait_for_status(view["id"], {"finished"}, timeout=30)
+    assert done["attempts"] == 1
+
+
+def test_killing_idle_workers_loses_no_job(web, workers, real_redis):
+    # An idle worker killed while it waits must not take a job with it (stock RQ's BLPOP
+    # hands the next job to a dead connection when a forked child keeps its socket open).
+    pool = workers(count=2)
+    killed: set[str] = set()
+    for round_ in range(3):
+        alive = wait_until(
+            lambda: (
+                set(live_workers(real_redis)) - killed
+                if len(set(live_workers(real_redis)) - killed) >= 2
+                else None
+            ),
+            timeout=30,
+            what="two live workers",
+            process=pool,
+        )
+        victim = sorted(alive)[0]
+        os.kill(int(real_redis.hget(victim, "pid")), signal.SIGKILL)
+        killed.add(victim)
+        ids = [submit(web, "log", {"message": f"round {round_} job {i}"})["id"] for i in range(10)]
+        for job_id in ids:
+            web.wait_for_status(job_id, {"finished"}, timeout=30)

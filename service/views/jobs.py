@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from typing import Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -12,8 +13,8 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
 
 from jobs import keys
-from jobs.schema import Queue
 from jobs.job import Job
+from jobs.schema import Queue
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.jobview import is_terminal, job_view, load_job, recent_jobs
@@ -96,20 +97,16 @@ def cancel_job(job_id: str) -> Response:
     if status in (JobStatus.FINISHED, JobStatus.FAILED):
         raise ApiError(409, f"The job has already {status.value}; there is nothing to cancel.")
     if status in CANCELABLE:
-        try:
+        with suppress(InvalidJobOperation):  # canceled meanwhile by another request
             job.cancel()
-        except InvalidJobOperation:
-            pass
         state.redis.expire(job.key, state.settings.result_ttl)
         state.redis.publish(keys.JOB_EVENTS_CHANNEL, job.id)
         job = load_job(state, job_id, current_owner())
         if job.get_status(refresh=False) == JobStatus.CANCELED:
             return jsonify(job_view(job))
     # Running (or it started while we were canceling): ask its worker to stop it.
-    try:
+    with suppress(InvalidJobOperation):  # between attempts; the view below shows where it is
         send_stop_job_command(state.redis, job.id, serializer=job.serializer)
-    except InvalidJobOperation:
-        pass  # between attempts; the view below shows where it is
     job = _wait_for_end(job, STOP_CONFIRM_SECONDS)
     return _job_response(job, 200 if is_terminal(job) else 202)
 

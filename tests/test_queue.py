@@ -1,0 +1,81 @@
+"""The reliable dequeue (jobs.queue) on fakeredis: order, atomic hand-over, recovery."""
+
+from __future__ import annotations
+
+import pytest
+from rq.exceptions import DequeueTimeout
+
+from jobs import keys
+from jobs.job import Job
+from jobs.queue import Queue, recover_intermediate
+
+
+@pytest.fixture
+def queues(fake_redis):
+    return [Queue(name, connection=fake_redis) for name in ("high", "default", "low")]
+
+
+def enqueue(queue: Queue, message: str) -> Job:
+    return queue.enqueue("jobs.log.write_log", message=message)
+
+
+def test_takes_jobs_in_queue_priority_order(queues, fake_redis):
+    high, default, low = queues
+    enqueue(low, "l")
+    enqueue(default, "d")
+    enqueue(high, "h")
+    order = []
+    for _ in range(3):
+        job, queue = Queue.dequeue_any(queues, None, connection=fake_redis)
+        order.append((queue.name, job.kwargs["message"]))
+    assert order == [("high", "h"), ("default", "d"), ("low", "l")]
+    assert Queue.dequeue_any(queues, None, connection=fake_redis) is None
+
+
+def test_a_taken_job_waits_on_the_intermediate_list(queues, fake_redis):
+    job = enqueue(queues[1], "x")
+    taken, queue = Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert taken.id == job.id
+    assert fake_redis.llen(queue.key) == 0
+    assert fake_redis.lrange(queue.intermediate_queue_key, 0, -1) == [job.id.encode()]
+
+
+def test_every_push_rings_the_doorbell(queues, fake_redis):
+    enqueue(queues[0], "x")
+    enqueue(queues[2], "y")
+    assert fake_redis.llen(keys.DOORBELL) == 2
+
+
+def test_blocking_dequeue_times_out(queues, fake_redis):
+    with pytest.raises(DequeueTimeout):
+        Queue.dequeue_any(queues, 1, connection=fake_redis)
+
+
+def test_a_job_deleted_while_queued_is_skipped(queues, fake_redis):
+    gone = enqueue(queues[0], "gone")
+    kept = enqueue(queues[0], "kept")
+    gone.delete()
+    fake_redis.rpush(queues[0].key, gone.id)  # a stale id left behind
+    job, _ = Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert job.id == kept.id
+
+
+def test_a_job_taken_by_a_dead_worker_is_put_back_first(queues, fake_redis):
+    default = queues[1]
+    lost = enqueue(default, "lost")
+    later = enqueue(default, "later")
+    Queue.dequeue_any(queues, None, connection=fake_redis)  # a worker takes it, then dies
+    assert recover_intermediate(default, set(), older_than=30, now=1000) == []  # first sighting
+    assert recover_intermediate(default, set(), older_than=30, now=1020) == []
+    assert recover_intermediate(default, set(), older_than=30, now=1031) == [lost.id]
+    assert fake_redis.lrange(default.key, 0, -1) == [lost.id.encode(), later.id.encode()]
+    assert fake_redis.llen(default.intermediate_queue_key) == 0
+
+
+def test_a_started_job_is_not_put_back(queues, fake_redis):
+    default = queues[1]
+    job = enqueue(default, "running")
+    Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert recover_intermediate(default, {job.id}, older_than=0, now=1000) == []
+    assert recover_intermediate(default, {job.id}, older_than=0, now=2000) == []
+    assert fake_redis.llen(default.key) == 0
