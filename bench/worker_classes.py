@@ -1,0 +1,93 @@
+"""Worker classes compared on the same log jobs: stock forking RQ, RQ's SimpleWorker, ours.
+
+    .venv/bin/python -m bench.worker_classes [--jobs 400] [--workers 2]
+
+Each class drains the same number of `log` jobs with the same number of `rq worker-pool`
+processes in burst mode; throughput is jobs divided by the span from the first start to
+the last end (worker start-up excluded). Ratios are against stock `rq.Worker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rq import Queue as RQQueue
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
+
+from jobs.job import Job
+from jobs.queue import Queue
+from tests.support import ROOT, TestDatabase, base_env
+
+CLASSES = {
+    "stock rq.Worker (fork per job)": ("rq.Worker", "rq.job.Job", "rq.Queue"),
+    "rq.SimpleWorker (no fork)": ("rq.SimpleWorker", "rq.job.Job", "rq.Queue"),
+    "afterward jobs.worker.Worker": ("jobs.worker.Worker", "jobs.job.Job", "jobs.queue.Queue"),
+}
+
+
+def run(
+    label: str, classes: tuple[str, str, str], db: TestDatabase, jobs: int, workers: int, tmp: Path
+) -> float:
+    db.flush()
+    connection = db.client()
+    ours = classes[0].startswith("jobs.")
+    queue = (Queue if ours else RQQueue)("default", connection=connection, serializer=JSONSerializer)
+    ids = [queue.enqueue("jobs.log.write_log", message=f"bench {i}").id for i in range(jobs)]
+    worker_class, job_class, queue_class = classes
+    command = [
+        str(Path(sys.executable).with_name("rq")),
+        "worker-pool",
+        "default",
+        "--burst",
+        "--num-workers",
+        str(workers),
+        "--worker-class",
+        worker_class,
+        "--job-class",
+        job_class,
+        "--queue-class",
+        queue_class,
+        "--serializer",
+        "json",
+    ]
+    env = base_env(db.url, tmp, LOG_FILE=str(tmp / f"{worker_class}.log"))
+    subprocess.run(
+        command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    fetched = (Job if ours else RQJob).fetch_many(ids, connection=connection, serializer=JSONSerializer)
+    done = [job for job in fetched if job is not None and job.get_status(refresh=False) == "finished"]
+    assert len(done) == jobs, f"{label}: {len(done)} of {jobs} finished"
+    span = (max(j.ended_at for j in done) - min(j.started_at for j in done)).total_seconds()
+    return jobs / span
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
+    args = parser.parse_args()
+    db = TestDatabase(args.redis).acquire()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = {
+                label: run(label, classes, db, args.jobs, args.workers, Path(tmp))
+                for label, classes in CLASSES.items()
+            }
+    finally:
+        db.release()
+    baseline = next(iter(rates.values()))
+    print(f"{args.jobs} log jobs, {args.workers} worker processes")
+    for label, rate in rates.items():
+        print(f"  {label:34s} {rate:8.1f} jobs/s   {rate / baseline:5.2f}x stock")
+
+
+if __name__ == "__main__":
+    main()
