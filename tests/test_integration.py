@@ -420,3 +420,16 @@ def test_killing_idle_workers_loses_no_job(web, workers, real_redis):
         ids = [submit(web, "log", {"message": f"round {round_} job {i}"})["id"] for i in range(10)]
         for job_id in ids:
             web.wait_for_status(job_id, {"finished"}, timeout=30)
+
+
+def test_a_stopped_job_can_be_retried(web, workers):
+    workers(count=1)
+    view = submit(web, "sleep", {"seconds": 2})
+    web.wait_for_status(view["id"], {"started"})
+    web.http.delete(web.url(f"/jobs/{view['id']}"))
+    web.wait_for_status(view["id"], {"stopped"})
+    assert web.http.post(web.url(f"/jobs/{view['id']}/retry")).status_code == 202
+    done = web.wait_for_status(view["id"], {"finished"})
+    assert done["attempts"] == 2
+    assert done["error"] is None
+    assert done["progress"]["percent"] == 100
