@@ -28,6 +28,8 @@ def main() -> int:
     env.setdefault("WORKERS", "2")
     env.setdefault("LOG_FILE", str(ROOT / "var" / "log" / "jobs.log"))
     env["PYTHONUNBUFFERED"] = "1"
+    # The Procfile names `gunicorn` and `rq`: the ones installed next to this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
 
     embedded = None
     if "REDIS_URL" not in env:
