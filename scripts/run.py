@@ -42,18 +42,16 @@ def main() -> int:
     print(f"run: REDIS_URL={env['REDIS_URL']}  API on http://{env['HOST']}:{env['PORT']}", flush=True)
 
     honcho = Path(sys.executable).with_name("honcho")
+    stopping = []
     # Ctrl-C reaches honcho and its processes directly; this process just waits for them.
-    signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
         process = subprocess.Popen(
             [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"]], cwd=ROOT, env=env
         )
-        while True:
-            try:
-                return process.wait()
-            except InterruptedError:
-                continue
+        code = process.wait()
+        return 0 if stopping else code
     finally:
         if embedded is not None:
             embedded.stop()
