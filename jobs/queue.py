@@ -92,7 +92,7 @@ class Queue(RQQueue):
                     # Deleted while queued: nothing to run, nothing to keep.
                     connection.lrem(queue.intermediate_queue_key, 1, job_id)
                     continue
-                return job, cls(queue.name, connection=connection)
+                return job, queue
             if deadline is None:
                 return None
             remaining = deadline - time.monotonic()

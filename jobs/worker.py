@@ -75,7 +75,7 @@ class Worker(ForkingWorker):
     def clean_registries(self) -> None:
         super().clean_registries()
         for queue in self.queues:
-            started = set(queue.started_job_registry.get_job_ids())
+            started = set(queue.started_job_registry.get_job_ids(cleanup=False))
             recover_intermediate(queue, started, older_than=self.intermediate_grace)
 
     # ------------------------------------------------------------------ running jobs
