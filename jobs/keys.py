@@ -37,3 +37,29 @@ def idempotency(owner: str, key: str) -> str:
 
 def intermediate_seen(queue: str, job_id: str) -> str:
     return _INTERMEDIATE_SEEN.format(queue=queue, job_id=job_id)
+
+
+# ---------------------------------------------------------------- the document index
+# Redis holds the truth: one hash per document, and a stream of every change that search
+# replicas replay. See jobs/index/.
+
+_DOCUMENT = PREFIX + "doc:{id}"
+# id -> revision of its latest upsert or delete (a stale retry cannot undo a newer change).
+INDEX_REVISIONS = PREFIX + "index:revisions"
+# id -> the integer id FAISS knows the document by; kept for the life of the index.
+INDEX_INT_IDS = PREFIX + "index:int-ids"
+INDEX_NEXT_INT_ID = PREFIX + "index:next-int-id"
+# Every upsert and delete, in order: op, id, int id, vector, metadata, version.
+INDEX_CHANGES = PREFIX + "index:changes"
+# Number of changes applied so far: the index version.
+INDEX_VERSION = PREFIX + "index:version"
+INDEX_COUNT = PREFIX + "index:count"
+# Model name and vector size the index was built with.
+INDEX_CONFIG = PREFIX + "index:config"
+# The latest snapshot of a replica (FAISS index bytes in chunks, documents, stream position).
+INDEX_SNAPSHOT = PREFIX + "index:snapshot"
+INDEX_SNAPSHOT_LOCK = PREFIX + "index:snapshot-lock"
+
+
+def document(doc_id: str) -> str:
+    return _DOCUMENT.format(id=doc_id)

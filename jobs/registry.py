@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from jobs.embed import EmbedInput, describe_embed, embed_documents, prepare_embed
 from jobs.log import LogInput, write_log
-from jobs.schema import OPTION_FIELDS, JobInput
+from jobs.schema import EMBED, GENERAL, OPTION_FIELDS, JobInput
 from jobs.sleep import SleepInput, sleep_for
 
 DEFAULT_TIMEOUT = 180
@@ -29,6 +30,12 @@ class JobType:
     input: type[JobInput]
     # Timeout (seconds) when the client sets none: a number or a function of the input.
     default_timeout: int | Callable[[Any], int] = DEFAULT_TIMEOUT
+    # Queue family: its own RQ queues and process type (see jobs.schema).
+    family: str = GENERAL
+    # Turns validated fields into the function's keyword arguments (e.g. assigns ids).
+    prepare: Callable[[dict], dict] | None = None
+    # Extra fields of the job view, computed once from the keyword arguments.
+    describe: Callable[[dict], dict] | None = None
 
     @property
     def path(self) -> str:
@@ -43,6 +50,14 @@ class JobType:
 JOB_TYPES: dict[str, JobType] = {
     "log": JobType(write_log, LogInput, default_timeout=60),
     "sleep": JobType(sleep_for, SleepInput, default_timeout=lambda data: math.ceil(data.seconds) + 60),
+    "embed": JobType(
+        embed_documents,
+        EmbedInput,
+        default_timeout=300,
+        family=EMBED,
+        prepare=prepare_embed,
+        describe=describe_embed,
+    ),
 }
 
 

@@ -21,8 +21,9 @@ class Settings:
     port: int = 5000
     web_concurrency: int = 2
     web_threads: int = 16
-    # Worker processes `rq worker-pool` runs on one machine.
+    # Worker processes each `worker` / `embedder` process runs (`rq worker-pool`).
     workers: int = 2
+    embed_workers: int = 1
     # File the `log` job appends to (one JSON object per line).
     log_file: str = "var/log/jobs.log"
     # How long finished and failed jobs (status, result, error) stay readable.
@@ -42,6 +43,21 @@ class Settings:
     # Long-polling requests (`?wait=N`) one web process holds at once; more answer at once.
     # 0 means three quarters of WEB_THREADS, leaving threads for other requests.
     long_poll_slots: int = 0
+    # Embedding model: a sentence-transformers folder; empty means the bundled all-MiniLM-L6-v2.
+    embed_model_path: str = ""
+    embed_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # Threads torch, FAISS and BLAS may use in each process (2 cores: more threads, less speed).
+    embed_threads: int = 1
+    # Texts per model.encode batch.
+    embed_batch_size: int = 64
+    # Limits on `POST /jobs/embed` and search requests.
+    max_documents: int = 256
+    max_text_chars: int = 10_000
+    max_metadata_bytes: int = 2048
+    # A search replica writes a snapshot of the index after this many changes since the last one.
+    snapshot_every: int = 10_000
+    # 1: web processes load the model and index replica when they start, not on the first search.
+    search_warmup: int = 1
     # Extra modules whose JOB_TYPES mappings extend the built-in job types.
     extra_job_modules: tuple[str, ...] = ()
     # A running job gets this many seconds past its timeout before its process is killed.
@@ -90,6 +106,24 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
     if annotation in ("tuple[str, ...]",):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
+
+
+def apply_process_environment(environ: dict | None = None) -> None:
+    """Pin BLAS/OpenMP threads and keep model libraries offline, unless already set.
+
+    Must run before numpy, torch or FAISS are imported: their thread pools read these once.
+    """
+    environ = os.environ if environ is None else environ
+    threads = environ.get("EMBED_THREADS") or str(Settings.embed_threads)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(name, threads)
+    # Nothing is ever downloaded: the model ships as a package.
+    environ.setdefault("HF_HUB_OFFLINE", "1")
+    environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Progress bars are for terminals; worker logs get one line per event.
+    environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Workers fork per job; the tokenizer's own thread pool must not be live across a fork.
+    environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def get_settings() -> Settings:

@@ -143,6 +143,23 @@ class Worker(ForkingWorker):
             log.warning("could not publish the end of job %s", job.id, exc_info=True)
 
 
+class EmbedWorker(Worker):
+    """The worker of the `embedder` process type: loads the model once, before any fork.
+
+    The model is loaded and run once here, with torch pinned to EMBED_THREADS threads, so
+    every forked work-horse starts with it warm instead of loading it per job (forking a
+    process whose torch runs several threads can hang the child; one thread cannot).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from jobs.embedding import get_encoder
+
+        encoder = get_encoder()
+        encoder.encode(["warm up the model before the first job"])
+        log.info("embedding model %s loaded (%d dimensions)", encoder.name, encoder.dimensions)
+
+
 def describe_exception(job: RQJob, exc: BaseException) -> dict[str, str]:
     """The `error` of the job view for an exception a job raised: type and message, no traceback."""
     if isinstance(exc, JobTimeoutException):

@@ -26,13 +26,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
 
-    init_state(app, settings)
+    state = init_state(app, settings)
     register_error_handlers(app)
 
-    from service.views import health, jobs
+    from service.views import health, jobs, search
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(search.bp)
+    if settings.search_warmup:
+        state.search.start_background()
     return app
 
 

@@ -39,7 +39,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "id": job.id,
         "type": meta.get("type"),
         "status": status.value,
-        "queue": job.origin,
+        "queue": meta.get("queue", job.origin),
         "progress": meta.get("progress"),
         "result": job.return_value() if status == JobStatus.FINISHED else None,
         # The latest failed attempt's error, until the job finishes.
@@ -50,6 +50,8 @@ def job_view(job: Job) -> dict[str, Any]:
         "enqueued_at": iso(job.enqueued_at),
         "started_at": iso(job.started_at),
         "ended_at": iso(job.ended_at),
+        # Fields particular to the job type (e.g. an embed job's document ids).
+        **meta.get("view", {}),
     }
 
 
@@ -73,7 +75,7 @@ def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | No
                 continue
             if status and job.get_status(refresh=False).value != status:
                 continue
-            if queue and job.origin != queue:
+            if queue and job.meta.get("queue", job.origin) != queue:
                 continue
             found.append(job)
             if len(found) == limit:

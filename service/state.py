@@ -9,8 +9,9 @@ from flask import Flask, current_app
 
 from jobs.queue import Queue
 from jobs.registry import JobType, job_types
-from jobs.schema import QUEUES
+from jobs.schema import EMBED, GENERAL, family_queues
 from jobs.settings import Settings
+from service.search import SearchService
 from service.waiting import JobWaiter
 
 EXTENSION = "afterward"
@@ -23,6 +24,7 @@ class AppState:
     queues: dict[str, Queue]
     job_types: dict[str, JobType]
     waiter: JobWaiter = field(repr=False)
+    search: SearchService = field(repr=False)
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -40,9 +42,14 @@ def init_state(app: Flask, settings: Settings) -> AppState:
     state = AppState(
         settings=settings,
         redis=connection,
-        queues={name: Queue(name, connection=connection) for name in QUEUES},
+        queues={
+            name: Queue(name, connection=connection)
+            for family in (GENERAL, EMBED)
+            for name in family_queues(family)
+        },
         job_types=dict(job_types(settings.extra_job_modules)),
         waiter=JobWaiter(connection, slots=settings.waiting_slots),
+        search=SearchService(connection, settings),
     )
     app.extensions[EXTENSION] = state
     return state

@@ -21,7 +21,7 @@ from rq.utils import now
 from jobs import keys
 from jobs.job import Job
 from jobs.registry import JobType
-from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
+from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model, queue_name
 from jobs.settings import Settings
 from service.body import validate
 from service.errors import ApiError
@@ -53,13 +53,19 @@ def submit(
 ) -> Submission:
     settings = state.settings
     model = request_model(type_name, job_type, settings.max_job_timeout, settings.max_delay)
-    request = validate(model, body)
+    request = validate(model, body, context={"settings": settings})
     # The request model subclasses the type's input and JobOptions: it is both.
     options: JobOptions = request  # type: ignore[assignment]
-    kwargs = request.model_dump(mode="json", exclude=set(OPTION_FIELDS))
+    fields = request.model_dump(mode="json", exclude=set(OPTION_FIELDS))
+    # Computed before `prepare`, which may add ids or stamps that differ on every call.
+    fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
+    kwargs = job_type.prepare(fields) if job_type.prepare else fields
 
-    queue = state.queues[options.queue]
+    queue = state.queues[queue_name(job_type.family, options.queue)]
     retries = options.retries
+    meta: dict[str, Any] = {"type": type_name, "owner": owner, "queue": options.queue, "retries": retries}
+    if job_type.describe:
+        meta["view"] = job_type.describe(kwargs)
     job = queue.create_job(
         job_type.path,
         kwargs=kwargs,
@@ -67,11 +73,10 @@ def submit(
         result_ttl=settings.result_ttl,
         failure_ttl=settings.result_ttl,
         job_id=uuid.uuid4().hex,
-        meta={"type": type_name, "owner": owner, "retries": retries},
+        meta=meta,
         status=JobStatus.SCHEDULED if options.delay else JobStatus.QUEUED,
         retry=Retry(max=retries, interval=backoff_intervals(settings, retries)) if retries else None,
     )
-    fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
     idem_key = keys.idempotency(owner, idempotency_key) if idempotency_key is not None else None
 
     with state.redis.pipeline() as pipe:

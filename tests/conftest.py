@@ -28,7 +28,9 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def app(fake_redis: fakeredis.FakeRedis, tmp_path: Path):
-    return create_app({"extra_job_modules": ("tests.fixtures",), "log_file": str(tmp_path / "jobs.log")})
+    return create_app(
+        {"extra_job_modules": ("tests.fixtures",), "log_file": str(tmp_path / "jobs.log"), "search_warmup": 0}
+    )
 
 
 @pytest.fixture

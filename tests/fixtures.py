@@ -6,12 +6,16 @@ import os
 import signal
 import time
 from contextlib import suppress
+from typing import Literal
 
 from pydantic import Field
 from rq import get_current_job
 
+from jobs.embed import EmbedInput, describe_embed, prepare_embed
+from jobs.embedding import get_encoder
+from jobs.index.store import DocumentStore
 from jobs.registry import JobType
-from jobs.schema import JobInput
+from jobs.schema import EMBED, JobInput
 
 
 class FlakyInput(JobInput):
@@ -54,3 +58,38 @@ JOB_TYPES = {
     "stubborn": JobType(ignore_timeout, StubbornInput),
     "crash": JobType(crash, CrashInput),
 }
+
+
+class PausingEmbedInput(EmbedInput):
+    pause: Literal["before_write", "after_write"]
+
+
+def embed_and_pause(documents: list[dict], revision: int, pause: str) -> dict:
+    """The embed job's real steps, with a stop on the first attempt where a test kills it.
+
+    The process publishes its pid at `afterward-test:pid:<job id>` and then waits to be killed.
+    """
+    job = get_current_job()
+    first_attempt = job.connection.incr(f"afterward-test:attempt:{job.id}") == 1
+    encoder = get_encoder()
+    vectors = encoder.encode([d["text"] for d in documents])
+    if first_attempt and pause == "before_write":
+        _wait_to_be_killed(job)
+    outcome = DocumentStore(job.connection).upsert(documents, vectors, revision, model=encoder.name)
+    if first_attempt and pause == "after_write":
+        _wait_to_be_killed(job)
+    return {"indexed": [d["id"] for d, o in zip(documents, outcome, strict=True) if o == "indexed"]}
+
+
+def _wait_to_be_killed(job) -> None:
+    job.connection.set(f"afterward-test:pid:{job.id}", os.getpid())
+    time.sleep(600)
+
+
+JOB_TYPES["embed_and_pause"] = JobType(
+    embed_and_pause,
+    PausingEmbedInput,
+    family=EMBED,
+    prepare=lambda fields: {**prepare_embed(fields), "pause": fields["pause"]},
+    describe=describe_embed,
+)

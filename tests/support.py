@@ -185,10 +185,10 @@ class WebService:
         self.process.stop()
 
 
-def start_workers(env: dict[str, str], log_dir: Path, count: int = 1) -> Process:
-    """The Procfile's worker process (an `rq worker-pool`) with `count` workers."""
-    env = dict(env, WORKERS=str(count))
-    return Process("worker", procfile_command("worker"), env, log_dir / f"worker-{uuid.uuid4().hex[:8]}.log")
+def start_workers(env: dict[str, str], log_dir: Path, count: int = 1, kind: str = "worker") -> Process:
+    """The Procfile's `worker` or `embedder` process (an `rq worker-pool`) with `count` workers."""
+    env = dict(env, **{"EMBED_WORKERS" if kind == "embedder" else "WORKERS": str(count)})
+    return Process(kind, procfile_command(kind), env, log_dir / f"{kind}-{uuid.uuid4().hex[:8]}.log")
 
 
 def wait_until(

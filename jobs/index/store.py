@@ -1,0 +1,183 @@
+"""The document store in Redis: the single source of truth of the search index.
+
+Each document is a hash (text, metadata, vector, revision, integer id). Every change is
+made by a Lua script that, in one atomic step, updates the hash and appends the change to
+the `INDEX_CHANGES` stream, which search replicas replay. Writes are idempotent and ordered
+by revision, the time their request was accepted: a retried job rewrites nothing it already
+wrote, and can never undo a change accepted after it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from jobs import keys
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_UPSERT = """
+local model, dims = ARGV[2], ARGV[3]
+local built_with = redis.call('HGET', KEYS[7], 'model')
+if built_with then
+  if built_with ~= model or redis.call('HGET', KEYS[7], 'dimensions') ~= dims then
+    return redis.error_reply('INDEX_MISMATCH index was built with ' .. built_with)
+  end
+else
+  redis.call('HSET', KEYS[7], 'model', model, 'dimensions', dims, 'epoch', ARGV[5])
+end
+local revision = tonumber(ARGV[1])
+local outcome = {}
+for i = 8, #KEYS do
+  local at = 5 + (i - 8) * 4
+  local id, text, metadata, vector = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local current = tonumber(redis.call('HGET', KEYS[1], id) or '-1')
+  local exists = redis.call('EXISTS', KEYS[i]) == 1
+  if revision < current then
+    outcome[#outcome + 1] = 'superseded'
+  elseif revision == current and exists then
+    outcome[#outcome + 1] = 'indexed'
+  else
+    local int_id = redis.call('HGET', KEYS[2], id)
+    if not int_id then
+      int_id = redis.call('INCR', KEYS[3])
+      redis.call('HSET', KEYS[2], id, int_id)
+    end
+    if not exists then redis.call('INCR', KEYS[6]) end
+    redis.call('HSET', KEYS[i], 'id', id, 'text', text, 'metadata', metadata, 'vector', vector,
+               'revision', ARGV[1], 'int_id', int_id, 'updated_at', ARGV[4])
+    redis.call('HSET', KEYS[1], id, ARGV[1])
+    local version = redis.call('INCR', KEYS[5])
+    redis.call('XADD', KEYS[4], '*', 'op', 'upsert', 'id', id, 'int_id', int_id,
+               'vector', vector, 'metadata', metadata, 'version', version)
+    outcome[#outcome + 1] = 'indexed'
+  end
+end
+return outcome
+"""
+
+_DELETE = """
+if redis.call('EXISTS', KEYS[6]) == 0 then return 0 end
+local int_id = redis.call('HGET', KEYS[6], 'int_id')
+redis.call('DEL', KEYS[6])
+redis.call('DECR', KEYS[5])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local version = redis.call('INCR', KEYS[4])
+redis.call('XADD', KEYS[3], '*', 'op', 'delete', 'id', ARGV[1], 'int_id', int_id, 'version', version)
+return 1
+"""
+
+
+class IndexMismatchError(Exception):
+    """The index was built with another model; its vectors cannot be mixed with these."""
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        from datetime import UTC, datetime
+
+        when = datetime.fromtimestamp(self.updated_at, UTC).isoformat(timespec="milliseconds")
+        return {
+            "id": self.id,
+            "text": self.text,
+            "metadata": self.metadata,
+            "updated_at": when.replace("+00:00", "Z"),
+        }
+
+
+def new_revision() -> int:
+    """Revisions order changes by when their request was accepted."""
+    return time.time_ns()
+
+
+class DocumentStore:
+    def __init__(self, connection: redis.Redis) -> None:
+        self.connection = connection
+        self._upsert = connection.register_script(_UPSERT)
+        self._delete = connection.register_script(_DELETE)
+
+    def upsert(
+        self, documents: list[dict[str, Any]], vectors: np.ndarray, revision: int, model: str
+    ) -> list[str]:
+        """Write documents with their vectors, all or none; per document 'indexed' or 'superseded'."""
+        args: list[Any] = [revision, model, vectors.shape[1], time.time(), uuid.uuid4().hex]
+        for document, vector in zip(documents, vectors, strict=True):
+            metadata = json.dumps(document.get("metadata") or {}, separators=(",", ":"), sort_keys=True)
+            args += [document["id"], document["text"], metadata, vector.tobytes()]
+        fixed = [
+            keys.INDEX_REVISIONS,
+            keys.INDEX_INT_IDS,
+            keys.INDEX_NEXT_INT_ID,
+            keys.INDEX_CHANGES,
+            keys.INDEX_VERSION,
+            keys.INDEX_COUNT,
+            keys.INDEX_CONFIG,
+        ]
+        try:
+            outcome = self._upsert(keys=fixed + [keys.document(d["id"]) for d in documents], args=args)
+        except redis.exceptions.ResponseError as error:
+            if "INDEX_MISMATCH" in str(error):
+                raise IndexMismatchError(str(error).split("INDEX_MISMATCH ", 1)[-1]) from None
+            raise
+        return [o.decode() if isinstance(o, bytes) else o for o in outcome]
+
+    def delete(self, doc_id: str, revision: int | None = None) -> bool:
+        """Remove a document; False when there is none."""
+        revision = new_revision() if revision is None else revision
+        removed = self._delete(
+            keys=[
+                keys.INDEX_REVISIONS,
+                keys.INDEX_INT_IDS,
+                keys.INDEX_CHANGES,
+                keys.INDEX_VERSION,
+                keys.INDEX_COUNT,
+                keys.document(doc_id),
+            ],
+            args=[doc_id, revision],
+        )
+        return bool(removed)
+
+    def get(self, doc_id: str) -> Document | None:
+        text, metadata, updated_at = self.connection.hmget(
+            keys.document(doc_id), "text", "metadata", "updated_at"
+        )
+        if text is None:
+            return None
+        return Document(doc_id, text.decode(), json.loads(metadata), float(updated_at))
+
+    def get_many(self, doc_ids: list[str]) -> list[Document | None]:
+        with self.connection.pipeline(transaction=False) as pipe:
+            for doc_id in doc_ids:
+                pipe.hmget(keys.document(doc_id), "text", "metadata", "updated_at")
+            rows = pipe.execute()
+        return [
+            Document(doc_id, text.decode(), json.loads(metadata), float(updated_at))
+            if text is not None
+            else None
+            for doc_id, (text, metadata, updated_at) in zip(doc_ids, rows, strict=True)
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.get(keys.INDEX_COUNT)
+            pipe.get(keys.INDEX_VERSION)
+            pipe.hgetall(keys.INDEX_CONFIG)
+            count, version, config = pipe.execute()
+        return {
+            "documents": int(count or 0),
+            "version": int(version or 0),
+            "model": config.get(b"model", b"").decode() or None,
+            "dimensions": int(config[b"dimensions"]) if b"dimensions" in config else None,
+        }

@@ -1,0 +1,88 @@
+"""Semantic search in the web process: the model for queries and a FAISS replica of the index.
+
+Both load once per web process: in a background thread when the process starts
+(SEARCH_WARMUP=1), else on the first search. The thread then keeps the replica close to the
+stream and writes snapshots; each search still syncs first, for read-your-writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from jobs.settings import Settings
+
+if TYPE_CHECKING:
+    from jobs.embedding import Encoder
+    from jobs.index.replica import Replica
+
+log = logging.getLogger(__name__)
+
+# Seconds between background syncs of an idle replica.
+FOLLOW_INTERVAL = 1.0
+
+
+class SearchService:
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self._connection = connection
+        self._settings = settings
+        self._encoder: Encoder | None = None
+        self._replica: Replica | None = None
+        self._loading = threading.Lock()
+        self._follower: threading.Thread | None = None
+
+    @property
+    def status(self) -> str:
+        return "ready" if self._replica is not None else "loading" if self._loading.locked() else "cold"
+
+    @property
+    def loaded_replica(self) -> Replica | None:
+        return self._replica
+
+    def _ensure_loaded(self) -> tuple[Encoder, Replica]:
+        if self._replica is None or self._encoder is None:
+            with self._loading:
+                if self._replica is None or self._encoder is None:
+                    from jobs.embedding import get_encoder
+                    from jobs.index.replica import Replica
+
+                    encoder = get_encoder()
+                    replica = Replica(self._connection, encoder.dimensions, self._settings.embed_threads)
+                    replica.load()
+                    self._encoder, self._replica = encoder, replica
+        return self._encoder, self._replica
+
+    def search(self, query: str, k: int, where: dict[str, Any] | None) -> list[tuple[str, float]]:
+        encoder, replica = self._ensure_loaded()
+        replica.sync()  # everything written before this search is visible to it
+        vector = encoder.encode([query])[0]
+        return replica.search(vector, k, where)
+
+    def start_background(self) -> None:
+        """Load now, in a thread, then follow the change stream and write snapshots."""
+        if self._follower is None:
+            self._follower = threading.Thread(target=self._follow, name="index-follower", daemon=True)
+            self._follower.start()
+
+    def _follow(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                _, replica = self._ensure_loaded()
+                replica.sync()
+                if replica.changes_since_snapshot() >= self._settings.snapshot_every:
+                    replica.write_snapshot()
+                backoff = 1.0
+                time.sleep(FOLLOW_INTERVAL)
+            except redis.exceptions.RedisError as error:
+                log.warning("index follower: Redis unavailable (%s); retrying in %.0f s", error, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30)
+            except Exception:
+                log.exception("index follower failed; retrying in %.0f s", backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30)

@@ -1,0 +1,114 @@
+"""Semantic search and the documents behind it."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.embed import DOCUMENT_ID_PATTERN
+from jobs.index.store import DocumentStore
+from service.body import read_json_object, validate
+from service.errors import ApiError
+from service.state import get_state
+
+bp = Blueprint("search", __name__)
+
+MAX_K = 100
+_DOCUMENT_ID = re.compile(DOCUMENT_ID_PATTERN)
+
+
+class _Query(BaseModel):
+    k: int = Field(default=10, ge=1, le=MAX_K, description="How many results, 1-100.")
+
+    @field_validator("query", "q", check_fields=False)
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the query is blank")
+        return value
+
+
+class SearchParams(_Query):
+    """`GET /search?q=…&k=…`"""
+
+    model_config = ConfigDict(extra="forbid")
+    q: str = Field(min_length=1, max_length=2000, description="What to look for, in plain words.")
+
+
+class SearchBody(_Query):
+    """`POST /search` body, for long queries and filters."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: str = Field(min_length=1, description="What to look for, in plain words.")
+    filter: dict[str, Any] | None = Field(
+        default=None, description='Metadata fields that results must equal, e.g. {"lang": "en"}.'
+    )
+
+
+@bp.get("/search")
+def search_get() -> Response:
+    params = validate(SearchParams, request.args.to_dict())
+    return _search(params.q, params.k, None)
+
+
+@bp.post("/search")
+def search_post() -> Response:
+    body = validate(SearchBody, read_json_object())
+    limit = get_state().settings.max_text_chars
+    if len(body.query) > limit:
+        raise ApiError(
+            422,
+            "The request has invalid fields.",
+            details=[{"field": "query", "message": f"longer than {limit} characters", "type": "too_long"}],
+        )
+    return _search(body.query, body.k, body.filter)
+
+
+def _search(query: str, k: int, where: dict[str, Any] | None) -> Response:
+    state = get_state()
+    started = time.perf_counter()
+    hits = state.search.search(query, k, where)
+    documents = DocumentStore(state.redis).get_many([doc_id for doc_id, _ in hits])
+    results = [
+        {"id": doc_id, "score": round(score, 6), "text": document.text, "metadata": document.metadata}
+        for (doc_id, score), document in zip(hits, documents, strict=True)
+        if document is not None  # deleted since the replica last synced
+    ]
+    return jsonify(results=results, took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@bp.get("/documents/<doc_id>")
+def read_document(doc_id: str) -> Response:
+    document = DocumentStore(get_state().redis).get(doc_id) if _DOCUMENT_ID.match(doc_id) else None
+    if document is None:
+        raise ApiError(404, "No such document.")
+    return jsonify(document.to_json())
+
+
+@bp.delete("/documents/<doc_id>")
+def delete_document(doc_id: str) -> Response:
+    if not _DOCUMENT_ID.match(doc_id) or not DocumentStore(get_state().redis).delete(doc_id):
+        raise ApiError(404, "No such document.")
+    return jsonify(id=doc_id, deleted=True)
+
+
+@bp.get("/index")
+def index_info() -> Response:
+    state = get_state()
+    stats = DocumentStore(state.redis).stats()
+    if stats["dimensions"] is None:
+        from jobs.embedding import model_dimensions
+
+        stats["dimensions"] = model_dimensions()
+    stats["model"] = stats["model"] or state.settings.embed_model_name
+    replica = state.search.loaded_replica
+    stats["replica"] = {
+        "status": state.search.status,
+        "documents": len(replica) if replica is not None else None,
+        "version": replica.version if replica is not None else None,
+    }
+    return jsonify(stats)

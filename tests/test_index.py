@@ -1,0 +1,176 @@
+"""The index (jobs.index) on fakeredis, with a small deterministic stand-in for the model."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from jobs import keys
+from jobs.index.replica import Replica
+from jobs.index.store import DocumentStore, IndexMismatchError
+
+DIMS = 16
+MODEL = "stand-in"
+
+
+def encode(texts: list[str]) -> np.ndarray:
+    """Unit vectors seeded by each text: equal texts, equal vectors; different texts, far apart."""
+    rows = []
+    for text in texts:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        vector = np.random.default_rng(seed).standard_normal(DIMS).astype(np.float32)
+        rows.append(vector / np.linalg.norm(vector))
+    return np.stack(rows)
+
+
+@pytest.fixture
+def store(fake_redis):
+    return DocumentStore(fake_redis)
+
+
+@pytest.fixture
+def replica(fake_redis):
+    return Replica(fake_redis, DIMS)
+
+
+def put(store: DocumentStore, docs: list[dict], revision: int) -> list[str]:
+    return store.upsert(docs, encode([d["text"] for d in docs]), revision, model=MODEL)
+
+
+def top(replica: Replica, text: str, k: int = 3, where: dict | None = None) -> list[str]:
+    replica.sync()
+    return [doc_id for doc_id, _ in replica.search(encode([text])[0], k, where)]
+
+
+def test_upsert_then_search_finds_the_document(store, replica):
+    assert put(store, [{"id": "a", "text": "alpha"}, {"id": "b", "text": "beta"}], revision=1) == [
+        "indexed",
+        "indexed",
+    ]
+    assert top(replica, "alpha")[0] == "a"
+    assert top(replica, "beta")[0] == "b"
+    hits = replica.search(encode(["alpha"])[0], 1)
+    assert hits[0][1] == pytest.approx(1.0, abs=1e-5)  # cosine of a vector with itself
+    assert store.get("a").text == "alpha"
+    assert store.stats()["documents"] == 2
+
+
+def test_reindexing_an_id_replaces_it_without_a_duplicate(store, replica, fake_redis):
+    put(store, [{"id": "a", "text": "old text", "metadata": {"v": 1}}], revision=1)
+    replica.sync()
+    put(store, [{"id": "a", "text": "new text", "metadata": {"v": 2}}], revision=2)
+    assert top(replica, "new text", k=10) == ["a"]
+    assert len(replica) == 1
+    assert store.get("a").text == "new text"
+    assert store.get("a").metadata == {"v": 2}
+    assert top(replica, "x", k=10, where={"v": 1}) == []
+    assert top(replica, "x", k=10, where={"v": 2}) == ["a"]
+    assert store.stats()["documents"] == 1
+
+
+def test_a_retry_of_the_same_revision_changes_nothing(store, fake_redis):
+    docs = [{"id": "a", "text": "alpha"}]
+    put(store, docs, revision=5)
+    changes = fake_redis.xlen(keys.INDEX_CHANGES)
+    assert put(store, docs, revision=5) == ["indexed"]
+    assert fake_redis.xlen(keys.INDEX_CHANGES) == changes
+
+
+def test_an_older_revision_cannot_undo_a_newer_one(store, replica):
+    put(store, [{"id": "a", "text": "newer"}], revision=10)
+    assert put(store, [{"id": "a", "text": "older"}], revision=9) == ["superseded"]
+    assert store.get("a").text == "newer"
+    assert top(replica, "newer") == ["a"]
+
+
+def test_delete_removes_from_search_and_store(store, replica):
+    put(store, [{"id": "a", "text": "alpha"}, {"id": "b", "text": "beta"}], revision=1)
+    replica.sync()
+    assert store.delete("a", revision=2)
+    assert top(replica, "alpha", k=10) == ["b"]
+    assert store.get("a") is None
+    assert not store.delete("a")
+    assert store.stats()["documents"] == 1
+    # A retry of a job accepted before the delete does not bring the document back...
+    assert put(store, [{"id": "a", "text": "alpha"}], revision=1) == ["superseded"]
+    # ...a later one does.
+    assert put(store, [{"id": "a", "text": "alpha again"}], revision=3) == ["indexed"]
+    assert "a" in top(replica, "alpha again")
+
+
+def test_filters_are_equality_on_metadata_fields(store, replica):
+    put(
+        store,
+        [
+            {"id": "en1", "text": "one", "metadata": {"lang": "en", "year": 2024}},
+            {"id": "en2", "text": "two", "metadata": {"lang": "en", "year": 2025}},
+            {"id": "fr1", "text": "three", "metadata": {"lang": "fr", "year": 2024}},
+        ],
+        revision=1,
+    )
+    assert sorted(top(replica, "x", k=10, where={"lang": "en"})) == ["en1", "en2"]
+    assert top(replica, "x", k=10, where={"lang": "en", "year": 2024}) == ["en1"]
+    assert top(replica, "x", k=10, where={"year": 2024.0, "lang": "fr"}) == ["fr1"]
+    assert top(replica, "x", k=10, where={"lang": "de"}) == []
+    assert top(replica, "x", k=10, where={"missing": "field"}) == []
+    assert top(replica, "three", k=1, where={"year": 2024}) == ["fr1"]
+
+
+def test_changes_replay_in_order_within_one_batch(store, replica, fake_redis):
+    put(store, [{"id": "a", "text": "first"}], revision=1)
+    store.delete("a", revision=2)
+    put(store, [{"id": "a", "text": "second"}], revision=3)
+    put(store, [{"id": "b", "text": "other"}], revision=4)
+    put(store, [{"id": "b", "text": "other, edited"}], revision=5)
+    replica.sync()  # all five changes in one replay
+    assert len(replica) == 2
+    assert top(replica, "second", k=1) == ["a"]
+    assert top(replica, "other, edited", k=1) == ["b"]
+
+
+def test_snapshot_round_trip_and_trimmed_stream(store, replica, fake_redis):
+    put(
+        store, [{"id": f"d{i}", "text": f"text {i}", "metadata": {"n": i % 3}} for i in range(50)], revision=1
+    )
+    replica.sync()
+    assert replica.write_snapshot()
+    assert fake_redis.xlen(keys.INDEX_CHANGES) == 0  # everything is in the snapshot
+    put(store, [{"id": "late", "text": "after the snapshot"}], revision=2)
+    expected = top(replica, "text 7", k=5)
+
+    fresh = Replica(fake_redis, DIMS)
+    fresh.load()
+    assert len(fresh) == 51
+    assert top(fresh, "text 7", k=5) == expected
+    assert top(fresh, "after the snapshot", k=1) == ["late"]
+    assert sorted(top(fresh, "x", k=100, where={"n": 0})) == sorted(f"d{i}" for i in range(0, 50, 3))
+
+
+def test_a_replica_behind_a_trimmed_stream_reloads(store, fake_redis):
+    behind = Replica(fake_redis, DIMS)
+    put(store, [{"id": "a", "text": "alpha"}], revision=1)
+    behind.load()
+    ahead = Replica(fake_redis, DIMS)
+    ahead.load()
+    put(store, [{"id": "b", "text": "beta"}], revision=2)
+    ahead.sync()
+    ahead.write_snapshot()  # trims the change `behind` has not seen
+    assert top(behind, "beta", k=1) == ["b"]
+    assert len(behind) == 2
+
+
+def test_a_replica_notices_a_new_index(store, replica, fake_redis):
+    put(store, [{"id": "a", "text": "alpha"}], revision=1)
+    replica.sync()
+    fake_redis.flushdb()  # Redis emptied under a running replica
+    put(store, [{"id": "b", "text": "beta"}], revision=2)
+    assert top(replica, "alpha", k=10) == ["b"]
+    assert len(replica) == 1
+
+
+def test_an_index_built_with_another_model_refuses_writes(store):
+    put(store, [{"id": "a", "text": "alpha"}], revision=1)
+    with pytest.raises(IndexMismatchError, match="stand-in"):
+        store.upsert([{"id": "b", "text": "beta"}], encode(["beta"]), 2, model="another-model")

@@ -1,0 +1,225 @@
+"""Embedding and search end to end: the real model, the Procfile's embedder and web processes.
+
+One embedder process (two workers) serves the whole module, since loading the model takes
+seconds; the tests use their own document ids and count changes, not totals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from service.workers import live_workers
+from tests.support import Process, WebService, start_workers, wait_until
+
+pytestmark = pytest.mark.integration
+
+# Unrelated documents, and for each a query that shares almost no words with it.
+CORPUS = {
+    "cat": "The cat curled up on the warm windowsill and slept all afternoon.",
+    "bread": "Knead the dough for ten minutes, let it rise, then bake the loaf at 220 degrees.",
+    "stocks": "Shares tumbled on Wall Street as investors feared rising interest rates.",
+    "football": "The striker scored twice in the second half to win the championship final.",
+    "volcano": "Lava poured from the crater after the eruption forced villagers to flee.",
+    "python": "The interpreter raised an exception because the variable was never defined.",
+    "rain": "Heavy showers and thunderstorms are expected across the region tomorrow.",
+    "guitar": "She tuned the strings of her acoustic instrument before the concert.",
+}
+PARAPHRASES = {
+    "cat": "a kitten napping in the sun",
+    "bread": "how to make a homemade loaf",
+    "stocks": "the equity market dropped",
+    "football": "soccer match goals",
+    "volcano": "molten rock and evacuation",
+    "python": "a programming error in my code",
+    "rain": "weather forecast with storms",
+    "guitar": "musician preparing to play a show",
+}
+
+
+@pytest.fixture(scope="module")
+def module_db(test_db):
+    test_db.flush()
+    yield test_db
+    test_db.flush()
+
+
+@pytest.fixture(scope="module")
+def embedder(module_db, session_env, tmp_path_factory) -> Iterator[Process]:
+    log_dir = tmp_path_factory.mktemp("embedder")
+    process = start_workers(
+        dict(session_env, LOG_FILE=str(log_dir / "jobs.log")), log_dir, count=2, kind="embedder"
+    )
+    client = module_db.client()
+    wait_until(lambda: len(live_workers(client)) >= 2, timeout=120, what="two embed workers", process=process)
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+def run(web, embedder) -> WebService:
+    return web
+
+
+def embed(web: WebService, body: dict, **kwargs) -> dict:
+    response = web.post_job("embed", body, **kwargs)
+    assert response.status_code == 202, response.text
+    return web.wait_for_status(response.json()["id"], {"finished", "failed"}, timeout=120)
+
+
+def search(
+    web: WebService, query: str, k: int = 10, where: dict | None = None, base: str | None = None
+) -> list[dict]:
+    body = {"query": query, "k": k, **({"filter": where} if where else {})}
+    response = requests.post((base or web.base) + "/search", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def index_count(web: WebService) -> int:
+    return requests.get(web.url("/index"), timeout=30).json()["documents"]
+
+
+def tagged(prefix: str) -> dict:
+    return {
+        "documents": [
+            {"id": f"{prefix}-{key}", "text": text, "metadata": {"run": prefix}}
+            for key, text in CORPUS.items()
+        ]
+    }
+
+
+def test_embedded_documents_are_found_by_paraphrase(run):
+    prefix = uuid.uuid4().hex[:8]
+    done = embed(run, tagged(prefix))
+    assert done["status"] == "finished"
+    assert sorted(done["result"]["indexed"]) == sorted(f"{prefix}-{key}" for key in CORPUS)
+    for key, query in PARAPHRASES.items():
+        results = search(run, query, k=3, where={"run": prefix})
+        assert results[0]["id"] == f"{prefix}-{key}", (query, results)
+        assert results[0]["text"] == CORPUS[key]
+        assert results[0]["metadata"] == {"run": prefix}
+        assert 0 < results[0]["score"] <= 1
+        assert results[0]["score"] > results[1]["score"]  # higher is closer
+
+
+def test_a_search_right_after_finished_sees_the_documents(run):
+    # Read-your-writes, on both web processes (requests spread over them).
+    for _ in range(4):
+        doc_id = f"ryw-{uuid.uuid4().hex[:8]}"
+        embed(run, {"id": doc_id, "text": "A lighthouse keeper saw ships.", "metadata": {"ryw": doc_id}})
+        assert [r["id"] for r in search(run, "lighthouse in fog", k=1, where={"ryw": doc_id})] == [doc_id]
+
+
+def test_get_search_and_documents_routes(run):
+    doc_id = f"doc-{uuid.uuid4().hex[:8]}"
+    embed(
+        run,
+        {
+            "id": doc_id,
+            "text": "Penguins huddle together to survive the Antarctic winter.",
+            "metadata": {"topic": "animals"},
+        },
+    )
+    response = requests.get(
+        run.url("/search"), params={"q": "birds in the cold south pole", "k": 1}, timeout=60
+    )
+    assert response.status_code == 200
+    assert response.json()["results"][0]["id"] == doc_id
+    assert response.json()["took_ms"] >= 0
+    document = requests.get(run.url(f"/documents/{doc_id}"), timeout=10).json()
+    assert document["metadata"] == {"topic": "animals"}
+    info = requests.get(run.url("/index"), timeout=10).json()
+    assert info["dimensions"] == 384 and info["model"].endswith("all-MiniLM-L6-v2")
+
+
+def test_reindexing_an_id_replaces_it(run):
+    doc_id = f"up-{uuid.uuid4().hex[:8]}"
+    embed(run, {"id": doc_id, "text": "The recipe needs flour, sugar and eggs.", "metadata": {"v": 1}})
+    before = index_count(run)
+    embed(run, {"id": doc_id, "text": "The orchestra played a symphony by Beethoven.", "metadata": {"v": 2}})
+    assert index_count(run) == before
+    results = search(run, "classical music performance", k=50)
+    assert [r["id"] for r in results].count(doc_id) == 1
+    mine = next(r for r in results if r["id"] == doc_id)
+    assert mine["metadata"] == {"v": 2}
+    assert "Beethoven" in mine["text"]
+    assert not search(run, "anything", k=5, where={"v": 1})
+
+
+def test_deleted_documents_leave_search(run):
+    doc_id = f"del-{uuid.uuid4().hex[:8]}"
+    embed(run, {"id": doc_id, "text": "Glaciers are melting faster every year.", "metadata": {"d": doc_id}})
+    assert search(run, "ice melting", k=1, where={"d": doc_id})[0]["id"] == doc_id
+    assert requests.delete(run.url(f"/documents/{doc_id}"), timeout=10).json() == {
+        "id": doc_id,
+        "deleted": True,
+    }
+    assert search(run, "ice melting", k=5, where={"d": doc_id}) == []
+    assert doc_id not in [r["id"] for r in search(run, "Glaciers are melting faster every year.", k=20)]
+    assert requests.get(run.url(f"/documents/{doc_id}"), timeout=10).status_code == 404
+
+
+def test_two_workers_indexing_concurrently_give_exactly_200(run):
+    prefix = uuid.uuid4().hex[:8]
+    before = index_count(run)
+    batches = [
+        {
+            "documents": [
+                {
+                    "id": f"{prefix}-{b}-{i}",
+                    "text": f"Note {b}-{i}: item number {i} in batch {b}.",
+                    "metadata": {"run": prefix},
+                }
+                for i in range(10)
+            ]
+        }
+        for b in range(20)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        views = list(pool.map(lambda body: embed(run, body), batches))
+    assert all(view["status"] == "finished" for view in views)
+    assert index_count(run) == before + 200
+    ids = set()
+    for b in range(20):
+        ids |= {r["id"] for r in search(run, f"batch {b}", k=100, where={"run": prefix})}
+    assert len(ids) == 200
+
+
+def test_a_fresh_search_process_returns_the_same_results(run, session_env, tmp_path):
+    prefix = uuid.uuid4().hex[:8]
+    embed(run, tagged(prefix))
+    expected = {q: search(run, q, k=5) for q in PARAPHRASES.values()}
+    fresh = WebService(dict(session_env, WEB_CONCURRENCY="1"), tmp_path)
+    try:
+        for query, results in expected.items():
+            again = search(run, query, k=5, base=fresh.base)
+            assert [r["id"] for r in again] == [r["id"] for r in results]
+            assert [r["score"] for r in again] == pytest.approx([r["score"] for r in results], abs=1e-5)
+    finally:
+        fresh.stop()
+
+
+@pytest.mark.parametrize("pause", ["before_write", "after_write"])
+def test_a_job_killed_mid_way_and_retried_indexes_each_document_once(run, module_db, pause):
+    client = module_db.client()
+    prefix = uuid.uuid4().hex[:8]
+    before = index_count(run)
+    body = {**tagged(prefix), "pause": pause, "retries": 2}
+    response = run.post_job("embed_and_pause", body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    pid = wait_until(lambda: client.get(f"afterward-test:pid:{job_id}"), timeout=120, what="the job to pause")
+    os.kill(int(pid), signal.SIGKILL)
+    done = run.wait_for_status(job_id, {"finished", "failed"}, timeout=120)
+    assert done["status"] == "finished", done
+    assert done["attempts"] == 2
+    assert index_count(run) == before + len(CORPUS)
+    found = [r["id"] for r in search(run, "anything at all", k=100, where={"run": prefix})]
+    assert sorted(found) == sorted(f"{prefix}-{key}" for key in CORPUS)
