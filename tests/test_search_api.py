@@ -128,3 +128,14 @@ def test_index_info_of_an_empty_index(client):
     assert info["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert info["version"] == 0
     assert info["replica"]["status"] == "cold"
+
+
+def test_the_web_app_and_regular_workers_do_not_import_torch_at_start():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service import create_app; import jobs.worker, jobs.registry, tests.fixtures;"
+        "create_app({'search_warmup': 0}); sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
