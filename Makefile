@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint chromium clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python scripts/run.py
 
-test: $(VENV)/.dev lint
+test: $(VENV)/.dev lint chromium
 	$(BIN)/python -m pytest
+
+chromium:
+	scripts/ensure-chromium
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

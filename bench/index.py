@@ -132,22 +132,22 @@ def main() -> None:
     finally:
         db.release()
 
+    ratio = p50(over_http) / p50(local)
+    rows = [
+        ("Redis memory per document", f"{per_doc:8.0f} bytes (text, metadata, vector, change entry)"),
+        ("cold start, replaying the stream", f"{replay_seconds:8.2f} s"),
+        ("cold start, from a snapshot", f"{snapshot_seconds:8.2f} s   (writing it: {snapshot_write:.2f} s)"),
+        ("search in-process p50", f"{p50(local):8.1f} ms  (encode + FAISS)"),
+        ("search over HTTP p50", f"{p50(over_http):8.1f} ms  ({ratio:.2f}x in-process)"),
+        ("a job's round trip via the queue", f"{p50(queue):8.1f} ms  (the least a worker-side search adds)"),
+        (
+            "web process memory",
+            f"{rss_cold / 2**20:8.0f} MB cold, {rss_warm / 2**20:.0f} MB with model and replica",
+        ),
+    ]
     print(f"{args.documents} documents, {encoder.dimensions} dimensions (filled in {fill_seconds:.1f} s)")
-    print(f"  Redis memory per document          {per_doc:8.0f} bytes (text, metadata, vector, change entry)")
-    print(f"  cold start, replaying the stream   {replay_seconds:8.2f} s")
-    print(
-        f"  cold start, from a snapshot        {snapshot_seconds:8.2f} s   (writing it: {snapshot_write:.2f} s)"
-    )
-    print(f"  search in-process p50              {p50(local):8.1f} ms  (encode + FAISS)")
-    print(
-        f"  search over HTTP p50               {p50(over_http):8.1f} ms  ({p50(over_http) / p50(local):.2f}x in-process)"
-    )
-    print(
-        f"  a job's round trip via the queue   {p50(queue):8.1f} ms  (the least a worker-side search would add)"
-    )
-    print(
-        f"  web process memory                 {rss_cold / 2**20:8.0f} MB cold, {rss_warm / 2**20:.0f} MB with model and replica"
-    )
+    for label, value in rows:
+        print(f"  {label:34s} {value}")
 
 
 if __name__ == "__main__":

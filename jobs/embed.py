@@ -11,15 +11,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from rq import get_current_job
 
 from jobs.progress import report_progress
-from jobs.schema import JobInput
-from jobs.settings import Settings, get_settings
+from jobs.schema import JobInput, limits
+from jobs.settings import get_settings
 
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,256}$"
-
-
-def _settings(info: ValidationInfo) -> Settings:
-    context = info.context or {}
-    return context.get("settings") or get_settings()
 
 
 class DocumentInput(JobInput):
@@ -36,7 +31,7 @@ class DocumentInput(JobInput):
     @field_validator("text")
     @classmethod
     def _text_fits(cls, text: str, info: ValidationInfo) -> str:
-        limit = _settings(info).max_text_chars
+        limit = limits(info).max_text_chars
         if len(text) > limit:
             raise ValueError(f"text is longer than {limit} characters")
         if not text.strip():
@@ -48,7 +43,7 @@ class DocumentInput(JobInput):
     def _metadata_fits(cls, metadata: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if metadata is None:
             return None
-        limit = _settings(info).max_metadata_bytes
+        limit = limits(info).max_metadata_bytes
         size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
         if size > limit:
             raise ValueError(f"metadata is {size} bytes as JSON; the limit is {limit}")
@@ -71,7 +66,7 @@ class EmbedInput(JobInput):
     @field_validator("documents")
     @classmethod
     def _documents_fit(cls, documents: list[DocumentInput], info: ValidationInfo) -> list[DocumentInput]:
-        limit = _settings(info).max_documents
+        limit = limits(info).max_documents
         if len(documents) > limit:
             raise ValueError(f"{len(documents)} documents in one request; the limit is {limit}")
         seen: set[str] = set()

@@ -8,16 +8,24 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from rq import get_current_job
 
-from jobs.schema import JobInput
+from jobs.schema import JobInput, limits
 from jobs.settings import get_settings
 
 
 class LogInput(JobInput):
-    message: str = Field(min_length=1, max_length=10_000, description="Text to log; any Unicode.")
+    message: str = Field(min_length=1, description="Text to log: 1 to MAX_LOG_CHARS characters, any Unicode.")
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("message")
+    @classmethod
+    def _fits(cls, message: str, info: ValidationInfo) -> str:
+        limit = limits(info).max_log_chars
+        if len(message) > limit:
+            raise ValueError(f"message is longer than {limit} characters")
+        return message
 
 
 def write_log(message: str, level: str = "info") -> dict:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model
+
+from jobs.settings import Settings, get_settings
 
 PRIORITIES = ("high", "default", "low")
 """The `queue` a client picks, in the order workers take jobs."""
@@ -56,6 +58,12 @@ class JobOptions(JobInput):
 
 
 OPTION_FIELDS = frozenset(JobOptions.model_fields)
+
+
+def limits(info: ValidationInfo) -> Settings:
+    """The settings whose limits a validator enforces: those the request is validated with."""
+    context = info.context or {}
+    return context.get("settings") or get_settings()
 
 
 @lru_cache(maxsize=16)

@@ -16,6 +16,16 @@ class Settings:
 
     # Hosted Redis add-ons set REDIS_URL; the name is fixed.
     redis_url: str = "redis://localhost:6379/0"
+    # 0 accepts a rediss:// server whose certificate cannot be verified (managed Redis with a
+    # self-signed certificate). Off by default: it gives up protection against impostors.
+    redis_tls_verify: int = 1
+    # API keys clients send as `Authorization: Bearer <key>`, comma-separated; unset: open API.
+    api_keys: tuple[str, ...] = ()
+    # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
+    rate_limit: str = "1200 per minute"
+    # Basic-auth credentials of the dashboard at /rq/; unset: it answers loopback clients only.
+    dashboard_user: str = ""
+    dashboard_password: str = ""
     # Web process: address, processes (the Heroku convention) and threads per process.
     host: str = "0.0.0.0"
     port: int = 5000
@@ -50,10 +60,14 @@ class Settings:
     embed_threads: int = 1
     # Texts per model.encode batch.
     embed_batch_size: int = 64
-    # Limits on `POST /jobs/embed` and search requests.
+    # Limits on job inputs and search requests.
+    max_log_chars: int = 10_000
+    max_sleep_seconds: int = 3600
     max_documents: int = 256
     max_text_chars: int = 10_000
     max_metadata_bytes: int = 2048
+    max_query_chars: int = 2000
+    max_k: int = 100
     # A search replica writes a snapshot of the index after this many changes since the last one.
     snapshot_every: int = 10_000
     # 1: web processes load the model and index replica when they start, not on the first search.
@@ -80,6 +94,14 @@ class Settings:
                 continue
             values[field.name] = _parse(field.name, field.type, raw)
         return cls(**values)
+
+    @property
+    def redis_client_url(self) -> str:
+        """REDIS_URL with the TLS options every client (web, workers, limiter) must use."""
+        if self.redis_url.startswith("rediss://") and not self.redis_tls_verify:
+            separator = "&" if "?" in self.redis_url else "?"
+            return f"{self.redis_url}{separator}ssl_cert_reqs=none&ssl_check_hostname=false"
+        return self.redis_url
 
     @property
     def waiting_slots(self) -> int:

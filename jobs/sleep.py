@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import time
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from jobs.progress import report_progress
-from jobs.schema import JobInput
+from jobs.schema import JobInput, limits
 
 # Progress is reported at least this often (seconds).
 PROGRESS_EVERY = 0.5
 
 
 class SleepInput(JobInput):
-    seconds: float = Field(gt=0, le=3600, description="How long to run, in seconds.")
+    seconds: float = Field(gt=0, description="How long to run, in seconds (at most MAX_SLEEP_SECONDS).")
+
+    @field_validator("seconds")
+    @classmethod
+    def _fits(cls, seconds: float, info: ValidationInfo) -> float:
+        limit = limits(info).max_sleep_seconds
+        if seconds > limit:
+            raise ValueError(f"seconds must be at most {limit}")
+        return seconds
 
 
 def sleep_for(seconds: float) -> dict:

@@ -9,6 +9,7 @@ import logging
 import re
 from typing import Any
 
+import redis
 from rq import Worker as ForkingWorker
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -133,8 +134,8 @@ class Worker(ForkingWorker):
                 "type": "WorkerDied",
                 "message": f"The process running the job died before the job ended{how}.",
             }
-        last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else "The job failed."
-        return {"type": "JobFailed", "message": last_line[:1000]}
+        last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else ""
+        return {"type": "JobFailed", "message": plain_message(last_line)}
 
     def _announce(self, job: Job) -> None:
         try:
@@ -160,14 +161,28 @@ class EmbedWorker(Worker):
         log.info("embedding model %s loaded (%d dimensions)", encoder.name, encoder.dimensions)
 
 
+# An absolute file path inside a message (not part of a URL).
+_FILE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.+~-]+/)+[\w.+~-]*")
+
+
 def describe_exception(job: RQJob, exc: BaseException) -> dict[str, str]:
-    """The `error` of the job view for an exception a job raised: type and message, no traceback."""
+    """The `error` of the job view for an exception a job raised: type and message, no traceback.
+
+    Clients see it, so file paths and Redis details are left out.
+    """
     if isinstance(exc, JobTimeoutException):
         return timeout_error(job)
     if isinstance(exc, UnregisteredJobError):
         return {"type": "UnregisteredJob", "message": str(exc)}
-    message = str(exc).strip() or type(exc).__name__
-    return {"type": type(exc).__name__, "message": message[:1000]}
+    if isinstance(exc, redis.exceptions.RedisError):
+        return {"type": "StoreError", "message": "The job could not reach the job store."}
+    text = str(exc).strip()
+    return {"type": type(exc).__name__, "message": plain_message(text) if text else type(exc).__name__}
+
+
+def plain_message(message: str) -> str:
+    message = _FILE_PATH.sub("<path>", message.strip())
+    return message[:1000] or "The job failed."
 
 
 def timeout_error(job: RQJob) -> dict[str, str]:

@@ -10,7 +10,9 @@ from typing import Any
 from flask import Flask
 
 from jobs.settings import Settings
+from service.dashboard import init_dashboard
 from service.errors import register_error_handlers
+from service.security import init_security
 from service.state import init_state
 
 
@@ -22,12 +24,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _configure_logging()
 
     app = Flask(__name__)
+    # Never the interactive debugger, whatever FLASK_DEBUG says: errors are JSON, tracebacks logged.
+    app.config.update(DEBUG=False, PROPAGATE_EXCEPTIONS=False)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
 
     state = init_state(app, settings)
     register_error_handlers(app)
+    init_security(app, state)
+    init_dashboard(app, state)
 
     from service.views import health, jobs, search
 

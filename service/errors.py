@@ -104,5 +104,6 @@ def _plain_message(error: HTTPException) -> str:
         404: "No such resource.",
         405: "Method not allowed on this resource.",
         413: f"Request body is larger than the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes.",
+        429: f"Too many requests: the limit is {error.description}. Retry after the time in Retry-After.",
     }
     return messages.get(error.code or 0) or (error.description or error.name)

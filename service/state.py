@@ -38,7 +38,7 @@ def connect_redis(url: str) -> redis.Redis:
 
 
 def init_state(app: Flask, settings: Settings) -> AppState:
-    connection = connect_redis(settings.redis_url)
+    connection = connect_redis(settings.redis_client_url)
     state = AppState(
         settings=settings,
         redis=connection,

@@ -433,3 +433,66 @@ def test_a_stopped_job_can_be_retried(web, workers):
     assert done["attempts"] == 2
     assert done["error"] is None
     assert done["progress"]["percent"] == 100
+
+
+def _pickled(value: bytes) -> bool:
+    """True for a pickle (protocol 2 or newer), also inside zlib, as RQ stores job data."""
+    for candidate in (value, _inflate(value)):
+        if candidate and candidate[:1] == b"\x80" and candidate[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            return True
+    return False
+
+
+def _inflate(value: bytes) -> bytes:
+    import zlib
+
+    try:
+        return zlib.decompress(value)
+    except zlib.error:
+        return b""
+
+
+def test_no_pickle_anywhere_in_redis(web, workers, real_redis):
+    workers(count=1)
+    done = submit(web, "log", {"message": "plain"})
+    failed = submit(web, "flaky", {"failures": 5})
+    web.wait_for_status(done["id"], {"finished"})
+    web.wait_for_status(failed["id"], {"failed"})
+    # Requeued from the dashboard (an operator's action), then retried through the API.
+    assert requests.post(web.url(f"/rq/job/{failed['id']}/requeue"), timeout=10).status_code == 200
+    web.wait_for_status(failed["id"], {"failed"})
+    assert web.http.post(web.url(f"/jobs/{failed['id']}/retry")).status_code == 202
+    web.wait_for_status(failed["id"], {"failed"})
+
+    values = 0
+    for key in real_redis.scan_iter(count=1000):
+        kind = real_redis.type(key)
+        if kind == b"string":
+            stored = [real_redis.get(key)]
+        elif kind == b"hash":
+            stored = list(real_redis.hgetall(key).values())
+        elif kind == b"stream":
+            stored = [v for _, fields in real_redis.xrange(key) for v in fields.values()]
+        else:
+            continue
+        for value in stored:
+            values += 1
+            assert not _pickled(value), f"pickled data in {key!r}"
+    assert values > 20
+
+
+def test_api_keys_ownership_and_rate_limits_over_http(session_env, proc_dir, workers):
+    env = dict(session_env, API_KEYS="alpha-key, beta-key", RATE_LIMIT="5 per minute", SEARCH_WARMUP="0")
+    keyed = WebService(env, proc_dir)
+    try:
+        alpha, beta = {"Authorization": "Bearer alpha-key"}, {"Authorization": "Bearer beta-key"}
+        assert requests.post(keyed.url("/jobs/log"), json={"message": "x"}, timeout=10).status_code == 401
+        job = requests.post(keyed.url("/jobs/log"), json={"message": "x"}, headers=alpha, timeout=10).json()
+        assert requests.get(keyed.url(f"/jobs/{job['id']}"), headers=beta, timeout=10).status_code == 404
+        statuses = [requests.get(keyed.url("/jobs"), headers=alpha, timeout=10).status_code for _ in range(5)]
+        assert statuses[-1] == 429 and statuses[0] == 200
+        limited = requests.get(keyed.url(f"/jobs/{job['id']}"), headers=alpha, timeout=10)
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+        assert requests.get(keyed.url("/healthz"), timeout=10).status_code == 200
+    finally:
+        keyed.stop()

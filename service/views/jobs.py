@@ -18,6 +18,7 @@ from jobs.schema import Queue
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.jobview import is_terminal, job_view, load_job, recent_jobs
+from service.security import current_owner
 from service.state import get_state
 from service.submit import check_idempotency_key, submit
 
@@ -42,11 +43,6 @@ class ListQuery(BaseModel):
     status: Status | None = None
     queue: Queue | None = None
     limit: int = Field(default=50, ge=1, le=200)
-
-
-def current_owner() -> str:
-    """Whose jobs this request may see. Without API keys every client shares one owner."""
-    return "public"
 
 
 @bp.post("/jobs/<type_name>")

@@ -7,64 +7,75 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs.embed import DOCUMENT_ID_PATTERN
 from jobs.index.store import DocumentStore
+from jobs.schema import limits
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.state import get_state
 
 bp = Blueprint("search", __name__)
 
-MAX_K = 100
 _DOCUMENT_ID = re.compile(DOCUMENT_ID_PATTERN)
 
 
 class _Query(BaseModel):
-    k: int = Field(default=10, ge=1, le=MAX_K, description="How many results, 1-100.")
+    k: int = Field(default=10, ge=1, description="How many results: 1 to MAX_K (100).")
 
-    @field_validator("query", "q", check_fields=False)
+    @field_validator("k")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the query is blank")
-        return value
+    def _k_fits(cls, k: int, info: ValidationInfo) -> int:
+        if k > limits(info).max_k:
+            raise ValueError(f"k must be at most {limits(info).max_k}")
+        return k
 
 
 class SearchParams(_Query):
     """`GET /search?q=…&k=…`"""
 
     model_config = ConfigDict(extra="forbid")
-    q: str = Field(min_length=1, max_length=2000, description="What to look for, in plain words.")
+    q: str = Field(min_length=1, description="What to look for, in plain words (at most MAX_QUERY_CHARS).")
+
+    @field_validator("q")
+    @classmethod
+    def _q_fits(cls, q: str, info: ValidationInfo) -> str:
+        return _query_fits(q, limits(info).max_query_chars)
 
 
 class SearchBody(_Query):
     """`POST /search` body, for long queries and filters."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    query: str = Field(min_length=1, description="What to look for, in plain words.")
+    query: str = Field(min_length=1, description="What to look for (at most MAX_TEXT_CHARS).")
     filter: dict[str, Any] | None = Field(
         default=None, description='Metadata fields that results must equal, e.g. {"lang": "en"}.'
     )
 
+    @field_validator("query")
+    @classmethod
+    def _query_fits(cls, query: str, info: ValidationInfo) -> str:
+        return _query_fits(query, limits(info).max_text_chars)
+
+
+def _query_fits(query: str, limit: int) -> str:
+    if not query.strip():
+        raise ValueError("the query is blank")
+    if len(query) > limit:
+        raise ValueError(f"the query is longer than {limit} characters")
+    return query
+
 
 @bp.get("/search")
 def search_get() -> Response:
-    params = validate(SearchParams, request.args.to_dict())
+    params = validate(SearchParams, request.args.to_dict(), context={"settings": get_state().settings})
     return _search(params.q, params.k, None)
 
 
 @bp.post("/search")
 def search_post() -> Response:
-    body = validate(SearchBody, read_json_object())
-    limit = get_state().settings.max_text_chars
-    if len(body.query) > limit:
-        raise ApiError(
-            422,
-            "The request has invalid fields.",
-            details=[{"field": "query", "message": f"longer than {limit} characters", "type": "too_long"}],
-        )
+    body = validate(SearchBody, read_json_object(), context={"settings": get_state().settings})
     return _search(body.query, body.k, body.filter)
 
 

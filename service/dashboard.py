@@ -1,0 +1,171 @@
+"""rq-dashboard at /rq/, behind basic auth, closed to cross-site requests, on our JSON jobs.
+
+rq-dashboard's blueprint has no authentication and offers destructive actions, so every
+request to it passes `guard()` first. It also loads jobs with RQ's default (pickle)
+classes; pointing its module-level names at ours makes it read and write JSON jobs only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import ipaddress
+import json
+from typing import Any
+
+import rq_dashboard
+import rq_dashboard.default_settings
+import rq_dashboard.web
+from flask import Flask, Response, request
+from rq.exceptions import NoSuchJobError
+from rq.serializers import JSONSerializer
+
+from jobs.job import Job
+from jobs.queue import Queue
+from jobs.settings import Settings
+from jobs.worker import Worker, plain_message
+from service.errors import ApiError, error_response
+from service.state import AppState
+
+BLUEPRINT = "rq_dashboard"
+URL_PREFIX = "/rq"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REALM = 'Basic realm="Afterward dashboard", charset="UTF-8"'
+
+
+# Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
+UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers"})
+
+
+def describe(job: Any) -> str:
+    """A job's description in the dashboard, with its progress while it has one."""
+    description = job.description or job.id
+    progress = (job.meta or {}).get("progress")
+    if progress:
+        description += f" | {progress.get('percent', 0):g}% {progress.get('message', '')}".rstrip()
+    return description
+
+
+def error_summary(job: Any, exc_info: str | None) -> str | None:
+    """What the dashboard shows of a failure: type and message; tracebacks stay in worker logs."""
+    if not exc_info:
+        return exc_info
+    error = (job.meta or {}).get("error") if job is not None else None
+    if error:
+        summary = f"{error['type']}: {error['message']}"
+    else:
+        summary = plain_message(exc_info.strip().splitlines()[-1])
+    return summary + "\n(The full traceback is in the worker's log.)"
+
+
+_rq_serialize_job = rq_dashboard.web.serialize_job
+
+
+def serialize_job(job: Any) -> dict[str, Any]:
+    """A job in the dashboard's lists, with its failure summarized."""
+    data = _rq_serialize_job(job)
+    data["exc_info"] = error_summary(job, data["exc_info"])
+    return data
+
+
+def requeue_job(job_id: str, connection: Any, serializer: Any = None) -> Job:
+    """rq's requeue_job, with our job class (JSON, registered functions only)."""
+    return Job.fetch(job_id, connection=connection).requeue()
+
+
+def init_dashboard(app: Flask, state: AppState) -> None:
+    web = rq_dashboard.web
+    web.Job, web.Queue, web.Worker, web.requeue_job = Job, Queue, Worker, requeue_job
+    web.config.serializer = JSONSerializer
+    web.format_job_description = describe
+    web.serialize_job = serialize_job
+    # One shared client instead of a new connection per dashboard request.
+    web.from_url = lambda *args, **kwargs: (None, state.redis)
+
+    app.config.from_object(rq_dashboard.default_settings)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = ["redis"]  # the dashboard shows this; the URL stays private
+    app.redis_conn = state.redis  # type: ignore[attr-defined]
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
+
+    settings = state.settings
+
+    @app.before_request
+    def guard() -> None:
+        if request.blueprint == BLUEPRINT:
+            _authorize(settings)
+            _refuse_cross_site()
+
+    @app.after_request
+    def escape_for_html(response: Response) -> Response:
+        # Job descriptions, errors and metadata carry client text: never let it become markup.
+        if request.endpoint in UNESCAPED_VIEWS and response.is_json:
+            data = response.get_json()
+            if data.get("exc_info"):
+                job = Job.fetch(data["id"], connection=state.redis)
+                data["exc_info"] = error_summary(job, data["exc_info"])
+            response.set_data(json.dumps(_escaped(data)))
+        return response
+
+    @app.errorhandler(NoSuchJobError)
+    def no_such_job(error: NoSuchJobError) -> Any:
+        return error_response(404, "No such job.")
+
+
+def _authorize(settings: Settings) -> None:
+    if settings.dashboard_user and settings.dashboard_password:
+        auth = request.authorization
+        user = (auth.username or "") if auth else ""
+        password = (auth.password or "") if auth else ""
+        # Both compared in constant time, always both.
+        user_ok = hmac.compare_digest(user.encode(), settings.dashboard_user.encode())
+        password_ok = hmac.compare_digest(password.encode(), settings.dashboard_password.encode())
+        if not (user_ok and password_ok):
+            raise ApiError(
+                401,
+                "The dashboard needs a user name and password.",
+                code="unauthorized",
+                headers={"WWW-Authenticate": REALM},
+            )
+        return
+    if not _is_loopback(request.remote_addr):
+        raise ApiError(
+            403,
+            "The dashboard answers only local clients until DASHBOARD_USER and DASHBOARD_PASSWORD are set.",
+            code="forbidden",
+        )
+
+
+def _refuse_cross_site() -> None:
+    """Actions must come from the dashboard's own pages, never from another site."""
+    if request.endpoint == f"{BLUEPRINT}.requeue_all" and request.method == "GET":
+        # rq-dashboard also offers "requeue all" on GET, which a link or an <img> could trigger.
+        raise ApiError(405, "Use POST to requeue jobs.", code="method_not_allowed", headers={"Allow": "POST"})
+    if request.method in SAFE_METHODS:
+        return
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    if fetch_site is not None:
+        allowed = fetch_site in ("same-origin", "none")
+    elif origin is not None:
+        allowed = origin.rstrip("/") == request.host_url.rstrip("/")
+    else:
+        allowed = True  # not a browser: nothing was sent on anyone's behalf
+    if not allowed:
+        raise ApiError(403, "Cross-site requests cannot change anything here.", code="cross_site_refused")
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    return value
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
