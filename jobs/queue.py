@@ -59,6 +59,11 @@ class Queue(RQQueue):
         kwargs["job_class"] = Job
         super().__init__(*args, **kwargs)
 
+    def acquire_maintenance_lock(self) -> bool:
+        # RQ holds this lock for up to 15 minutes if its worker dies while cleaning, which
+        # would stall the recovery of abandoned jobs; a minute is plenty for one round.
+        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=60))
+
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
         pipe = pipeline if pipeline is not None else self.connection.pipeline()
         super().push_job_id(job_id, pipeline=pipe, at_front=at_front)

@@ -22,7 +22,7 @@ class Settings:
     # API keys clients send as `Authorization: Bearer <key>`, comma-separated; unset: open API.
     api_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
-    rate_limit: str = "1200 per minute"
+    rate_limit: str = "6000 per minute"
     # Basic-auth credentials of the dashboard at /rq/; unset: it answers loopback clients only.
     dashboard_user: str = ""
     dashboard_password: str = ""
@@ -79,7 +79,10 @@ class Settings:
     # Seconds between a worker's checks on a running job (heartbeat, hard timeout).
     job_monitoring_interval: int = 5
     # Seconds between a worker's maintenance rounds (registry clean-up, job recovery).
-    maintenance_interval: int = 30
+    maintenance_interval: int = 10
+    # After SIGTERM a running job gets this long to finish before it is put back in its queue
+    # (Heroku sends SIGKILL 30 s after SIGTERM).
+    shutdown_grace: int = 20
     # A job taken off a queue but not started after this many seconds is put back.
     intermediate_grace: int = 30
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import time
 from typing import Any
 
 import redis
 from rq import Worker as ForkingWorker
+from rq.exceptions import AbandonedJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.queue import Queue as RQQueue
@@ -19,6 +22,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 
 from jobs import keys
+from jobs.connection import warn_if_evicting
 from jobs.job import Job, UnregisteredJobError
 from jobs.queue import Queue, recover_intermediate
 from jobs.settings import get_settings
@@ -50,9 +54,13 @@ class Worker(ForkingWorker):
         self.maintenance_interval = settings.maintenance_interval
         self.timeout_grace = settings.timeout_grace
         self.intermediate_grace = settings.intermediate_grace
+        self.shutdown_grace = settings.shutdown_grace
         self._job_errors: dict[str, dict[str, str]] = {}
         self._timed_out_job_id: str | None = None
+        self._interrupted_job_id: str | None = None
+        self._shutdown_deadline: float | None = None
         self.push_exc_handler(self._remember_error)
+        warn_if_evicting(self.connection)
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -81,8 +89,40 @@ class Worker(ForkingWorker):
 
     # ------------------------------------------------------------------ running jobs
 
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        # A job whose worker stops heartbeating is abandoned after this long (RQ allows 60 s
+        # more); the maintenance round then retries or fails it. See README, guarantees.
+        return 3 * self.job_monitoring_interval + 5
+
+    def setup_work_horse_signals(self) -> None:
+        # Shutdown is the worker's decision: SIGTERM and SIGINT sent to every process (the
+        # platform's stop, Ctrl-C) must not kill the job before the grace period is over.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        if self._shutdown_deadline is None:
+            self._shutdown_deadline = time.monotonic() + self.shutdown_grace
+            # Look at the running job every second until it ends or the grace runs out.
+            self.job_monitoring_interval = 1
+            log.info("worker %s: stopping; a running job gets %s s to finish", self.name, self.shutdown_grace)
+        super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        # The platform's SIGTERM and the pool's SIGINT arrive together: neither cuts the grace
+        # period short. When it is over the running job is stopped and put back (below).
+        if self.horse_pid:
+            log.info("worker %s: already stopping", self.name)
+            return
+        raise SystemExit()
+
     def maintain_heartbeats(self, job: Job) -> None:
         super().maintain_heartbeats(job)
+        if self._shutdown_deadline is not None and time.monotonic() > self._shutdown_deadline:
+            log.warning("job %s did not finish within the shutdown grace period; putting it back", job.id)
+            self._interrupted_job_id = job.id
+            self.kill_horse(signal.SIGKILL)
+            return
         # The work-horse enforces the timeout itself with SIGALRM; this catches a job that
         # swallows that exception or is stuck in C code, a little after its deadline.
         overdue = (
@@ -104,6 +144,9 @@ class Worker(ForkingWorker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
     ) -> None:
+        if self._interrupted_job_id == job.id:
+            self._put_back(job, queue)
+            return
         error = self._job_errors.pop(job.id, None) or self._error_from_exit(job, exc_string)
         if job.ended_at is None:  # a stopped or killed work-horse never got to set it
             job.ended_at = now()
@@ -117,7 +160,29 @@ class Worker(ForkingWorker):
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
         self._announce(job)
 
+    def _put_back(self, job: Job, queue: Queue) -> None:
+        """A job stopped by a shutdown goes back to the front of its queue, its retries intact."""
+        self._interrupted_job_id = None
+        job.get_meta(refresh=True)
+        job.meta["error"] = {
+            "type": "WorkerShutdown",
+            "message": "The worker shut down while the job ran; it was put back in its queue.",
+        }
+        with self.connection.pipeline() as pipe:
+            job.save_meta()
+            self.cleanup_execution(job, pipeline=pipe)
+            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        log.info("job %s put back at the front of %s", job.id, queue.name)
+        self._announce(job)
+
     def _remember_error(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
+        if isinstance(exc_value, AbandonedJobError):
+            # Called by the maintenance round for a job whose worker stopped heartbeating;
+            # RQ then retries it or marks it failed.
+            record_error(job, WORKER_DIED)
+            self._announce(job)
+            return True
         self._job_errors[job.id] = describe_exception(job, exc_value)
         return True
 
@@ -134,6 +199,8 @@ class Worker(ForkingWorker):
                 "type": "WorkerDied",
                 "message": f"The process running the job died before the job ended{how}.",
             }
+        if "stuck in intermediate queue" in exc_string:
+            return WORKER_DIED
         last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else ""
         return {"type": "JobFailed", "message": plain_message(last_line)}
 
@@ -163,6 +230,18 @@ class EmbedWorker(Worker):
 
 # An absolute file path inside a message (not part of a URL).
 _FILE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.+~-]+/)+[\w.+~-]*")
+
+
+WORKER_DIED = {
+    "type": "WorkerDied",
+    "message": "The worker running the job died or lost contact before the job ended.",
+}
+
+
+def record_error(job: RQJob, error: dict[str, str]) -> None:
+    job.get_meta(refresh=True)
+    job.meta["error"] = error
+    job.save_meta()
 
 
 def describe_exception(job: RQJob, exc: BaseException) -> dict[str, str]:

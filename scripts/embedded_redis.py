@@ -51,10 +51,13 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process listening on loopback, with its files under `directory`."""
 
-    def __init__(self, directory: Path | str, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self, directory: Path | str, port: int | None = None, appendonly: bool = True, *extra_args: str
+    ) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -80,6 +83,7 @@ class EmbeddedRedis:
             "noeviction",
             "--logfile",
             "redis.log",
+            *self.extra_args,  # later options win: tests may set another policy
         ]
         # Its own session: Ctrl-C in a terminal must not kill Redis before the workers are done.
         self.process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL)
@@ -104,6 +108,11 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def restart(self) -> EmbeddedRedis:
+        """Stop (Redis writes out its append-only file) and start again on the same port and files."""
+        self.stop()
+        return self.start()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import Any
 
 from flask import Flask
+from redis.exceptions import RedisError
 
+from jobs.connection import warn_if_evicting
 from jobs.settings import Settings
 from service.dashboard import init_dashboard
 from service.errors import register_error_handlers
@@ -31,6 +34,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.strict_slashes = False
 
     state = init_state(app, settings)
+    with suppress(RedisError):  # Redis may not be up yet; /readyz says so then
+        warn_if_evicting(state.redis)
     register_error_handlers(app)
     init_security(app, state)
     init_dashboard(app, state)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 # Blueprints that make up the API; health probes and the dashboard have rules of their own.
 API_BLUEPRINTS = frozenset({"jobs", "search"})
 
+# RATE_LIMIT values that turn rate limiting off.
+OFF = frozenset({"", "off", "none", "0"})
+
 # The owner of every job while the API is open (no API_KEYS).
 PUBLIC = "public"
 
@@ -69,7 +72,7 @@ def init_security(app: Flask, state: AppState) -> Limiter:
         storage_options={"connection_pool": state.redis.connection_pool},
         strategy="fixed-window",  # one Redis round trip per request
         # One budget per key across every route of the API.
-        application_limits=[settings.rate_limit] if settings.rate_limit else [],
+        application_limits=[] if settings.rate_limit.lower() in OFF else [settings.rate_limit],
         application_limits_exempt_when=lambda: request.blueprint not in API_BLUEPRINTS,
         headers_enabled=True,
         swallow_errors=True,  # Redis down: the request goes on and meets the 503 there

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import redis
+from rq.utils import utcparse
 from rq.worker_registration import REDIS_WORKER_KEYS
+
+# A worker that has not written a heartbeat for this long is dead, whatever its key says
+# (idle workers heartbeat every MAINTENANCE_INTERVAL, busy ones every few seconds).
+STALE_AFTER_SECONDS = 60
 
 
 def live_workers(connection: redis.Redis) -> list[str]:
-    """Names of registered workers whose heartbeat key still exists and that have not died."""
+    """Keys of registered workers that have heartbeated lately and have not died."""
     names = sorted(key.decode() for key in connection.smembers(REDIS_WORKER_KEYS))
     if not names:
         return []
     with connection.pipeline(transaction=False) as pipe:
         for name in names:
-            pipe.exists(name)
-            pipe.hexists(name, "death")
+            pipe.hmget(name, "last_heartbeat", "death")
         answers = pipe.execute()
-    return [
-        name
-        for name, exists, dead in zip(names, answers[::2], answers[1::2], strict=True)
-        if exists and not dead
-    ]
+    now = datetime.now(UTC)
+    live = []
+    for name, (heartbeat, death) in zip(names, answers, strict=True):
+        if heartbeat is None or death is not None:
+            continue
+        beat = utcparse(heartbeat.decode())
+        beat = beat if beat.tzinfo else beat.replace(tzinfo=UTC)
+        if (now - beat).total_seconds() < STALE_AFTER_SECONDS:
+            live.append(name)
+    return live

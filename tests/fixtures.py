@@ -9,6 +9,7 @@ from contextlib import suppress
 from typing import Literal
 
 from pydantic import Field
+from rq import Worker as RQWorker
 from rq import get_current_job
 
 from jobs.embed import EmbedInput, describe_embed, prepare_embed
@@ -16,6 +17,7 @@ from jobs.embedding import get_encoder
 from jobs.index.store import DocumentStore
 from jobs.registry import JobType
 from jobs.schema import EMBED, JobInput
+from jobs.worker import Worker
 
 
 class FlakyInput(JobInput):
@@ -93,3 +95,39 @@ JOB_TYPES["embed_and_pause"] = JobType(
     prepare=lambda fields: {**prepare_embed(fields), "pause": fields["pause"]},
     describe=describe_embed,
 )
+
+
+class HoldInput(JobInput):
+    seconds: float = Field(gt=0, le=3600)
+
+
+def hold(seconds: float) -> dict:
+    """Publish this process's pid, then run `seconds` on the first attempt; later attempts end at once.
+
+    Tests kill the process at a known point: after `afterward-test:pid:<job id>` appears.
+    """
+    job = get_current_job()
+    attempt = job.connection.incr(f"afterward-test:attempt:{job.id}")
+    job.connection.set(f"afterward-test:pid:{job.id}", os.getpid())
+    if attempt == 1:
+        time.sleep(seconds)
+    return {"attempt": attempt}
+
+
+JOB_TYPES["hold"] = JobType(hold, HoldInput)
+
+
+class PausingWorker(Worker):
+    """Our worker, stopped between taking a job and starting it: the multi-queue crash window."""
+
+    def execute_job(self, job, queue) -> None:
+        self.connection.set(f"afterward-test:dequeued:{job.id}", os.getpid())
+        time.sleep(600)
+
+
+class StockPausingWorker(RQWorker):
+    """Stock RQ's worker, stopped at the same point."""
+
+    def execute_job(self, job, queue) -> None:
+        self.connection.set(f"afterward-test:dequeued:{job.id}", os.getpid())
+        time.sleep(600)

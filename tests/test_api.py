@@ -322,8 +322,10 @@ def test_readyz_without_workers_is_503_with_reasons(client):
 
 
 def test_readyz_with_a_live_worker_is_200(client, fake_redis):
+    from rq.utils import now, utcformat
+
     fake_redis.sadd("rq:workers", "rq:worker:w1")
-    fake_redis.hset("rq:worker:w1", "state", "idle")
+    fake_redis.hset("rq:worker:w1", mapping={"state": "idle", "last_heartbeat": utcformat(now())})
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.get_json()["checks"]["workers"] == 1

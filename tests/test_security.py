@@ -31,7 +31,7 @@ def make_app(tmp_path, **overrides):
 
 @pytest.fixture
 def keyed(fake_redis, tmp_path):
-    return make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="").test_client()
+    return make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="off").test_client()
 
 
 # ------------------------------------------------------------------ API keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
 
+from jobs.connection import eviction_policy
 from service.errors import error_response
 from service.state import get_state
 from service.workers import live_workers
@@ -23,6 +24,7 @@ def readyz() -> Response:
     """Ready to take jobs: Redis answers and at least one worker is alive."""
     state = get_state()
     reasons: list[str] = []
+    warnings: list[str] = []
     checks: dict[str, object] = {}
     try:
         state.redis.ping()
@@ -35,12 +37,19 @@ def readyz() -> Response:
         checks["workers"] = len(workers)
         if not workers:
             reasons.append("No worker is alive: jobs would wait in their queues.")
+        policy = eviction_policy(state.redis)
+        checks["redis_eviction_policy"] = policy
+        if policy not in (None, "noeviction"):
+            warnings.append(
+                f"Redis maxmemory-policy is {policy!r}: under memory pressure it deletes queued jobs. "
+                "Set it to 'noeviction'."
+            )
     if reasons:
         return error_response(
             503,
             " ".join(reasons),
             code="not_ready",
-            details={"reasons": reasons, "checks": checks},
+            details={"reasons": reasons, "checks": checks, "warnings": warnings},
             headers={"Retry-After": "5"},
         )
-    return jsonify(status="ready", checks=checks)
+    return jsonify(status="ready", checks=checks, warnings=warnings)
