@@ -76,6 +76,8 @@ class Settings:
     extra_job_modules: tuple[str, ...] = ()
     # A running job gets this many seconds past its timeout before its process is killed.
     timeout_grace: int = 10
+    # Jobs one work-horse process runs before the worker replaces it with a fresh one.
+    horse_max_jobs: int = 1000
     # Seconds between a worker's checks on a running job (heartbeat, hard timeout).
     job_monitoring_interval: int = 5
     # Seconds between a worker's maintenance rounds (registry clean-up, job recovery).

@@ -6,23 +6,30 @@ rq worker-pool high default low -n 2 -w jobs.worker.Worker -j jobs.job.Job -S js
 from __future__ import annotations
 
 import logging
+import os
+import random
 import re
 import signal
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from rq import Worker as ForkingWorker
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, InvalidJobOperation
+from rq.executions import Execution
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.queue import Queue as RQQueue
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.utils import now
+from rq.worker import WorkerStatus
+from rq.worker.base import logger
 
 from jobs import keys
 from jobs.connection import warn_if_evicting
+from jobs.horse import DONE, RETIRING, Horse, Order, read_orders
 from jobs.job import Job, UnregisteredJobError
 from jobs.queue import Queue, recover_intermediate
 from jobs.settings import get_settings
@@ -59,6 +66,8 @@ class Worker(ForkingWorker):
         self._timed_out_job_id: str | None = None
         self._interrupted_job_id: str | None = None
         self._shutdown_deadline: float | None = None
+        self._horse: Horse | None = None
+        self.horse_max_jobs = settings.horse_max_jobs
         self.push_exc_handler(self._remember_error)
         warn_if_evicting(self.connection)
 
@@ -75,7 +84,100 @@ class Worker(ForkingWorker):
             log.info("job %s was canceled before it started; skipping it", job.id)
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
             return
-        super().execute_job(job, queue)
+        execution = self.prepare_execution(job)
+        order = Order(job.id, queue.name, execution.id, execution.created_at.timestamp())
+        horse = self._horse if self._horse is not None else self._spawn_horse()
+        if not horse.send(order):  # it retired, or died while idle
+            self._bury_horse()
+            horse = self._spawn_horse()
+            horse.send(order)
+        self._monitor(job, queue, horse)
+        self.set_state(WorkerStatus.IDLE)
+
+    # ------------------------------------------------------------------ the long-lived work-horse
+
+    @property
+    def horse_pid(self) -> int:
+        return self._horse.pid if self._horse is not None else 0
+
+    def _spawn_horse(self) -> Horse:
+        self._horse = Horse(self._horse_main)
+        self.procline(f"Horse {self._horse.pid} ready")
+        return self._horse
+
+    def _bury_horse(self) -> int | None:
+        status = self._horse.reap() if self._horse is not None else None
+        self._horse = None
+        return status
+
+    def _monitor(self, job: Job, queue: Queue, horse: Horse) -> None:
+        """Wait for the horse to report the job done, heartbeating; handle its death."""
+        job.started_at = now()
+        while True:
+            report = horse.wait_report(timeout=self.job_monitoring_interval)
+            if report == DONE:
+                break
+            if report == RETIRING:
+                self._bury_horse()
+                break
+            if report is None:  # still running
+                self.set_current_job_working_time((now() - job.started_at).total_seconds())
+                self.maintain_heartbeats(job)
+                continue
+            # The horse died: killed on purpose (timeout, cancel, shutdown) or crashed.
+            status = self._bury_horse()
+            self.set_current_job_working_time(0)
+            self._handle_horse_death(job, queue, status)
+            return
+        self.set_current_job_working_time(0)
+
+    def _handle_horse_death(self, job: Job, queue: Queue, status: int | None) -> None:
+        try:
+            job_status = job.get_status()
+        except InvalidJobOperation:
+            return  # the job ended and expired meanwhile
+        if self._stopped_job_id == job.id:
+            log.warning("job %s stopped on request", job.id)
+            self.handle_job_failure(
+                job, queue=queue, exc_string="Job stopped by user, work-horse terminated."
+            )
+        elif job_status not in (JobStatus.FINISHED, JobStatus.FAILED):
+            job.ended_at = now()
+            signal_note = f" (signal {os.WTERMSIG(status)})" if status and os.WIFSIGNALED(status) else ""
+            exc_string = f"Work-horse terminated unexpectedly; waitpid returned {status}{signal_note}; "
+            log.warning("job %s failed: %s", job.id, exc_string)
+            self.handle_job_failure(job, queue=queue, exc_string=exc_string)
+
+    def _horse_main(self, orders_fd: int, reports_fd: int) -> None:
+        """The horse: run each job it is sent, report, and retire after `horse_max_jobs`."""
+        random.seed()
+        self.setup_work_horse_signals()
+        self._is_horse = True
+        self.log = logger
+        orders = os.fdopen(orders_fd, "rb")
+        done = 0
+        while (order := read_orders(orders)) is not None:
+            queue = Queue(order.queue, connection=self.connection)
+            execution = Execution(order.execution_id, order.job_id, connection=self.connection)
+            execution.created_at = datetime.fromtimestamp(order.execution_created_at, UTC)
+            self.execution = execution
+            try:
+                job = Job.fetch(order.job_id, connection=self.connection)
+                self.perform_job(job, queue)
+            except BaseException:
+                log.exception("work-horse failed outside its job")
+                os._exit(1)
+            done += 1
+            retiring = done >= self.horse_max_jobs
+            os.write(reports_fd, RETIRING if retiring else DONE)
+            if retiring:
+                break
+
+    def teardown(self) -> None:
+        if not self.is_horse and self._horse is not None:
+            self._horse.close()
+            self._horse = None
+        super().teardown()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         # Every job was moved onto an intermediate list (jobs.queue), whatever the number of queues.
@@ -111,7 +213,7 @@ class Worker(ForkingWorker):
     def request_force_stop(self, signum: int, frame: Any) -> None:
         # The platform's SIGTERM and the pool's SIGINT arrive together: neither cuts the grace
         # period short. When it is over the running job is stopped and put back (below).
-        if self.horse_pid:
+        if self.get_state() == WorkerStatus.BUSY:
             log.info("worker %s: already stopping", self.name)
             return
         raise SystemExit()
