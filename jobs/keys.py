@@ -21,6 +21,9 @@ DOORBELL = PREFIX + "doorbell"
 # When a job id was first seen on a queue's intermediate list without being started.
 _INTERMEDIATE_SEEN = PREFIX + "intermediate-seen:{queue}:{job_id}"
 
+# Prefix of the rate limiter's counters (one per API key and window).
+RATE_LIMITS = PREFIX + "rate-limits"
+
 # Field RQ's job hash is extended with: how many times a worker started the job.
 JOB_ATTEMPTS_FIELD = "afterward_attempts"
 

@@ -1,14 +1,24 @@
-"""Who may call the API: API keys, the owner of each job, and per-key rate limits."""
+"""Who may call the API: API keys, the owner of each job, and per-key rate limits.
+
+Rate limits use `limits` (the library under Flask-Limiter) directly: one fixed-window counter
+per key in Redis, one round trip a request, shared by every web process.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+import math
+import time
 
 from flask import Flask, g, request
-from flask_limiter import Limiter
+from limits import parse as parse_limit
+from limits.storage import RedisStorage
+from limits.strategies import FixedWindowRateLimiter
+from redis.exceptions import RedisError
 
+from jobs import keys
 from service.errors import ApiError
 from service.state import AppState
 
@@ -34,10 +44,10 @@ def current_owner() -> str:
     return g.get("owner", PUBLIC)
 
 
-def init_security(app: Flask, state: AppState) -> Limiter:
+def init_security(app: Flask, state: AppState) -> None:
     settings = state.settings
-    keys = [key.encode() for key in settings.api_keys]
-    if not keys:
+    api_keys = [key.encode() for key in settings.api_keys]
+    if not api_keys:
         log.warning(
             "API_KEYS is not set: the API is open to anyone who can reach this port. "
             "Set API_KEYS before exposing the service."
@@ -45,14 +55,14 @@ def init_security(app: Flask, state: AppState) -> Limiter:
 
     @app.before_request
     def authenticate() -> None:
-        if request.blueprint not in API_BLUEPRINTS or not keys:
+        if request.blueprint not in API_BLUEPRINTS or not api_keys:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         presented = token.strip().encode()
         # Compare with every key, each in constant time, whatever matches first.
         matched = None
-        for key in keys:
+        for key in api_keys:
             if hmac.compare_digest(presented, key):
                 matched = key
         if scheme.lower() != "bearer" or matched is None:
@@ -64,17 +74,30 @@ def init_security(app: Flask, state: AppState) -> Limiter:
             )
         g.owner = key_owner(matched.decode())
 
-    limiter = Limiter(
-        key_func=lambda: g.get("owner") or request.remote_addr or "unknown",
-        app=app,
-        storage_uri=settings.redis_client_url,
-        # Counters live in the app's Redis, through the app's own connections.
-        storage_options={"connection_pool": state.redis.connection_pool},
-        strategy="fixed-window",  # one Redis round trip per request
-        # One budget per key across every route of the API.
-        application_limits=[] if settings.rate_limit.lower() in OFF else [settings.rate_limit],
-        application_limits_exempt_when=lambda: request.blueprint not in API_BLUEPRINTS,
-        headers_enabled=True,
-        swallow_errors=True,  # Redis down: the request goes on and meets the 503 there
-    )
-    return limiter
+    limit = None if settings.rate_limit.lower() in OFF else parse_limit(settings.rate_limit)
+    if limit is not None:
+        storage = RedisStorage(
+            settings.redis_client_url,
+            # Counters live in the app's Redis, through the app's own connections.
+            connection_pool=state.redis.connection_pool,
+            key_prefix=keys.RATE_LIMITS,
+        )
+        limiter = FixedWindowRateLimiter(storage)  # one round trip a request
+
+        @app.before_request
+        def rate_limit() -> None:
+            if request.blueprint not in API_BLUEPRINTS:
+                return
+            who = g.get("owner") or request.remote_addr or "unknown"
+            try:
+                allowed = limiter.hit(limit, who)
+            except RedisError:
+                return  # Redis down: the request goes on and meets the 503 there
+            if not allowed:
+                reset = limiter.get_window_stats(limit, who).reset_time
+                raise ApiError(
+                    429,
+                    f"Too many requests: the limit is {limit}. Retry after the time in Retry-After.",
+                    code="too_many_requests",
+                    headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))},
+                )

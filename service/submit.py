@@ -12,7 +12,6 @@ from functools import lru_cache
 from typing import Any
 
 from pydantic import create_model
-from redis.exceptions import WatchError
 from rq import Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
@@ -28,6 +27,8 @@ from service.errors import ApiError
 from service.state import AppState
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Seconds a claimed idempotency key may point at a job not written yet before it is taken over.
+CLAIM_PATIENCE = 10
 
 
 @dataclass
@@ -77,31 +78,57 @@ def submit(
         status=JobStatus.SCHEDULED if options.delay else JobStatus.QUEUED,
         retry=Retry(max=retries, interval=backoff_intervals(settings, retries)) if retries else None,
     )
-    idem_key = keys.idempotency(owner, idempotency_key) if idempotency_key is not None else None
+    if idempotency_key is not None:
+        key = keys.idempotency(owner, idempotency_key)
+        earlier = _claim(state, key, job.id, fingerprint)
+        if earlier is not None:
+            return Submission(earlier, created=False)
 
-    with state.redis.pipeline() as pipe:
-        while True:
-            try:
-                if idem_key is not None:
-                    pipe.watch(idem_key)
-                    remembered = pipe.get(idem_key)
-                    if remembered is not None:
-                        earlier = _replay(state, remembered, fingerprint)
-                        if earlier is not None:
-                            return Submission(earlier, created=False)
-                pipe.multi()
-                if idem_key is not None:
-                    record = json.dumps({"job_id": job.id, "fingerprint": fingerprint})
-                    pipe.set(idem_key, record, ex=settings.idempotency_ttl)
-                if options.delay:
-                    queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
-                else:
-                    queue.enqueue_job(job, pipeline=pipe)
-                _index(pipe, owner, job.id, settings)
-                pipe.execute()
-                return Submission(job, created=True)
-            except WatchError:
-                continue
+    with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
+        if options.delay:
+            queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
+        else:
+            queue.enqueue_job(job, pipeline=pipe)
+        _index(pipe, owner, job.id, settings)
+        pipe.execute()
+    return Submission(job, created=True)
+
+
+def _claim(state: AppState, key: str, job_id: str, fingerprint: str) -> Job | None:
+    """Claim an idempotency key for `job_id`, or return the job an earlier request created.
+
+    The key is claimed (SET NX) before the job is enqueued, so a repeat arriving meanwhile
+    finds it: with its job not yet written it gets a 409 and retries; a claim whose job never
+    appeared (the process died in between) is taken over after a few seconds.
+    """
+    record = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "at": time.time()})
+    ttl = state.settings.idempotency_ttl
+    while True:
+        if state.redis.set(key, record, nx=True, ex=ttl):
+            return None
+        remembered = state.redis.get(key)
+        if remembered is None:
+            continue  # expired between the two calls
+        earlier = json.loads(remembered)
+        if earlier["fingerprint"] != fingerprint:
+            raise ApiError(
+                422,
+                "This Idempotency-Key was already used with a different request.",
+                code="idempotency_key_reused",
+                details={"job_id": earlier["job_id"]},
+            )
+        try:
+            return Job.fetch(earlier["job_id"], connection=state.redis)
+        except NoSuchJobError:
+            if time.time() - earlier.get("at", 0) < CLAIM_PATIENCE:
+                raise ApiError(
+                    409,
+                    "A request with this Idempotency-Key is still being accepted; retry in a moment.",
+                    code="conflict",
+                    headers={"Retry-After": "1"},
+                ) from None
+            # The earlier job never appeared, or has expired: the key protects nothing now.
+            state.redis.delete(key)
 
 
 def backoff_intervals(settings: Settings, retries: int) -> list[int]:
@@ -121,21 +148,6 @@ def check_idempotency_key(value: str | None) -> str | None:
             details=[{"field": "Idempotency-Key", "message": "invalid length", "type": "header"}],
         )
     return value
-
-
-def _replay(state: AppState, remembered: bytes, fingerprint: str) -> Job | None:
-    record = json.loads(remembered)
-    if record["fingerprint"] != fingerprint:
-        raise ApiError(
-            422,
-            "This Idempotency-Key was already used with a different request.",
-            code="idempotency_key_reused",
-            details={"job_id": record["job_id"]},
-        )
-    try:
-        return Job.fetch(record["job_id"], connection=state.redis)
-    except NoSuchJobError:  # the earlier job has expired: the key no longer protects anything
-        return None
 
 
 def _fingerprint(type_name: str, fields: dict[str, Any]) -> str:

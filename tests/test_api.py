@@ -351,3 +351,23 @@ def test_redis_down_is_503_with_retry_after(tmp_path):
     assert ready.status_code == 503
     assert ready.get_json()["error"]["details"]["checks"]["redis"] == "unreachable"
     assert client.get("/healthz").status_code == 200
+
+
+def test_idempotency_key_claimed_by_a_request_still_in_flight_is_409(client, fake_redis):
+    import json as json_module
+    import time
+
+    key = keys.idempotency("public", "in-flight")
+    body = {"message": "x"}
+    first = post(client, "log", body, headers={"Idempotency-Key": "in-flight"}).get_json()
+    record = json_module.loads(fake_redis.get(key))
+    fake_redis.delete(f"rq:job:{first['id']}")  # as if the first request had not written its job yet
+    response = post(client, "log", body, headers={"Idempotency-Key": "in-flight"})
+    assert_error(response, 409, "conflict")
+    assert response.headers["Retry-After"] == "1"
+    # A claim whose job never appeared is taken over once it is old enough.
+    record["at"] = time.time() - 3600
+    fake_redis.set(key, json_module.dumps(record))
+    taken_over = post(client, "log", body, headers={"Idempotency-Key": "in-flight"})
+    assert taken_over.status_code == 202
+    assert taken_over.get_json()["id"] != first["id"]

@@ -1,0 +1,95 @@
+"""What the benchmarks share: a private Redis database, the Procfile's processes, a load generator."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+import requests
+
+from tests.support import Process, TestDatabase, WebService, base_env, start_workers, wait_until
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+@contextmanager
+def database(base_url: str = DEFAULT_REDIS) -> Iterator[TestDatabase]:
+    db = TestDatabase(base_url).acquire()
+    try:
+        yield db
+    finally:
+        db.release()
+
+
+def env_for(db: TestDatabase, tmp: Path, **extra: object) -> dict[str, str]:
+    return base_env(db.url, tmp, SEARCH_WARMUP=0, **extra)
+
+
+@contextmanager
+def service(env: dict[str, str], tmp: Path, workers: int = 2, kind: str = "worker") -> Iterator[WebService]:
+    """The Procfile's web process and a worker process with `workers` workers."""
+    web = WebService(env, tmp)
+    pool: Process | None = start_workers(env, tmp, count=workers, kind=kind) if workers else None
+    try:
+        if pool is not None:
+            client = redis.Redis.from_url(env["REDIS_URL"])
+            wait_until(
+                lambda: client.scard("rq:workers") >= workers, timeout=180, what="workers", process=pool
+            )
+        yield web
+    finally:
+        if pool is not None:
+            pool.kill()
+        web.process.kill()
+
+
+def run_clients(clients: int, total: int, call: Callable[[requests.Session, int], None]) -> list[float]:
+    """`total` calls spread over `clients` threads; returns each call's latency in seconds."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client() -> None:
+        session = requests.Session()
+        mine = []
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            started = time.perf_counter()
+            call(session, i)
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def wait_finished(connection: redis.Redis, ids: list[str], timeout: float = 600) -> None:
+    def done() -> bool:
+        with connection.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(f"rq:job:{job_id}", "status")
+            return all(status == b"finished" for status in pipe.execute())
+
+    wait_until(done, timeout=timeout, what=f"{len(ids)} jobs to finish")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)

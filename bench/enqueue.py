@@ -1,0 +1,92 @@
+"""2. HTTP enqueue: Afterward's POST /jobs/log vs a minimal Flask + `queue.enqueue` endpoint.
+
+    .venv/bin/python -m bench.enqueue [--requests 4000] [--clients 16]
+
+Both run under the same gunicorn settings (gunicorn.conf.py: 2 processes, gthread). Afterward
+runs with everything on: an API key on every request, a fresh Idempotency-Key on each, the
+rate limiter counting in Redis, full validation. Target: >= 0.8x the naive throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from bench.common import database, env_for, percentile, run_clients
+from scripts.embedded_redis import free_port
+from tests.support import Process, WebService, wait_until
+
+Result = tuple[float, float, float]  # requests/s, p50 ms, p99 ms
+
+
+def measure(base: str, total: int, clients: int, headers: dict[str, str]) -> Result:
+    def call(session: requests.Session, i: int) -> None:
+        extra = {"Idempotency-Key": uuid.uuid4().hex} if headers else {}
+        response = session.post(
+            base + "/jobs/log", json={"message": f"enqueue {i}"}, headers={**headers, **extra}, timeout=30
+        )
+        assert response.status_code == 202, response.text
+
+    run_clients(clients, min(200, total), call)  # warm both up the same way
+    started = time.perf_counter()
+    latencies = run_clients(clients, total, call)
+    elapsed = time.perf_counter() - started
+    return total / elapsed, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+
+
+def naive(db, tmp: Path, total: int, clients: int) -> Result:
+    port = free_port()
+    env = dict(env_for(db, tmp), HOST="127.0.0.1", PORT=str(port))
+    command = "gunicorn --config gunicorn.conf.py 'bench.naive_app:create_app()'"
+    process = Process("naive", command, env, tmp / "naive.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), timeout=30, what="the naive app", process=process)
+        return measure(base, total, clients, {})
+    finally:
+        process.kill()
+
+
+def afterward(db, tmp: Path, total: int, clients: int) -> Result:
+    env = env_for(db, tmp, API_KEYS="bench-key", RATE_LIMIT="1000000 per minute")
+    web = WebService(env, tmp)
+    try:
+        return measure(web.base, total, clients, {"Authorization": "Bearer bench-key"})
+    finally:
+        web.process.kill()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return requests.post(base + "/jobs/log", json={"message": "ping"}, timeout=1).status_code == 202
+    except requests.ConnectionError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    with database() as db, tempfile.TemporaryDirectory() as tmp:
+        baseline = naive(db, Path(tmp), args.requests, args.clients)
+        db.flush()
+        ours = afterward(db, Path(tmp), args.requests, args.clients)
+    print(f"HTTP enqueue, {args.requests} POSTs from {args.clients} clients")
+    for label, (rate, p50, p99) in (
+        ("naive Flask + queue.enqueue", baseline),
+        ("Afterward POST /jobs/log", ours),
+    ):
+        print(f"  {label:30s} {rate:7.0f} req/s   p50 {p50:6.1f} ms   p99 {p99:6.1f} ms")
+    print(f"  ratio: {ours[0] / baseline[0]:.2f}x the naive throughput (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
