@@ -81,7 +81,12 @@ def wait_finished(connection: redis.Redis, ids: list[str], timeout: float = 600)
         with connection.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hget(f"rq:job:{job_id}", "status")
-            return all(status == b"finished" for status in pipe.execute())
+            statuses = pipe.execute()
+        for job_id, status in zip(ids, statuses, strict=True):
+            if status in (b"failed", b"stopped", b"canceled"):
+                meta = connection.hget(f"rq:job:{job_id}", "meta")
+                raise AssertionError(f"job {job_id} ended {status.decode()}: {meta!r}")
+        return all(status == b"finished" for status in statuses)
 
     wait_until(done, timeout=timeout, what=f"{len(ids)} jobs to finish")
 

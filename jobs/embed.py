@@ -99,16 +99,26 @@ def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str,
     with the same revision changes nothing.
     """
     from jobs.embedding import get_encoder
+    from jobs.index.batching import forget, vectors_for
     from jobs.index.store import DocumentStore
 
     count = len(documents)
     report_progress(0, f"encoding {count} document{'s' if count != 1 else ''}")
     encoder = get_encoder()
-    vectors = encoder.encode([document["text"] for document in documents])
-    report_progress(80, "writing to the index")
+    texts = [document["text"] for document in documents]
     job = get_current_job()
-    connection = job.connection if job else redis.Redis.from_url(get_settings().redis_url)
+    if job is None:
+        connection = redis.Redis.from_url(get_settings().redis_url)
+        vectors = encoder.encode(texts)
+    else:
+        connection = job.connection
+        # Encoded together with the embed jobs queued behind this one (jobs.index.batching).
+        prefetch = get_settings().embed_prefetch
+        vectors = vectors_for(connection, job.id, texts, encoder, prefetch, job.func_name)
+    report_progress(80, "writing to the index")
     outcome = DocumentStore(connection).upsert(documents, vectors, revision, model=encoder.name)
+    if job is not None:
+        forget(connection, job.id)
     report_progress(100, f"indexed {count} document{'s' if count != 1 else ''}")
     indexed = [d["id"] for d, result in zip(documents, outcome, strict=True) if result == "indexed"]
     superseded = [d["id"] for d, result in zip(documents, outcome, strict=True) if result == "superseded"]

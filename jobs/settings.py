@@ -60,6 +60,8 @@ class Settings:
     embed_threads: int = 1
     # Texts per model.encode batch.
     embed_batch_size: int = 64
+    # Texts an embed job encodes at once, its own and those of embed jobs queued behind it.
+    embed_prefetch: int = 128
     # Limits on job inputs and search requests.
     max_log_chars: int = 10_000
     max_sleep_seconds: int = 3600

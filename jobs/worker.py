@@ -154,6 +154,7 @@ class Worker(ForkingWorker):
         self.setup_work_horse_signals()
         self._is_horse = True
         self.log = logger
+        self.horse_started()
         orders = os.fdopen(orders_fd, "rb")
         done = 0
         while (order := read_orders(orders)) is not None:
@@ -172,6 +173,9 @@ class Worker(ForkingWorker):
             os.write(reports_fd, RETIRING if retiring else DONE)
             if retiring:
                 break
+
+    def horse_started(self) -> None:
+        """Called in a new work-horse before its first job (load what its jobs need here)."""
 
     def teardown(self) -> None:
         if not self.is_horse and self._horse is not None:
@@ -211,12 +215,10 @@ class Worker(ForkingWorker):
         super().request_stop(signum, frame)
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
-        # The platform's SIGTERM and the pool's SIGINT arrive together: neither cuts the grace
-        # period short. When it is over the running job is stopped and put back (below).
-        if self.get_state() == WorkerStatus.BUSY:
-            log.info("worker %s: already stopping", self.name)
-            return
-        raise SystemExit()
+        # The platform's SIGTERM and the pool's SIGINT arrive together: the second signal must
+        # neither cut a job's grace period short nor break off the worker's clean exit. When the
+        # grace period is over the running job is stopped and put back (maintain_heartbeats).
+        log.info("worker %s: already stopping", self.name)
 
     def maintain_heartbeats(self, job: Job) -> None:
         super().maintain_heartbeats(job)
@@ -314,15 +316,22 @@ class Worker(ForkingWorker):
 
 
 class EmbedWorker(Worker):
-    """The worker of the `embedder` process type: loads the model once, before any fork.
+    """The worker of the `embedder` process type: its work-horse holds the model.
 
-    The model is loaded and run once here, with torch pinned to EMBED_THREADS threads, so
-    every forked work-horse starts with it warm instead of loading it per job (forking a
-    process whose torch runs several threads can hang the child; one thread cannot).
+    torch is never run in the worker itself: a process whose torch has started its thread
+    pool can hang a forked child. The worker only imports the libraries (which starts no
+    threads), so its long-lived work-horse loads the model in a second, once, and keeps it
+    warm for every job it runs. The horse starts with the worker, before the first job.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        import sentence_transformers  # noqa: F401 - imported once here, loaded in the horse
+        import torch  # noqa: F401
+
+        self._spawn_horse()
+
+    def horse_started(self) -> None:
         from jobs.embedding import get_encoder
 
         encoder = get_encoder()
