@@ -15,8 +15,8 @@ _RECENT_JOBS = PREFIX + "jobs:recent:{owner}"
 # Remembered idempotency keys, per owner and key digest.
 _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
 
-# List idle workers block on; every push of a job id onto a queue adds a ring.
-DOORBELL = PREFIX + "doorbell"
+# A list per queue that idle workers of that queue block on; every push of a job id rings it.
+_DOORBELL = PREFIX + "doorbell:{queue}"
 
 # When a job id was first seen on a queue's intermediate list without being started.
 _INTERMEDIATE_SEEN = PREFIX + "intermediate-seen:{queue}:{job_id}"
@@ -36,6 +36,10 @@ def idempotency(owner: str, key: str) -> str:
     # Hashing keeps arbitrary client-chosen bytes and lengths out of key names.
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return _IDEMPOTENCY.format(owner=owner, digest=digest)
+
+
+def doorbell(queue: str) -> str:
+    return _DOORBELL.format(queue=queue)
 
 
 def intermediate_seen(queue: str, job_id: str) -> str:

@@ -7,8 +7,8 @@ first non-empty queue onto that queue's intermediate list in one atomic step; it
 intermediate list only in the transaction that records the job as started, and a job left
 there by a dead worker is put back at the front of its queue (`recover_intermediate`).
 
-Idle workers wait on a doorbell list that every push rings, with a one-second fallback
-poll, since Redis cannot block on "move from the first non-empty of several lists".
+Idle workers wait on their queues' doorbell lists, which every push rings, with a one-second
+fallback poll, since Redis cannot block on "move from the first non-empty of several lists".
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Queue(RQQueue):
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
         pipe = pipeline if pipeline is not None else self.connection.pipeline()
         super().push_job_id(job_id, pipeline=pipe, at_front=at_front)
-        ring(pipe)
+        ring(pipe, self.name)
         if pipeline is None:
             pipe.execute()
 
@@ -103,13 +103,14 @@ class Queue(RQQueue):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DequeueTimeout(timeout, list(by_key))
-            connection.blpop([keys.DOORBELL], timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
+            doorbells = [keys.doorbell(queue.name) for queue in queues]
+            connection.blpop(doorbells, timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
 
 
-def ring(pipe: Any) -> None:
-    """Wake one idle worker: a job was just pushed."""
-    pipe.lpush(keys.DOORBELL, 1)
-    pipe.ltrim(keys.DOORBELL, 0, DOORBELL_LIMIT - 1)
+def ring(pipe: Any, queue: str) -> None:
+    """Wake one idle worker of `queue`: a job was just pushed onto it."""
+    pipe.lpush(keys.doorbell(queue), 1)
+    pipe.ltrim(keys.doorbell(queue), 0, DOORBELL_LIMIT - 1)
 
 
 def recover_intermediate(
@@ -139,7 +140,7 @@ def recover_intermediate(
             log.warning("job %s was taken by a worker that never started it; requeued", job_id)
             recovered.append(job_id)
             with connection.pipeline() as pipe:
-                ring(pipe)
+                ring(pipe, queue.name)
                 pipe.delete(seen_key)
                 pipe.execute()
     return recovered

@@ -43,7 +43,9 @@ def test_a_taken_job_waits_on_the_intermediate_list(queues, fake_redis):
 def test_every_push_rings_the_doorbell(queues, fake_redis):
     enqueue(queues[0], "x")
     enqueue(queues[2], "y")
-    assert fake_redis.llen(keys.DOORBELL) == 2
+    assert fake_redis.llen(keys.doorbell("high")) == 1
+    assert fake_redis.llen(keys.doorbell("low")) == 1
+    assert fake_redis.llen(keys.doorbell("default")) == 0
 
 
 def test_blocking_dequeue_times_out(queues, fake_redis):

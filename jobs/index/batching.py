@@ -30,6 +30,8 @@ CLAIM_TTL = 60
 VECTORS_TTL = 300
 # How long a job waits for the vectors another worker promised to encode (seconds).
 WAIT_FOR_CLAIMED = 10.0
+# How long a job waits for more jobs to join its batch when they are trickling in (seconds).
+GATHER_WINDOW = 0.05
 
 
 def vectors_for(
@@ -48,7 +50,13 @@ def vectors_for(
             if cached is not None:
                 return cached
         return encoder.encode(texts)
-    neighbours = _claim_neighbours(connection, job_id, batch_texts - len(texts), function)
+    room = batch_texts - len(texts)
+    neighbours = _claim_neighbours(connection, job_id, room, function)
+    claimed = sum(len(their_texts) for _, their_texts in neighbours)
+    if 0 < claimed < room // 2:
+        # Jobs are arriving one by one: give the stream a moment to fill the batch.
+        time.sleep(GATHER_WINDOW)
+        neighbours += _claim_neighbours(connection, job_id, room - claimed, function)
     all_texts = list(texts)
     for _, their_texts in neighbours:
         all_texts += their_texts
