@@ -1,5 +1,6 @@
 """Gunicorn settings for the web process, taken from the same environment as the app."""
 
+from jobs.logs import DICT_CONFIG
 from jobs.settings import Settings
 
 _settings = Settings.from_env()
@@ -21,9 +22,22 @@ timeout = 90
 graceful_timeout = 25
 keepalive = 5
 
-# Logs to stdout, where the platform collects them.
+# Logs to stdout, where the platform collects them: gunicorn's own events and access lines
+# too go out as JSON lines, like the app's (jobs.logs).
 accesslog = "-"
 errorlog = "-"
+access_log_format = "%(m)s %(U)s %(s)s %(B)s bytes %(M)s ms request_id=%({x-request-id}o)s"
+logconfig_dict = {
+    **DICT_CONFIG,
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    },
+}
+
+# No runtime control socket: it lives at one path per user, which several web processes on
+# one machine would fight over, and the platform manages the process anyway.
+control_socket_disable = True
 
 # Never reload code in this process (and Flask's debugger is never enabled).
 reload = False

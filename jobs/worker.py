@@ -27,7 +27,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker.base import logger
 
-from jobs import keys
+from jobs import keys, logs
 from jobs.connection import warn_if_evicting
 from jobs.horse import DONE, RETIRING, Horse, Order, read_orders
 from jobs.job import Job, UnregisteredJobError
@@ -84,6 +84,10 @@ class Worker(ForkingWorker):
             log.info("job %s was canceled before it started; skipping it", job.id)
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
             return
+        with logs.context(job=job.id, request=job.meta.get("request_id")):
+            self._execute(job, queue)
+
+    def _execute(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         order = Order(job.id, queue.name, execution.id, execution.created_at.timestamp())
         horse = self._horse if self._horse is not None else self._spawn_horse()
@@ -164,7 +168,8 @@ class Worker(ForkingWorker):
             self.execution = execution
             try:
                 job = Job.fetch(order.job_id, connection=self.connection)
-                self.perform_job(job, queue)
+                with logs.context(job=job.id, request=job.meta.get("request_id")):
+                    self.perform_job(job, queue)
             except BaseException:
                 log.exception("work-horse failed outside its job")
                 os._exit(1)

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
 
 LOCAL_REDIS = "redis://localhost:6379/0"
+# The long-running process types of the Procfile (`release` is a one-off step before a deploy).
+PROCESSES = ["web", "worker", "embedder"]
 
 
 def main() -> int:
@@ -40,6 +42,7 @@ def main() -> int:
             env["REDIS_URL"] = embedded.url
             print(f"run: started an embedded Redis at {embedded.url} (data in var/redis)", flush=True)
     print(f"run: REDIS_URL={env['REDIS_URL']}  API on http://{env['HOST']}:{env['PORT']}", flush=True)
+    subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
 
     honcho = Path(sys.executable).with_name("honcho")
     stopping = []
@@ -48,7 +51,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
         process = subprocess.Popen(
-            [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"]], cwd=ROOT, env=env
+            [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"], *PROCESSES],
+            cwd=ROOT,
+            env=env,
         )
         code = process.wait()
         return 0 if stopping else code

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
@@ -11,10 +9,12 @@ from typing import Any
 from flask import Flask
 from redis.exceptions import RedisError
 
+from jobs import logs
 from jobs.connection import warn_if_evicting
 from jobs.settings import Settings
 from service.dashboard import init_dashboard
 from service.errors import register_error_handlers
+from service.requests import init_request_ids
 from service.security import init_security
 from service.state import init_state
 
@@ -24,7 +24,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_env()
     if config:
         settings = settings.with_overrides(config)
-    _configure_logging()
+    logs.configure()
 
     app = Flask(__name__)
     # Never the interactive debugger, whatever FLASK_DEBUG says: errors are JSON, tracebacks logged.
@@ -37,6 +37,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     with suppress(RedisError):  # Redis may not be up yet; /readyz says so then
         warn_if_evicting(state.redis)
     register_error_handlers(app)
+    init_request_ids(app)
     init_security(app, state)
     init_dashboard(app, state)
 
@@ -48,12 +49,3 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if settings.search_warmup:
         state.search.start_background()
     return app
-
-
-def _configure_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)

@@ -12,6 +12,7 @@ from rq.job import JobStatus
 from jobs import keys
 from jobs.job import TERMINAL_STATUSES, Job
 from service.errors import ApiError
+from service.requests import log_job
 from service.state import AppState
 
 # Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job.
@@ -28,6 +29,7 @@ def load_job(state: AppState, job_id: str, owner: str) -> Job:
         raise _not_found() from None
     if job.meta.get("owner") != owner:
         raise _not_found()
+    log_job(job.id)
     return job
 
 

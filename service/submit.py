@@ -24,6 +24,7 @@ from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model, queu
 from jobs.settings import Settings
 from service.body import validate
 from service.errors import ApiError
+from service.requests import current_request_id
 from service.state import AppState
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -65,6 +66,8 @@ def submit(
     queue = state.queues[queue_name(job_type.family, options.queue)]
     retries = options.retries
     meta: dict[str, Any] = {"type": type_name, "owner": owner, "queue": options.queue, "retries": retries}
+    if current_request_id():
+        meta["request_id"] = current_request_id()
     if job_type.describe:
         meta["view"] = job_type.describe(kwargs)
     job = queue.create_job(

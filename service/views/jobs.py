@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import suppress
 from typing import Literal
@@ -18,11 +19,13 @@ from jobs.schema import Queue
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.jobview import is_terminal, job_view, load_job, recent_jobs
+from service.requests import log_job
 from service.security import current_owner
 from service.state import get_state
 from service.submit import check_idempotency_key, submit
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 60
 # How long DELETE waits for a running job's worker to confirm that it stopped it.
@@ -59,6 +62,8 @@ def create_job(type_name: str) -> Response:
     idempotency_key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = read_json_object()
     submission = submit(state, type_name, job_type, body, current_owner(), idempotency_key)
+    log_job(submission.job.id)
+    log.info("job %s %s", "accepted" if submission.created else "replayed", type_name)
     response = _job_response(submission.job, 202 if submission.created else 200)
     if not submission.created:
         response.headers["Idempotent-Replayed"] = "true"
