@@ -1,5 +1,9 @@
 """Gunicorn settings for the web process, taken from the same environment as the app."""
 
+import os
+import shutil
+import tempfile
+
 from jobs.logs import DICT_CONFIG
 from jobs.settings import Settings
 
@@ -38,6 +42,22 @@ logconfig_dict = {
 # No runtime control socket: it lives at one path per user, which several web processes on
 # one machine would fight over, and the platform manages the process anyway.
 control_socket_disable = True
+
+# Prometheus counters of all web processes, summed at /metrics: each process writes its own
+# files here. A fresh directory per start, so a restart does not add up stale counts.
+_metrics_dir = tempfile.mkdtemp(prefix="afterward-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+
 
 # Never reload code in this process (and Flask's debugger is never enabled).
 reload = False

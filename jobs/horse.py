@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -98,14 +100,29 @@ class Horse:
                 self.exit_status = 0
         return self.exit_status
 
-    def close(self) -> None:
-        """Tell an idle horse to leave (end of its orders) and wait for it."""
+    def close(self, grace: float = 1.0) -> None:
+        """Tell an idle horse to leave (end of its orders), and make sure it does."""
         for fd in (self._orders, self._reports):
             try:
                 os.close(fd)
             except OSError as error:
                 if error.errno != errno.EBADF:
                     raise
+        # Another child of the worker (RQ's scheduler) may hold a copy of the pipe, so the
+        # horse might never read the end of its orders: it gets a moment, then SIGKILL.
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.exit_status = 0
+                return
+            if pid:
+                self.exit_status = status
+                return
+            time.sleep(0.02)
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
         self.reap()
 
 

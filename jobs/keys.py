@@ -83,3 +83,14 @@ def embed_vectors(job_id: str) -> str:
 
 def document(doc_id: str) -> str:
     return _DOCUMENT.format(id=doc_id)
+
+
+# ---------------------------------------------------------------- metrics (jobs.metrics)
+
+# "event|type|queue" -> count, for accepted, finished, failed and retried jobs.
+METRICS_COUNTERS = PREFIX + "metrics:counters"
+_METRICS_HISTOGRAM = PREFIX + "metrics:histogram:{name}"
+
+
+def metrics_histogram(name: str) -> str:
+    return _METRICS_HISTOGRAM.format(name=name)

@@ -27,7 +27,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker.base import logger
 
-from jobs import keys, logs
+from jobs import keys, logs, metrics
 from jobs.connection import warn_if_evicting
 from jobs.horse import DONE, RETIRING, Horse, Order, read_orders
 from jobs.job import Job, UnregisteredJobError
@@ -248,7 +248,7 @@ class Worker(ForkingWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry)
-        self._announce(job)
+        self._announce(job, "finished")
 
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
@@ -267,7 +267,8 @@ class Worker(ForkingWorker):
         except Exception:  # the failure itself must still be recorded below
             log.exception("could not record the error of job %s", job.id)
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
-        self._announce(job)
+        status = job.get_status(refresh=False)
+        self._announce(job, {JobStatus.FAILED: "failed", JobStatus.STOPPED: "stopped"}.get(status, "retried"))
 
     def _put_back(self, job: Job, queue: Queue) -> None:
         """A job stopped by a shutdown goes back to the front of its queue, its retries intact."""
@@ -290,7 +291,7 @@ class Worker(ForkingWorker):
             # Called by the maintenance round for a job whose worker stopped heartbeating;
             # RQ then retries it or marks it failed.
             record_error(job, WORKER_DIED)
-            self._announce(job)
+            self._announce(job, "retried" if job.retries_left else "failed")
             return True
         self._job_errors[job.id] = describe_exception(job, exc_value)
         return True
@@ -313,11 +314,16 @@ class Worker(ForkingWorker):
         last_line = exc_string.strip().splitlines()[-1] if exc_string.strip() else ""
         return {"type": "JobFailed", "message": plain_message(last_line)}
 
-    def _announce(self, job: Job) -> None:
+    def _announce(self, job: Job, event: str | None = None) -> None:
+        """Wake whoever long-polls this job and, for an attempt's end, count it (one round trip)."""
         try:
-            self.connection.publish(keys.JOB_EVENTS_CHANNEL, job.id)
-        except Exception:  # waiters fall back to polling
-            log.warning("could not publish the end of job %s", job.id, exc_info=True)
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+                if event is not None:
+                    metrics.record_end(pipe, job, event)
+                pipe.execute()
+        except Exception:  # waiters fall back to polling; metrics are not worth failing a job for
+            log.warning("could not announce the end of job %s", job.id, exc_info=True)
 
 
 class EmbedWorker(Worker):

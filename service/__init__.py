@@ -12,8 +12,11 @@ from redis.exceptions import RedisError
 from jobs import logs
 from jobs.connection import warn_if_evicting
 from jobs.settings import Settings
+from service import metrics
 from service.dashboard import init_dashboard
 from service.errors import register_error_handlers
+from service.metrics import init_metrics
+from service.openapi import init_openapi
 from service.requests import init_request_ids
 from service.security import init_security
 from service.state import init_state
@@ -46,6 +49,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(search.bp)
+    app.register_blueprint(metrics.bp)
+    init_metrics(app, state)
+    init_openapi(app)
     if settings.search_warmup:
         state.search.start_background()
     return app

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Blueprints that make up the API; health probes and the dashboard have rules of their own.
 API_BLUEPRINTS = frozenset({"jobs", "search"})
+# Need an API key too, but are not rate limited (Prometheus scrapes on its own schedule).
+KEYED_BLUEPRINTS = API_BLUEPRINTS | {"metrics"}
 
 # RATE_LIMIT values that turn rate limiting off.
 OFF = frozenset({"", "off", "none", "0"})
@@ -55,7 +57,7 @@ def init_security(app: Flask, state: AppState) -> None:
 
     @app.before_request
     def authenticate() -> None:
-        if request.blueprint not in API_BLUEPRINTS or not api_keys:
+        if request.blueprint not in KEYED_BLUEPRINTS or not api_keys:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")

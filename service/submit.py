@@ -17,7 +17,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.utils import now
 
-from jobs import keys
+from jobs import keys, metrics
 from jobs.job import Job
 from jobs.registry import JobType
 from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model, queue_name
@@ -93,6 +93,7 @@ def submit(
         else:
             queue.enqueue_job(job, pipeline=pipe)
         _index(pipe, owner, job.id, settings)
+        metrics.count(pipe, "accepted", type_name, options.queue)
         pipe.execute()
     return Submission(job, created=True)
 

@@ -76,13 +76,15 @@ class TestDatabase:
 class Process:
     """A Procfile process started in its own process group, stopped with its children."""
 
-    def __init__(self, name: str, command: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, command: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             ["bash", "-c", f"exec {command}"],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

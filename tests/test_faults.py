@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from rq import Queue as RQQueue
 from rq.serializers import JSONSerializer
 
 from scripts.embedded_redis import EmbeddedRedis
-from tests.support import Process, WebService, base_env, start_workers, wait_until
+from tests.support import ROOT, Process, WebService, base_env, procfile_command, start_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -240,12 +241,21 @@ def test_an_evicting_redis_is_reported_loudly(tmp_path):
             assert any("noeviction" in warning for warning in ready["warnings"])
             wait_until(lambda: "REDIS EVICTS KEYS" in workers.output(), what="the worker's warning")
             assert "REDIS EVICTS KEYS" in web.process.output()
+            release = release_check(env)
+            assert release.returncode == 1 and "noeviction" in release.stderr
         finally:
             workers.kill()
             web.stop()
 
 
-def test_a_noeviction_redis_raises_no_warning(fweb, fworkers):
+def release_check(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The Procfile's `release:` step, as the platform runs it before a deploy."""
+    command = ["bash", "-c", f"exec {procfile_command('release')}"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_noeviction_redis_raises_no_warning(fweb, fworkers, fault_env):
+    assert release_check(fault_env).returncode == 0
     pool = fworkers(count=1)
     wait_until(lambda: requests.get(fweb.url("/readyz"), timeout=10).status_code == 200, what="ready")
     assert requests.get(fweb.url("/readyz"), timeout=10).json()["warnings"] == []
@@ -389,11 +399,11 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
         nonlocal kills
         while not (submitted.is_set() and all_done()):
             time.sleep(3)
-            workers = [c for c in psutil.Process(pool.pid).children() if c.is_running()]
-            if not workers:
-                continue
-            victim = workers[kills % len(workers)]
-            with suppress(psutil.NoSuchProcess):  # it may have died on its own meanwhile
+            with suppress(psutil.Error):  # processes come and go meanwhile
+                workers = [c for c in psutil.Process(pool.pid).children() if c.is_running()]
+                if not workers:
+                    continue
+                victim = workers[kills % len(workers)]
                 for process in [victim, *victim.children(recursive=True)]:
                     process.kill()
                 kills += 1

@@ -1,0 +1,144 @@
+"""`/metrics` for Prometheus: HTTP figures from the web processes, job figures from Redis.
+
+HTTP request counts and latencies are kept by prometheus-client in each web process and
+summed over gunicorn's processes (PROMETHEUS_MULTIPROC_DIR, set in gunicorn.conf.py). Job
+counts and histograms, queue depths, live workers and the index size are read from Redis
+when Prometheus scrapes, so they cover every worker on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from jobs import keys
+from jobs.index.store import DocumentStore
+from jobs.metrics import BUCKETS, SEPARATOR
+from service.state import AppState
+from service.workers import live_workers
+
+bp = Blueprint("metrics", __name__)
+EXTENSION = "afterward-metrics"
+
+HTTP_REQUESTS = Counter(
+    "afterward_http_requests",
+    "HTTP requests answered, by route, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "afterward_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route", "method"],
+)
+JOB_EVENTS = {
+    "accepted": "Jobs accepted (answered 202).",
+    "finished": "Jobs that finished.",
+    "failed": "Jobs that failed for good (no retries left).",
+    "retried": "Failed attempts that will be retried.",
+    "stopped": "Jobs stopped on request.",
+}
+HISTOGRAMS = {
+    "duration": ("afterward_job_duration_seconds", "How long job attempts ran, by type and queue."),
+    "wait": (
+        "afterward_job_wait_seconds",
+        "How long jobs waited in their queue before an attempt, by type and queue.",
+    ),
+}
+
+
+class RedisCollector(Collector):
+    """Figures every process shares, read from Redis at scrape time."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator:
+        redis = self.state.redis
+        counters = redis.hgetall(keys.METRICS_COUNTERS)
+        families = {
+            event: CounterMetricFamily(f"afterward_jobs_{event}", help_text, labels=["type", "queue"])
+            for event, help_text in JOB_EVENTS.items()
+        }
+        for field, value in counters.items():
+            event, job_type, queue = field.decode().split(SEPARATOR)
+            if event in families:
+                families[event].add_metric([job_type, queue], int(value))
+        yield from families.values()
+
+        for name, (metric, help_text) in HISTOGRAMS.items():
+            yield _histogram(metric, help_text, redis.hgetall(keys.metrics_histogram(name)))
+
+        depth = GaugeMetricFamily("afterward_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
+        with redis.pipeline(transaction=False) as pipe:
+            for queue in self.state.queues.values():
+                pipe.llen(queue.key)
+            for name, length in zip(self.state.queues, pipe.execute(), strict=True):
+                depth.add_metric([name], length)
+        yield depth
+        yield GaugeMetricFamily(
+            "afterward_workers_alive", "Workers that heartbeated lately.", value=len(live_workers(redis))
+        )
+        stats = DocumentStore(redis).stats()
+        yield GaugeMetricFamily(
+            "afterward_index_documents", "Documents in the search index.", value=stats["documents"]
+        )
+        yield GaugeMetricFamily(
+            "afterward_index_version", "Changes applied to the search index.", value=stats["version"]
+        )
+
+
+def _histogram(metric: str, help_text: str, fields: dict[bytes, bytes]) -> HistogramMetricFamily:
+    buckets: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * (len(BUCKETS) + 1))
+    sums: dict[tuple[str, str], float] = defaultdict(float)
+    for field, value in fields.items():
+        job_type, queue, slot = field.decode().split(SEPARATOR)
+        if slot == "sum":
+            sums[(job_type, queue)] = float(value)
+        else:
+            buckets[(job_type, queue)][int(slot)] += float(value)
+    family = HistogramMetricFamily(metric, help_text, labels=["type", "queue"])
+    for labels, counts in buckets.items():
+        cumulative, total = [], 0.0
+        for bound, value in zip([*map(str, BUCKETS), "+Inf"], counts, strict=True):
+            total += value
+            cumulative.append((bound, total))
+        family.add_metric(list(labels), cumulative, sums[labels])
+    return family
+
+
+def init_metrics(app: Flask, state: AppState) -> None:
+    collector = RedisCollector(state)
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def record(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        if "started" in g:
+            HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - g.started)
+        HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        return response
+
+    app.extensions[EXTENSION] = collector
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)  # every gunicorn process's HTTP figures, summed
+    else:
+        registry.register(HTTP_REQUESTS)
+        registry.register(HTTP_LATENCY)
+    registry.register(current_app.extensions[EXTENSION])
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

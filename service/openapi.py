@@ -1,0 +1,319 @@
+"""The OpenAPI 3.1 description at /openapi.json, built from the schemas that validate requests.
+
+Request bodies come from the same pydantic models the views validate with (each job type's
+input plus the common options, the search models); answers from the response models below.
+`/docs` serves Swagger UI (bundled by flask-swagger-ui, nothing loaded from the network).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from flask import Blueprint, Flask, Response, jsonify
+from flask_swagger_ui import get_swaggerui_blueprint
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from jobs.schema import PRIORITIES
+from service.state import AppState, get_state
+from service.submit import request_model
+from service.views.jobs import MAX_WAIT_SECONDS, ListQuery
+from service.views.search import SearchBody
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+Status = Literal["queued", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"]
+
+
+class Progress(BaseModel):
+    percent: float = Field(ge=0, le=100)
+    message: str
+
+
+class JobError(BaseModel):
+    type: str = Field(
+        description="JobTimeout, JobStopped, WorkerDied, WorkerShutdown, or the exception's name."
+    )
+    message: str
+
+
+class JobView(BaseModel):
+    """A job as `GET /jobs/<id>` shows it."""
+
+    id: str
+    type: str | None
+    status: Status
+    queue: str
+    progress: Progress | None
+    result: Any = Field(description="The job function's return value once the job is finished.")
+    error: JobError | None = Field(description="The latest failed attempt's error, until the job finishes.")
+    attempts: int = Field(ge=0)
+    retries_left: int = Field(ge=0)
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    enqueued_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    document_ids: list[str] | None = Field(
+        default=None, description="Embed jobs: the ids of their documents."
+    )
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class Error(BaseModel):
+    """Every error, from every route."""
+
+    error: ErrorBody
+
+
+class SearchResult(BaseModel):
+    id: str
+    score: float = Field(description="Cosine similarity, -1 to 1: higher is closer.")
+    text: str
+    metadata: dict[str, Any]
+
+
+class SearchAnswer(BaseModel):
+    results: list[SearchResult]
+    took_ms: float
+
+
+class DocumentView(BaseModel):
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    updated_at: str
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool
+
+
+class ReplicaInfo(BaseModel):
+    status: Literal["ready", "loading", "cold"]
+    documents: int | None
+    version: int | None
+
+
+class IndexInfo(BaseModel):
+    documents: int
+    version: int
+    model: str
+    dimensions: int
+    replica: ReplicaInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, Any]
+    warnings: list[str]
+
+
+def build(state: AppState) -> dict[str, Any]:
+    settings = state.settings
+    requests = {
+        name: request_model(name, job_type, settings.max_job_timeout, settings.max_delay)
+        for name, job_type in sorted(state.job_types.items())
+    }
+    models: list[type[BaseModel]] = [*requests.values(), SearchBody]
+    responses = [JobView, JobList, Error, SearchAnswer, DocumentView, Deleted, IndexInfo, Health, Ready]
+    _, schemas = models_json_schema(
+        [(model, "validation") for model in models] + [(model, "serialization") for model in responses],
+        ref_template=REF,
+    )
+    components = schemas.get("$defs", {})
+    paths: dict[str, Any] = {}
+    for name, model in requests.items():
+        paths[f"/jobs/{name}"] = {
+            "post": _operation(
+                f"Submit a {name} job",
+                {"202": _json("JobView", "Accepted: the job and its status URL (Location)."),
+                 "200": _json("JobView", "An idempotent repeat: the job the first request created.")},
+                body=model.__name__,
+                parameters=[_header("Idempotency-Key", "Repeats with the same key return the same job.")],
+                secured=True,
+                tag="jobs",
+            )
+        }  # fmt: skip
+    job_id = _path("job_id", "A job id.")
+    paths["/jobs/{job_id}"] = {
+        "get": _operation(
+            "A job's status, progress, result or error",
+            {"200": _json("JobView", "The job.")},
+            parameters=[job_id, _query("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+                                       "Seconds to wait for the job to end (long poll).")],
+            secured=True,
+            tag="jobs",
+        ),
+        "delete": _operation(
+            "Cancel a job (or stop it if it runs)",
+            {"200": _json("JobView", "Canceled or stopped."), "202": _json("JobView", "Stopping.")},
+            parameters=[job_id],
+            secured=True,
+            tag="jobs",
+        ),
+    }  # fmt: skip
+    paths["/jobs/{job_id}/retry"] = {
+        "post": _operation("Run a failed or stopped job again", {"202": _json("JobView", "Queued again.")},
+                           parameters=[job_id], secured=True, tag="jobs")
+    }  # fmt: skip
+    list_fields = ListQuery.model_json_schema()["properties"]
+    statuses = {"type": "string", "enum": list(Status.__args__)}
+    query_text = {"type": "string", "minLength": 1, "maxLength": settings.max_query_chars}
+    paths["/jobs"] = {
+        "get": _operation(
+            "Recent jobs, newest first",
+            {"200": _json("JobList", "The jobs.")},
+            parameters=[
+                _query("status", statuses, "Only jobs in this status."),
+                _query("queue", {"type": "string", "enum": list(PRIORITIES)}, "Only jobs of this queue."),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": list_fields["limit"]["maximum"]},
+                       "How many (default 50)."),
+            ],
+            secured=True,
+            tag="jobs",
+        )
+    }  # fmt: skip
+    paths["/search"] = {
+        "get": _operation(
+            "Documents closest in meaning to a query",
+            {"200": _json("SearchAnswer", "The closest documents, best first.")},
+            parameters=[
+                _query("q", query_text, "What to look for.", required=True),
+                _query("k", {"type": "integer", "minimum": 1, "maximum": settings.max_k}, "How many (10)."),
+            ],
+            secured=True,
+            tag="search",
+        ),
+        "post": _operation("The same, for long queries and metadata filters",
+                           {"200": _json("SearchAnswer", "The closest documents, best first.")},
+                           body="SearchBody", secured=True, tag="search"),
+    }  # fmt: skip
+    doc_id = _path("doc_id", "A document id.")
+    paths["/documents/{doc_id}"] = {
+        "get": _operation("An indexed document", {"200": _json("DocumentView", "The document.")},
+                          parameters=[doc_id], secured=True, tag="search"),
+        "delete": _operation("Remove a document from the index", {"200": _json("Deleted", "Removed.")},
+                             parameters=[doc_id], secured=True, tag="search"),
+    }  # fmt: skip
+    paths["/index"] = {
+        "get": _operation("The index: size, model, version", {"200": _json("IndexInfo", "The index.")},
+                          secured=True, tag="search")
+    }  # fmt: skip
+    paths["/healthz"] = {"get": _operation("Liveness", {"200": _json("Health", "Up.")}, tag="operations")}
+    paths["/readyz"] = {
+        "get": _operation("Readiness: Redis answers, a worker is alive",
+                          {"200": _json("Ready", "Ready."), "503": _json("Error", "Not ready, and why.")},
+                          tag="operations")
+    }  # fmt: skip
+    paths["/metrics"] = {
+        "get": _operation(
+            "Prometheus metrics",
+            {"200": {"description": "Metrics in Prometheus's text format.",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            secured=True,
+            tag="operations",
+        )
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Afterward",
+            "version": "1.0",
+            "description": "Submit jobs, follow them, search what was embedded. Every error is "
+            '`{"error": {"code", "message", "details"?}}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "One of API_KEYS."}
+            },
+        },
+    }
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=schema)}}},
+    }
+
+
+def _operation(
+    summary: str,
+    responses: dict[str, Any],
+    body: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    secured: bool = False,
+    tag: str = "jobs",
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "tags": [tag],
+        "parameters": [
+            *(parameters or []),
+            _header("X-Request-ID", "Carried by the request's log events; echoed."),
+        ],
+        "responses": {
+            **responses,
+            "default": _json("Error", "An error (4xx, or 503 when Redis is unreachable)."),
+        },
+    }
+    if body:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": REF.format(model=body)}}},
+        }
+    if secured:
+        operation["security"] = [{"apiKey": []}, {}]  # {}: when API_KEYS is unset the API is open
+    return operation
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description, "schema": schema}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(build(get_state()))
+
+
+def init_openapi(app: Flask) -> None:
+    app.register_blueprint(bp)
+    docs = get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "Afterward"})
+    app.register_blueprint(docs, url_prefix="/docs")

@@ -1,0 +1,73 @@
+"""Prometheus metrics: job figures kept in Redis, HTTP figures per process."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs import metrics
+from jobs.job import Job
+from service import create_app
+from tests.test_api import assert_error
+
+
+def scrape(client, headers=None) -> dict:
+    response = client.get("/metrics", headers=headers or {})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    families = text_string_to_metric_families(response.get_data(as_text=True))
+    return {family.name: family for family in families}
+
+
+def value(family, **labels) -> float:
+    return sum(s.value for s in family.samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_accepted_jobs_and_queue_depths(client, fake_redis):
+    # HTTP counters live in this process for its whole life: compare before and after.
+    before = value(
+        scrape(client)["afterward_http_requests"], route="/jobs/<type_name>", method="POST", status="202"
+    )
+    for _ in range(3):
+        client.post("/jobs/log", json={"message": "x", "queue": "high"})
+    client.post("/jobs/sleep", json={"seconds": 1})
+    families = scrape(client)
+    assert value(families["afterward_jobs_accepted"], type="log", queue="high") == 3
+    assert value(families["afterward_jobs_accepted"], type="sleep", queue="default") == 1
+    assert value(families["afterward_queue_depth"], queue="high") == 3
+    assert value(families["afterward_queue_depth"], queue="default") == 1
+    assert value(families["afterward_workers_alive"]) == 0
+    assert value(families["afterward_index_documents"]) == 0
+    requests = families["afterward_http_requests"]
+    assert value(requests, route="/jobs/<type_name>", method="POST", status="202") == before + 4
+
+
+def test_ended_jobs_feed_counters_and_histograms(client, fake_redis):
+    job = Job.fetch(client.post("/jobs/log", json={"message": "x"}).get_json()["id"], connection=fake_redis)
+    start = datetime.now(UTC)
+    job.enqueued_at, job.started_at, job.ended_at = (
+        start - timedelta(seconds=2),
+        start,
+        start + timedelta(seconds=0.3),
+    )
+    with fake_redis.pipeline() as pipe:
+        metrics.record_end(pipe, job, "finished")
+        metrics.record_end(pipe, job, "failed")
+        pipe.execute()
+    families = scrape(client)
+    assert value(families["afterward_jobs_finished"], type="log", queue="default") == 1
+    assert value(families["afterward_jobs_failed"], type="log", queue="default") == 1
+    duration = families["afterward_job_duration_seconds"]
+    buckets = {s.labels["le"]: s.value for s in duration.samples if s.name.endswith("_bucket")}
+    assert buckets["0.25"] == 0 and buckets["0.5"] == 2 and buckets["+Inf"] == 2
+    assert value(duration, type="log") > 0
+    wait = families["afterward_job_wait_seconds"]
+    assert {s.labels["le"]: s.value for s in wait.samples if s.name.endswith("_bucket")}["2.5"] == 2
+
+
+def test_metrics_need_a_key_when_the_api_does(fake_redis, tmp_path):
+    client = create_app(
+        {"api_keys": ("k",), "search_warmup": 0, "log_file": str(tmp_path / "l")}
+    ).test_client()
+    assert_error(client.get("/metrics"), 401, "unauthorized")
+    assert "afterward_queue_depth" in scrape(client, {"Authorization": "Bearer k"})
