@@ -380,7 +380,7 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
     pool = fworkers(count=2)
     ids: list[str] = []
     lock = threading.Lock()
-    submitted = threading.Event()
+    stop_killing = threading.Event()
     per_client = LOAD_JOBS // 16
 
     def client(n: int) -> None:
@@ -397,8 +397,7 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
 
     def killer() -> None:
         nonlocal kills
-        while not (submitted.is_set() and all_done()):
-            time.sleep(3)
+        while not stop_killing.wait(3):
             with suppress(psutil.Error):  # processes come and go meanwhile
                 workers = [c for c in psutil.Process(pool.pid).children() if c.is_running()]
                 if not workers:
@@ -424,9 +423,10 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
         thread.start()
     for thread in clients:
         thread.join()
-    submitted.set()
     wait_until(all_done, timeout=600, what="every accepted job to finish", process=pool)
     elapsed = time.monotonic() - started
+    stop_killing.set()
+    killing.join()
     fweb.stop()
 
     lines = [line for line in (tmp_path / "jobs.log").read_text().splitlines() if line]
