@@ -11,7 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from rq import get_current_job
 
 from jobs.progress import report_progress
-from jobs.schema import JobInput, limits
+from jobs.schema import JobInput, limits, within
 from jobs.settings import get_settings
 
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,256}$"
@@ -31,12 +31,7 @@ class DocumentInput(JobInput):
     @field_validator("text")
     @classmethod
     def _text_fits(cls, text: str, info: ValidationInfo) -> str:
-        limit = limits(info).max_text_chars
-        if len(text) > limit:
-            raise ValueError(f"text is longer than {limit} characters")
-        if not text.strip():
-            raise ValueError("text is blank")
-        return text
+        return within(text, limits(info).max_text_chars, "text", blank_ok=False)
 
     @field_validator("metadata")
     @classmethod

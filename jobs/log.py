@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from rq import get_current_job
 
-from jobs.schema import JobInput, limits
+from jobs.schema import JobInput, limits, within
 from jobs.settings import get_settings
 
 
@@ -22,10 +22,7 @@ class LogInput(JobInput):
     @field_validator("message")
     @classmethod
     def _fits(cls, message: str, info: ValidationInfo) -> str:
-        limit = limits(info).max_log_chars
-        if len(message) > limit:
-            raise ValueError(f"message is longer than {limit} characters")
-        return message
+        return within(message, limits(info).max_log_chars, "message")
 
 
 def write_log(message: str, level: str = "info") -> dict:

@@ -60,6 +60,15 @@ class JobOptions(JobInput):
 OPTION_FIELDS = frozenset(JobOptions.model_fields)
 
 
+def within(text: str, limit: int, name: str, blank_ok: bool = True) -> str:
+    """A text field's configurable checks: at most `limit` characters, and not blank unless allowed."""
+    if not blank_ok and not text.strip():
+        raise ValueError(f"{name} is blank")
+    if len(text) > limit:
+        raise ValueError(f"{name} is longer than {limit} characters")
+    return text
+
+
 def limits(info: ValidationInfo) -> Settings:
     """The settings whose limits a validator enforces: those the request is validated with."""
     context = info.context or {}

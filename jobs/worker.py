@@ -79,8 +79,9 @@ class Worker(ForkingWorker):
         return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        # A cancel can land between the dequeue and this point; honour it.
-        if job.get_status() == JobStatus.CANCELED:
+        # A cancel can land just before the dequeue read the job; honour it (the status was
+        # read with the job itself, so this costs no extra round trip).
+        if job.get_status(refresh=False) == JobStatus.CANCELED:
             log.info("job %s was canceled before it started; skipping it", job.id)
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
             return

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from jobs.embed import DOCUMENT_ID_PATTERN
 from jobs.index.store import DocumentStore
-from jobs.schema import limits
+from jobs.schema import limits, within
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.state import get_state
@@ -41,7 +41,7 @@ class SearchParams(_Query):
     @field_validator("q")
     @classmethod
     def _q_fits(cls, q: str, info: ValidationInfo) -> str:
-        return _query_fits(q, limits(info).max_query_chars)
+        return within(q, limits(info).max_query_chars, "the query", blank_ok=False)
 
 
 class SearchBody(_Query):
@@ -56,15 +56,7 @@ class SearchBody(_Query):
     @field_validator("query")
     @classmethod
     def _query_fits(cls, query: str, info: ValidationInfo) -> str:
-        return _query_fits(query, limits(info).max_text_chars)
-
-
-def _query_fits(query: str, limit: int) -> str:
-    if not query.strip():
-        raise ValueError("the query is blank")
-    if len(query) > limit:
-        raise ValueError(f"the query is longer than {limit} characters")
-    return query
+        return within(query, limits(info).max_text_chars, "the query", blank_ok=False)
 
 
 @bp.get("/search")
