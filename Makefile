@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
+# Two test processes share the suite (most tests wait on workers, not on the CPU).
+# Extra arguments: make test PYTEST_ARGS='-m "not faults and not browser and not bench"'
+PYTEST_ARGS ?=
+
 .PHONY: run test lint chromium clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python scripts/run.py
 
 test: $(VENV)/.dev lint chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 chromium:
 	scripts/ensure-chromium

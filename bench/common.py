@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import threading
 import time
@@ -12,18 +14,33 @@ from pathlib import Path
 import redis
 import requests
 
-from tests.support import Process, TestDatabase, WebService, base_env, start_workers, wait_until
+from tests.support import Process, TestDatabase, WebService, base_env, start_workers, test_redis, wait_until
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379"
+PRIVATE = "private"
+
+
+def bench_parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the `--redis` option every benchmark takes."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("TEST_REDIS_URL") or PRIVATE,
+        help="a Redis server to use (a free database on it is taken, marked and flushed); "
+        "default: TEST_REDIS_URL, else a private redis-server started for the run",
+    )
+    return parser
 
 
 @contextmanager
-def database(base_url: str = DEFAULT_REDIS) -> Iterator[TestDatabase]:
-    db = TestDatabase(base_url).acquire()
-    try:
+def database(redis: str = PRIVATE) -> Iterator[TestDatabase]:
+    """A database of our own on the server `redis` names, or on a private server."""
+    with test_redis(url="" if redis == PRIVATE else redis) as db:
+        version = db.client().info("server")["redis_version"]
+        where = "a private redis-server" if redis == PRIVATE else f"database {db.db} of {db.base_url}"
+        print(f"Redis {version}: {where}", flush=True)
         yield db
-    finally:
-        db.release()
 
 
 def env_for(db: TestDatabase, tmp: Path, **extra: object) -> dict[str, str]:

@@ -11,14 +11,13 @@ the clock runs from the first enqueue until every job is finished. Target: >= 5x
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from rq import Queue
 
-from bench.common import database, env_for, run_clients, service, wait_finished
+from bench.common import bench_parser, database, env_for, run_clients, service, wait_finished
 from tests.support import Process, wait_until
 
 
@@ -57,14 +56,12 @@ def stock(db, tmp: Path, jobs: int, workers: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    with database() as db, tempfile.TemporaryDirectory() as tmp:
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         baseline = stock(db, Path(tmp), args.jobs, args.workers)
         db.flush()
         ours = afterward(db, Path(tmp), args.jobs, args.clients, args.workers)

@@ -12,13 +12,12 @@ Targets: >= 0.7x raw for single documents, >= 0.85x raw for the bulk POST.
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import database, env_for, run_clients, service, wait_finished
+from bench.common import bench_parser, database, env_for, run_clients, service, wait_finished
 
 WORDS = [
     "river", "market", "engine", "garden", "winter", "signal", "paper", "orbit", "cotton", "harbor",
@@ -82,14 +81,12 @@ def bulk(db, tmp: Path, corpus: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     corpus = texts(args.documents)
-    with database() as db, tempfile.TemporaryDirectory() as tmp:
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         single_rate = singles(db, Path(tmp), corpus, args.clients)
         db.flush()
         bulk_rate = bulk(db, Path(tmp), corpus)

@@ -9,7 +9,6 @@ rate limiter counting in Redis, full validation. Target: >= 0.8x the naive throu
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import database, env_for, percentile, run_clients
+from bench.common import bench_parser, database, env_for, percentile, run_clients
 from scripts.embedded_redis import free_port
 from tests.support import Process, WebService, wait_until
 
@@ -69,13 +68,11 @@ def _answers(base: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
-    with database() as db, tempfile.TemporaryDirectory() as tmp:
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         baseline = naive(db, Path(tmp), args.requests, args.clients)
         db.flush()
         ours = afterward(db, Path(tmp), args.requests, args.clients)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -24,10 +23,11 @@ import psutil
 import requests
 
 import jobs  # noqa: F401 - pins thread counts before numpy work starts
+from bench.common import bench_parser, database
 from jobs.embedding import get_encoder
 from jobs.index.replica import Replica
 from jobs.index.store import DocumentStore
-from tests.support import TestDatabase, WebService, base_env, start_workers, wait_until
+from tests.support import WebService, base_env, start_workers, wait_until
 
 QUERIES = ["a kitten asleep in the sun", "interest rates and the stock market", "how to bake bread at home"]
 
@@ -68,16 +68,12 @@ def p99(samples: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
     encoder = get_encoder()
-    db = TestDatabase(args.redis).acquire()
-    try:
+    with database(args.redis) as db:
         connection = db.client()
         memory_before = connection.info("memory")["used_memory"]
         started = time.perf_counter()
@@ -133,8 +129,6 @@ def main() -> None:
             finally:
                 workers.kill()
                 web.stop()
-    finally:
-        db.release()
 
     ratio = p50(over_http) / p50(local)
     rows = [

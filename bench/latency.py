@@ -10,7 +10,6 @@ are in `bench.index`.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import uuid
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.common import database, env_for, median, percentile
+from bench.common import bench_parser, database, env_for, median, percentile
 from tests.support import WebService, start_workers, wait_until
 
 
@@ -28,12 +27,10 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
-    with database() as db, tempfile.TemporaryDirectory() as tmp:
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         env = dict(env_for(db, tmp_path), SEARCH_WARMUP="1", WEB_CONCURRENCY="1")
         web = WebService(env, tmp_path)

@@ -10,7 +10,6 @@ Each time one client sends GET /jobs/<id> and POST /jobs/log requests back to ba
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import threading
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import requests
 
-from tests.support import TestDatabase, WebService, base_env
+from bench.common import bench_parser, database
+from tests.support import WebService, base_env
 
 
 def traffic(web: WebService, job_id: str, seconds: float) -> tuple[list[float], int]:
@@ -69,28 +69,17 @@ def measure(label: str, env: dict, tmp: Path, pollers: int, seconds: float) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--pollers", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=3)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
-    db = TestDatabase(args.redis).acquire()
     lines = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            env = base_env(db.url, Path(tmp), WEB_CONCURRENCY=2)
-            lines.append(
-                measure("Procfile (gthread, capped waits)", env, Path(tmp), args.pollers, args.seconds)
-            )
-            db.flush()
-            sync = dict(env, GUNICORN_CMD_ARGS="--worker-class sync --threads 1")
-            lines.append(
-                measure("gunicorn default (sync workers)", sync, Path(tmp), args.pollers, args.seconds)
-            )
-    finally:
-        db.release()
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
+        env = base_env(db.url, Path(tmp), WEB_CONCURRENCY=2)
+        lines.append(measure("Procfile (gthread, capped waits)", env, Path(tmp), args.pollers, args.seconds))
+        db.flush()
+        sync = dict(env, GUNICORN_CMD_ARGS="--worker-class sync --threads 1")
+        lines.append(measure("gunicorn default (sync workers)", sync, Path(tmp), args.pollers, args.seconds))
     print(
         f"{args.pollers} clients long-polling a job that does not end; other requests for {args.seconds:g} s"
     )

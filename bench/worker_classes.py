@@ -9,7 +9,6 @@ the last end (worker start-up excluded). Ratios are against stock `rq.Worker`.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from rq import Queue as RQQueue
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
+from bench.common import bench_parser, database
 from jobs.job import Job
 from jobs.queue import Queue
 from tests.support import ROOT, TestDatabase, base_env
@@ -67,22 +67,15 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
-    db = TestDatabase(args.redis).acquire()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            rates = {
-                label: run(label, classes, db, args.jobs, args.workers, Path(tmp))
-                for label, classes in CLASSES.items()
-            }
-    finally:
-        db.release()
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
+        rates = {
+            label: run(label, classes, db, args.jobs, args.workers, Path(tmp))
+            for label, classes in CLASSES.items()
+        }
     baseline = next(iter(rates.values()))
     print(f"{args.jobs} log jobs, {args.workers} worker processes")
     for label, rate in rates.items():

@@ -53,6 +53,9 @@ class Settings:
     # Long-polling requests (`?wait=N`) one web process holds at once; more answer at once.
     # 0 means three quarters of WEB_THREADS, leaving threads for other requests.
     long_poll_slots: int = 0
+    # A waiting request is woken by the job's end event; it also re-reads the job this often
+    # (seconds), in case an event was missed while the listener reconnected.
+    long_poll_recheck: int = 1
     # Embedding model: a sentence-transformers folder; empty means the bundled all-MiniLM-L6-v2.
     embed_model_path: str = ""
     embed_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"

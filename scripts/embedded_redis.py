@@ -56,15 +56,34 @@ class EmbeddedRedis:
     ) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
+        # A port we picked may be taken by another program before Redis binds it: pick again.
+        self._port_chosen = port is None
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def base_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/0"
+
+    def start(self, timeout: float = 60.0) -> EmbeddedRedis:
+        for _ in range(5):
+            if self._start(timeout):
+                self._port_chosen = False  # a restart must come back on the same port
+                return self
+            if not self._port_chosen:
+                break
+            self.port = free_port()
+        log = self.directory / "redis.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
+
+    def _start(self, timeout: float) -> bool:
+        """Start the server; False when it exited at once (its port was taken)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             server_binary(),
@@ -90,14 +109,22 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.process.returncode}; see {self.directory}/redis.log"
-                )
-            if answers(self.url, timeout=0.2):
-                return self
+                return False
+            if self._answers_as_ours():
+                return True
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def _answers_as_ours(self) -> bool:
+        """True when the server on our port is our process (not another program's Redis)."""
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=5)
+        try:
+            return client.info("server").get("process_id") == self.process.pid
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -21,6 +22,15 @@ from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
 LOCAL_REDIS = "redis://localhost:6379/0"
 # The long-running process types of the Procfile (`release` is a one-off step before a deploy).
 PROCESSES = ["web", "worker", "embedder"]
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def main() -> int:
@@ -34,14 +44,20 @@ def main() -> int:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
 
     embedded = None
-    if "REDIS_URL" not in env:
-        if answers(LOCAL_REDIS):
-            env["REDIS_URL"] = LOCAL_REDIS
-        else:
-            embedded = EmbeddedRedis(ROOT / "var" / "redis").start()
-            env["REDIS_URL"] = embedded.url
-            print(f"run: started an embedded Redis at {embedded.url} (data in var/redis)", flush=True)
-    print(f"run: REDIS_URL={env['REDIS_URL']}  API on http://{env['HOST']}:{env['PORT']}", flush=True)
+    if "REDIS_URL" in env:
+        print(f"run: using REDIS_URL from the environment: {redacted(env['REDIS_URL'])}", flush=True)
+    elif answers(LOCAL_REDIS):
+        env["REDIS_URL"] = LOCAL_REDIS
+        print(
+            f"run: using a Redis that was already running at {LOCAL_REDIS} (not started by make run; "
+            "jobs share its database 0 with anything else using it). Set REDIS_URL to choose another.",
+            flush=True,
+        )
+    else:
+        embedded = EmbeddedRedis(ROOT / "var" / "redis").start()
+        env["REDIS_URL"] = embedded.url
+        print(f"run: started a private Redis at {embedded.url} (data in var/redis)", flush=True)
+    print(f"run: API on http://{env['HOST']}:{env['PORT']}", flush=True)
     subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
 
     honcho = Path(sys.executable).with_name("honcho")

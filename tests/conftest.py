@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,9 +13,54 @@ import pytest
 import redis
 
 import service.state
-from scripts.embedded_redis import EmbeddedRedis, answers
 from service import create_app
-from tests.support import Process, TestDatabase, WebService, base_env, start_workers
+from tests import ownership
+from tests.support import ROOT, Process, TestDatabase, WebService, base_env, start_workers, test_redis
+
+# Nothing listens on port 1: code that forgets its test Redis reaches no one's server, even
+# when the developer's shell sets REDIS_URL. Tests choose a Redis explicitly (`test_redis`).
+NO_REDIS = "redis://127.0.0.1:1/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["REDIS_URL"] = NO_REDIS
+    ownership.begin(ROOT)
+    ownership.install_signal_handlers()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After every fixture is torn down: nothing the run started may still be alive."""
+    left = ownership.leftovers(grace=3)
+    ownership.reap_orphans()
+    if not left:
+        return
+    names = "\n  ".join(ownership.describe(process) for process in left)
+    ownership.kill(left)
+    print(f"\n\nFAILED: {len(left)} process(es) outlived their tests (now killed):\n  {names}", flush=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit test must not leave threads running in pytest (a model loading in the background).
+
+    Integration tests are exempt: their module-scoped fixtures (the browser) keep threads.
+    """
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
 
 # ---------------------------------------------------------------- unit tests (fakeredis)
 
@@ -42,25 +89,10 @@ def client(app):
 
 
 @pytest.fixture(scope="session")
-def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A reachable Redis server: TEST_REDIS_URL, REDIS_URL, localhost:6379, or an embedded one."""
-    for candidate in (
-        os.environ.get("TEST_REDIS_URL"),
-        os.environ.get("REDIS_URL"),
-        "redis://127.0.0.1:6379",
-    ):
-        if candidate and answers(candidate):
-            yield candidate.rsplit("/", 1)[0] if candidate.count("/") > 2 else candidate
-            return
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False) as server:
-        yield server.url.rsplit("/", 1)[0]
-
-
-@pytest.fixture(scope="session")
-def test_db(redis_base_url: str) -> Iterator[TestDatabase]:
-    database = TestDatabase(redis_base_url).acquire()
-    yield database
-    database.release()
+def test_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestDatabase]:
+    """TEST_REDIS_URL's server if set, else a private redis-server for the session."""
+    with test_redis(tmp_path_factory.mktemp("redis")) as database:
+        yield database
 
 
 @pytest.fixture
@@ -75,15 +107,25 @@ def real_redis(test_db: TestDatabase) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def session_env(test_db: TestDatabase, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # Web processes load the model on their first search, not at start: most tests never search.
     return base_env(
-        test_db.url, tmp_path_factory.mktemp("session"), JOB_MONITORING_INTERVAL=1, TIMEOUT_GRACE=2
+        test_db.url,
+        tmp_path_factory.mktemp("session"),
+        JOB_MONITORING_INTERVAL=1,
+        TIMEOUT_GRACE=2,
+        SEARCH_WARMUP=0,
     )
 
 
 @pytest.fixture(scope="session")
 def web(session_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebService]:
-    """The Procfile's web process, shared by the integration tests (it keeps no state)."""
-    service = WebService(dict(session_env, WEB_CONCURRENCY="2"), tmp_path_factory.mktemp("web"))
+    """The Procfile's web process, shared by the integration tests (it keeps no state).
+
+    Long polls re-read their job only once a minute here, so they depend on the end events
+    (tests/test_integration.py checks that they wake on them).
+    """
+    env = dict(session_env, WEB_CONCURRENCY="2", LONG_POLL_RECHECK="60")
+    service = WebService(env, tmp_path_factory.mktemp("web"))
     yield service
     service.stop()
 

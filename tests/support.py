@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,16 +13,46 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 import requests
 
-from scripts.embedded_redis import free_port
+from scripts.embedded_redis import EmbeddedRedis, free_port
+from tests import ownership
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The longest a test waits for something that should happen (a process to answer, a job to
+# end) before calling it a failure. Waits return as soon as their condition holds, so only a
+# failing test pays for a generous deadline; a busy machine needs one. TEST_DEADLINE sets it.
+DEADLINE = float(os.environ.get("TEST_DEADLINE") or 120)
 
 # Marks a database as belonging to this test suite, so it may be flushed.
 OWNED_MARKER = "afterward-test:owned"
 LOCK_KEY = "afterward-test:lock"
+
+
+@contextmanager
+def test_redis(directory: Path | None = None, url: str | None = None) -> Iterator[TestDatabase]:
+    """A Redis database we may flush: on the server `url` (else TEST_REDIS_URL) names, or a private one.
+
+    With neither, a redis-server of our own starts on a free port, with its files under
+    `directory`, and stops afterwards: tests and benchmarks never touch a server they did
+    not start unless they are told its address.
+    """
+    named = os.environ.get("TEST_REDIS_URL") if url is None else url
+    if named:
+        database = TestDatabase(named).acquire()
+        try:
+            yield database
+        finally:
+            database.release()
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="afterward-redis-") as scratch,
+        EmbeddedRedis(directory or scratch, appendonly=False) as server,
+    ):
+        yield TestDatabase(server.base_url).acquire()
 
 
 def procfile_command(name: str) -> str:
@@ -35,8 +66,10 @@ def procfile_command(name: str) -> str:
 class TestDatabase:
     """A Redis database number reserved for one test run, flushed around each test."""
 
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, url: str) -> None:
+        # A URL naming a database names the server: a free database is taken on it.
+        scheme, rest = url.split("://", 1)
+        self.base_url = f"{scheme}://{rest.split('/', 1)[0]}"
         self.token = uuid.uuid4().hex
         self.db: int | None = None
 
@@ -74,18 +107,23 @@ class TestDatabase:
 
 
 class Process:
-    """A Procfile process started in its own process group, stopped with its children."""
+    """A Procfile process in its own process group; stopping it kills all it started.
+
+    Work-horses leave their worker's group, and a test may kill a parent and orphan its
+    children, so a tag in the environment finds every descendant, wherever it went.
+    """
 
     def __init__(
         self, name: str, command: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.tag = f"{name}-{uuid.uuid4().hex[:12]}"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             ["bash", "-c", f"exec {command}"],
             cwd=cwd,
-            env=env,
+            env={**env, ownership.TAG_VAR: self.tag},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -103,21 +141,22 @@ class Process:
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 15) -> None:
-        self.signal(signal.SIGTERM)
+        """SIGTERM to the group, as a platform stops a process; SIGKILL for what remains."""
         try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.popen.wait()
-        # Work-horses and pool children share the group: make sure none outlives the test.
-        with suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self._log.close()
+            self.signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        finally:
+            self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the whole group at once: for clean-up, where a graceful stop only costs time."""
-        self.signal(signal.SIGKILL)
+        """SIGKILL everything at once: for clean-up, where a graceful stop only costs time."""
+        with suppress(psutil.Error):
+            ownership.kill([psutil.Process(self.popen.pid)])
+        with suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
+        ownership.kill(ownership.tagged(self.tag))
         self._log.close()
 
     def output(self) -> str:
@@ -143,19 +182,30 @@ def base_env(redis_url: str, tmp: Path, **extra: Any) -> dict[str, str]:
 class WebService:
     """The Procfile's web process on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
-        env = dict(env, HOST="127.0.0.1", PORT=str(self.port))
-        self.process = Process("web", procfile_command("web"), env, log_dir / f"web-{self.port}.log")
-        self.base = f"http://127.0.0.1:{self.port}"
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "web", cwd: Path = ROOT) -> None:
+        for attempt in range(3):
+            self.port = free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+            self.process = Process(
+                name,
+                procfile_command("web"),
+                dict(env, HOST="127.0.0.1", PORT=str(self.port)),
+                log_dir / f"{name}-{self.port}.log",
+                cwd=cwd,
+            )
+            try:
+                wait_until(
+                    lambda: serves(self.process, self.port, self.base + "/healthz"),
+                    what=f"{name} process to answer /healthz",
+                    process=self.process,
+                )
+                break
+            except AssertionError:
+                self.process.kill()
+                # Another program took the port between our check and gunicorn's bind.
+                if attempt == 2 or "in use" not in self.process.output():
+                    raise
         self.http = requests.Session()
-        wait_until(self._healthy, timeout=30, what="web process to answer /healthz", process=self.process)
-
-    def _healthy(self) -> bool:
-        try:
-            return requests.get(self.base + "/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -169,7 +219,7 @@ class WebService:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def wait_for_status(self, job_id: str, statuses: set[str], timeout: float = 30) -> dict:
+    def wait_for_status(self, job_id: str, statuses: set[str], timeout: float = DEADLINE) -> dict:
         """Poll until the job is in one of `statuses`; long-polls when they are all end states."""
         long_poll = statuses <= {"finished", "failed", "canceled", "stopped"}
         deadline = time.monotonic() + timeout
@@ -186,6 +236,25 @@ class WebService:
     def stop(self) -> None:
         self.process.stop()
 
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def serves(process: Process, port: int, url: str) -> bool:
+    """True once `url` answers 200 from a socket that `process` listens on.
+
+    Any failure to connect or read means "not yet". Checking who listens keeps a test
+    from talking to another program that took the port (another test run's server).
+    """
+    try:
+        if requests.get(url, timeout=5).status_code != 200:
+            return False
+        listener = psutil.Process(process.pid)
+        sockets = listener.net_connections(kind="tcp")
+    except (requests.RequestException, psutil.Error):
+        return False
+    return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+
 
 def start_workers(env: dict[str, str], log_dir: Path, count: int = 1, kind: str = "worker") -> Process:
     """The Procfile's `worker` or `embedder` process (an `rq worker-pool`) with `count` workers."""
@@ -194,11 +263,23 @@ def start_workers(env: dict[str, str], log_dir: Path, count: int = 1, kind: str 
 
 
 def wait_until(
-    predicate: Callable[[], Any], timeout: float = 30, what: str = "condition", process: Process | None = None
+    predicate: Callable[[], Any],
+    timeout: float = DEADLINE,
+    what: str = "condition",
+    process: Process | None = None,
 ) -> Any:
+    """Poll `predicate` until it returns something true, and return that.
+
+    A failure to reach Redis or a server counts as "not yet"; on timeout the error names
+    the last such failure and shows the end of the process's log.
+    """
     deadline = time.monotonic() + timeout
+    failure: Exception | None = None
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (requests.RequestException, redis.RedisError, OSError) as error:
+            failure, value = error, None
         if value:
             return value
         if process is not None and not process.alive():
@@ -206,8 +287,9 @@ def wait_until(
                 f"{process.name} exited while waiting for {what}:\n{process.output()[-3000:]}"
             )
         time.sleep(0.05)
+    last = f" (last error: {failure!r})" if failure else ""
     tail = f"\n{process.name} output:\n{process.output()[-3000:]}" if process is not None else ""
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{last}{tail}")
 
 
 @contextmanager

@@ -174,7 +174,7 @@ def test_unknown_job_type_is_404(client):
 def test_body_over_the_limit_is_413(fake_redis, tmp_path):
     from service import create_app
 
-    app = create_app({"max_body_bytes": 1000, "log_file": str(tmp_path / "l")})
+    app = create_app({"max_body_bytes": 1000, "log_file": str(tmp_path / "l"), "search_warmup": 0})
     response = app.test_client().post("/jobs/log", json={"message": "x" * 2000})
     error = assert_error(response, 413, "payload_too_large")
     assert "1000" in error["message"]
@@ -337,7 +337,8 @@ def test_redis_down_is_503_with_retry_after(tmp_path):
     from scripts.embedded_redis import free_port
     from service import create_app
 
-    app = create_app({"redis_url": f"redis://127.0.0.1:{free_port()}/0", "log_file": str(tmp_path / "l")})
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app({"redis_url": unreachable, "log_file": str(tmp_path / "l"), "search_warmup": 0})
     client = app.test_client()
     for response in (
         client.post("/jobs/log", json={"message": "x"}),

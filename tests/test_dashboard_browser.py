@@ -105,7 +105,7 @@ def test_an_operator_requeues_a_failed_job_and_sees_it_run(browser, dashboard, w
 
     # Requeue it; the worker runs it again and this time it succeeds.
     page.locator("#requeue-job-btn").click()
-    done = dashboard.wait_for_status(failed["id"], {"finished"}, timeout=30)
+    done = dashboard.wait_for_status(failed["id"], {"finished"})
     assert done["attempts"] == 2
     page.reload()
     page.wait_for_selector("#job-data >> text=finished")

@@ -71,10 +71,14 @@ def test_cli_submits_follows_and_cancels(web, workers):
     status = cli("status", view["id"], url=web.base)
     assert json.loads(status.stdout)["id"] == view["id"]
 
-    started = json.loads(cli("submit", "sleep", "--seconds", "60", url=web.base).stdout)
+    started = json.loads(cli("submit", "sleep", "--seconds", "600", url=web.base).stdout)
     web.wait_for_status(started["id"], {"started"})
-    stopped = json.loads(cli("cancel", started["id"], url=web.base).stdout)
-    assert stopped["status"] in ("stopped", "started")
+    canceled = cli("cancel", started["id"], url=web.base)
+    assert canceled.returncode == 0, canceled.stderr
+    assert json.loads(canceled.stdout)["id"] == started["id"]
+    # The answer may come before the worker confirms the stop; the job must end stopped.
+    ended = web.wait_for_status(started["id"], {"stopped", "finished", "failed"})
+    assert ended["status"] == "stopped"
 
     refused = cli("submit", "sleep", "--seconds", "-1", url=web.base)
     assert refused.returncode == 1
@@ -118,6 +122,7 @@ def test_client_honours_retry_after_and_is_safe_to_retry(session_env, proc_dir, 
         keyed.stop()
 
 
+@pytest.mark.browser
 def test_docs_page_lists_every_route(web, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -129,7 +134,7 @@ def test_docs_page_lists_every_route(web, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(web.url("/docs/"))
-        wait_until(lambda: page.locator(".opblock").count() >= expected, timeout=30, what="the operations")
+        wait_until(lambda: page.locator(".opblock").count() >= expected, what="the operations")
         assert page.locator(".opblock-summary-path[data-path='/jobs/embed']").count() == 1
         page.locator("section.models").first.wait_for()
         browser.close()

@@ -24,9 +24,18 @@ from rq import Queue as RQQueue
 from rq.serializers import JSONSerializer
 
 from scripts.embedded_redis import EmbeddedRedis
-from tests.support import ROOT, Process, WebService, base_env, procfile_command, start_workers, wait_until
+from tests.support import (
+    DEADLINE,
+    ROOT,
+    Process,
+    WebService,
+    base_env,
+    procfile_command,
+    start_workers,
+    wait_until,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 RECOVERY_TARGET_SECONDS = 60
 
@@ -36,8 +45,10 @@ def fault_redis(tmp_path_factory) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(
         tmp_path_factory.mktemp("fault-redis"), None, True, "--appendfsync", "always"
     ).start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -65,7 +76,7 @@ def fault_env(fault_redis, fault_db, tmp_path) -> dict[str, str]:
 def fweb(fault_env, tmp_path) -> Iterator[WebService]:
     web = WebService(fault_env, tmp_path)
     yield web
-    web.stop()
+    web.kill()
 
 
 @pytest.fixture
@@ -82,10 +93,8 @@ def fworkers(fault_env, tmp_path) -> Iterator:
         process.kill()
 
 
-def job_pid(db: redis.Redis, job_id: str, timeout: float = 60) -> int:
-    return int(
-        wait_until(lambda: db.get(f"afterward-test:pid:{job_id}"), timeout=timeout, what="the job's pid")
-    )
+def job_pid(db: redis.Redis, job_id: str) -> int:
+    return int(wait_until(lambda: db.get(f"afterward-test:pid:{job_id}"), what="the job's pid"))
 
 
 def submit(web: WebService, type_name: str, body: dict) -> str:
@@ -105,7 +114,7 @@ def test_killed_work_horse_is_retried(fweb, fworkers, fault_db):
     fworkers(count=1)
     job_id = submit(fweb, "hold", {"seconds": 600, "retries": 1})
     os.kill(job_pid(fault_db, job_id), signal.SIGKILL)
-    done = fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=30)
+    done = fweb.wait_for_status(job_id, {"finished", "failed"})
     assert done["status"] == "finished", done
     assert done["attempts"] == 2 and done["result"] == {"attempt": 2}
 
@@ -114,7 +123,7 @@ def test_killed_work_horse_without_retries_fails_in_plain_words(fweb, fworkers, 
     fworkers(count=1)
     job_id = submit(fweb, "hold", {"seconds": 600})
     os.kill(job_pid(fault_db, job_id), signal.SIGKILL)
-    failed = fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=30)
+    failed = fweb.wait_for_status(job_id, {"finished", "failed"})
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "WorkerDied"
 
@@ -133,7 +142,7 @@ def test_killed_worker_and_horse_are_recovered_within_a_minute(fweb, fworkers, f
     )
     recovered_in = time.monotonic() - killed_at
     print(f"\nabandoned job recovered {recovered_in:.1f} s after its worker was killed (retries={retries})")
-    view = fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=30)
+    view = fweb.wait_for_status(job_id, {"finished", "failed"})
     if retries:
         assert view["status"] == "finished" and view["attempts"] == 2
     else:
@@ -165,7 +174,7 @@ def test_sigterm_during_a_long_job_puts_it_back_within_the_grace_period(fweb, fw
     assert view["error"]["type"] == "WorkerShutdown"
     assert view["retries_left"] == 0  # put back, not counted as a failed attempt
     fworkers(count=1)  # the next dyno
-    done = fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=30)
+    done = fweb.wait_for_status(job_id, {"finished", "failed"})
     assert done["status"] == "finished" and done["attempts"] == 2
 
 
@@ -205,16 +214,16 @@ def test_every_accepted_job_survives_a_redis_restart(fweb, fworkers, fault_redis
     clients = [threading.Thread(target=client) for _ in range(4)]
     for thread in clients:
         thread.start()
-    wait_until(lambda: len(accepted) > 50, timeout=30, what="some accepted jobs")
+    wait_until(lambda: len(accepted) > 50, what="some accepted jobs")
     fault_redis.process.send_signal(signal.SIGTERM)  # Redis goes away (it writes its AOF)...
     fault_redis.process.wait(10)
     down = requests.get(fweb.url("/readyz"), timeout=10)
     assert down.status_code == 503
     assert down.json()["error"]["details"]["checks"]["redis"] == "unreachable"
-    wait_until(lambda: refused, timeout=10, what="a refused submission")
+    wait_until(lambda: refused, what="a refused submission")
     time.sleep(2)
     fault_redis.start()  # ...and comes back with the same files
-    wait_until(lambda: len(accepted) > 150, timeout=60, what="submissions to resume")
+    wait_until(lambda: len(accepted) > 150, what="submissions to resume")
     stop.set()
     for thread in clients:
         thread.join()
@@ -222,7 +231,7 @@ def test_every_accepted_job_survives_a_redis_restart(fweb, fworkers, fault_redis
     assert all(r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable" for r in refused)
     assert all(int(r.headers["Retry-After"]) > 0 for r in refused)
     for job_id in accepted:
-        assert fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=60)["status"] == "finished"
+        assert fweb.wait_for_status(job_id, {"finished", "failed"})["status"] == "finished"
     assert requests.get(fweb.url("/readyz"), timeout=10).status_code == 200
 
 
@@ -288,7 +297,7 @@ def test_a_job_taken_by_a_worker_that_dies_before_starting_it_runs(
     finally:
         pausing.kill()
     fworkers(count=1)
-    done = fweb.wait_for_status(job_id, {"finished"}, timeout=30)
+    done = fweb.wait_for_status(job_id, {"finished"})
     assert done["attempts"] == 1
 
 
@@ -313,7 +322,9 @@ def test_stock_rq_loses_a_job_in_that_window(fault_env, fault_redis, fault_db, t
         tmp_path / "stock.log",
     )
     try:
-        time.sleep(8)
+        # A later job runs, so the stock worker is up and dequeuing; the lost one never does.
+        probe = queue.enqueue("jobs.log.write_log", message="probe")
+        wait_until(lambda: status(fault_db, probe.id) == "finished", what="the probe job", process=stock)
         assert status(fault_db, job.id) == "queued"  # what it says; but nothing will ever run it:
         for key in fault_db.scan_iter("rq:*"):
             kind = fault_db.type(key)
@@ -335,11 +346,11 @@ def test_an_embed_worker_killed_mid_job_leaves_each_document_once(fweb, fworkers
     fworkers(count=1, kind="embedder")
     docs = [{"id": f"fault-{pause}-{i}", "text": f"document {i} about {pause}"} for i in range(12)]
     job_id = submit(fweb, "embed_and_pause", {"documents": docs, "pause": pause, "retries": 2})
-    horse = psutil.Process(job_pid(fault_db, job_id, timeout=120))
+    horse = psutil.Process(job_pid(fault_db, job_id))
     worker = psutil.Process(horse.ppid())
     for process in (worker, horse):
         process.kill()
-    done = fweb.wait_for_status(job_id, {"finished", "failed"}, timeout=150)
+    done = fweb.wait_for_status(job_id, {"finished", "failed"})
     assert done["status"] == "finished", done
     assert requests.get(fweb.url("/index"), timeout=10).json()["documents"] == len(docs)
     assert fault_db.hlen("afterward:index:int-ids") == len(docs)
@@ -371,11 +382,13 @@ def test_recovery_with_the_default_intervals_is_under_a_minute(fault_redis, faul
 
 # ---------------------------------------------------------------- 7. Load with faults
 
-LOAD_JOBS = int(os.environ.get("FAULT_LOAD_JOBS", "10000"))
+# The suite runs 3,000 jobs; FAULT_LOAD_JOBS=10000 is the longer run the README quotes.
+LOAD_JOBS = int(os.environ.get("FAULT_LOAD_JOBS", "3000"))
+KILL_EVERY = float(os.environ.get("FAULT_KILL_EVERY", "3"))
 
 
 @pytest.mark.timeout(900)
-def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_db, tmp_path):
+def test_thousands_of_jobs_while_workers_are_killed(fault_env, fworkers, fault_db, tmp_path):
     fweb = WebService(dict(fault_env, RATE_LIMIT="off"), tmp_path)  # this test is about faults, not limits
     pool = fworkers(count=2)
     ids: list[str] = []
@@ -397,7 +410,7 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
 
     def killer() -> None:
         nonlocal kills
-        while not stop_killing.wait(3):
+        while not stop_killing.wait(KILL_EVERY):
             with suppress(psutil.Error):  # processes come and go meanwhile
                 workers = [c for c in psutil.Process(pool.pid).children() if c.is_running()]
                 if not workers:
@@ -423,7 +436,7 @@ def test_ten_thousand_jobs_while_workers_are_killed(fault_env, fworkers, fault_d
         thread.start()
     for thread in clients:
         thread.join()
-    wait_until(all_done, timeout=600, what="every accepted job to finish", process=pool)
+    wait_until(all_done, timeout=max(600, DEADLINE), what="every accepted job to finish", process=pool)
     elapsed = time.monotonic() - started
     stop_killing.set()
     killing.join()

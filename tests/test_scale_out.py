@@ -18,9 +18,9 @@ import pytest
 import redis
 import requests
 
-from scripts.embedded_redis import EmbeddedRedis, free_port
+from scripts.embedded_redis import EmbeddedRedis
 from service.workers import live_workers
-from tests.support import ROOT, Process, base_env, procfile_command, wait_until
+from tests.support import DEADLINE, ROOT, Process, WebService, base_env, procfile_command, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,11 @@ class Host:
         self.processes.append(process)
         return process
 
+    def serve(self) -> WebService:
+        web = WebService(self.env, self.dir, name=f"{self.name}-web", cwd=self.dir)
+        self.processes.append(web.process)
+        return web
+
     @property
     def job_log(self) -> Path:
         return self.dir / "jobs.log"
@@ -63,8 +68,10 @@ class Host:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, Host]]]:
     server = EmbeddedRedis(tmp_path / "redis-host").start()
-    hosts = {name: Host(tmp_path, name, server.url) for name in ("web", "worker-1", "worker-2", "embedder")}
+    hosts: dict[str, Host] = {}
     try:
+        for name in ("web", "worker-1", "worker-2", "embedder"):
+            hosts[name] = Host(tmp_path, name, server.url)
         yield server.url, hosts
     finally:
         for host in hosts.values():
@@ -75,13 +82,10 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, Host]]]:
 def test_hosts_sharing_only_redis(cluster):
     redis_url, hosts = cluster
     connection = redis.Redis.from_url(redis_url)
-    port = free_port()
-    web = hosts["web"].run("web", HOST="127.0.0.1", PORT=str(port))
-    base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _up(base), timeout=30, what="the web host", process=web)
+    base = hosts["web"].serve().base
     hosts["worker-1"].run("worker", WORKERS="1")
     hosts["embedder"].run("embedder", EMBED_WORKERS="1")
-    wait_until(lambda: len(live_workers(connection)) >= 2, timeout=120, what="workers on two hosts")
+    wait_until(lambda: len(live_workers(connection)) >= 2, what="workers on two hosts")
 
     # A job submitted to the web host runs on the worker host.
     marker = uuid.uuid4().hex
@@ -96,14 +100,14 @@ def test_hosts_sharing_only_redis(cluster):
         {"id": "compiler", "text": "The compiler turns source code into machine instructions."},
     ]
     embed = requests.post(f"{base}/jobs/embed", json={"documents": docs}, timeout=10).json()
-    assert _wait(base, embed["id"], 120)["status"] == "finished"
+    assert _wait(base, embed["id"])["status"] == "finished"
     found = requests.get(f"{base}/search", params={"q": "an enormous sea mammal", "k": 1}, timeout=60).json()
     assert found["results"][0]["id"] == "whale"
 
     # A second worker host raises throughput (jobs that wait, not compute: 2 cores suffice).
     one_host = _drain(base, count=24, seconds=0.25)
     hosts["worker-2"].run("worker", WORKERS="1")
-    wait_until(lambda: len(live_workers(connection)) >= 3, timeout=60, what="the second worker host")
+    wait_until(lambda: len(live_workers(connection)) >= 3, what="the second worker host")
     two_hosts = _drain(base, count=24, seconds=0.25)
     print(f"\n24 jobs of 0.25 s: {one_host:.1f} jobs/s on one worker host, {two_hosts:.1f} on two")
     assert two_hosts > 1.5 * one_host
@@ -121,16 +125,9 @@ def _drain(base: str, count: int, seconds: float) -> float:
     return count / (time.monotonic() - started)
 
 
-def _wait(base: str, job_id: str, timeout: float = 60) -> dict:
+def _wait(base: str, job_id: str, timeout: float = DEADLINE) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         view = requests.get(f"{base}/jobs/{job_id}", params={"wait": 10}, timeout=30).json()
         if view["status"] in ("finished", "failed", "canceled", "stopped") or time.monotonic() > deadline:
             return view
-
-
-def _up(base: str) -> bool:
-    try:
-        return requests.get(base + "/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False

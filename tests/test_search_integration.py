@@ -57,7 +57,7 @@ def embedder(module_db, session_env, tmp_path_factory) -> Iterator[Process]:
         dict(session_env, LOG_FILE=str(log_dir / "jobs.log")), log_dir, count=2, kind="embedder"
     )
     client = module_db.client()
-    wait_until(lambda: len(live_workers(client)) >= 2, timeout=120, what="two embed workers", process=process)
+    wait_until(lambda: len(live_workers(client)) >= 2, what="two embed workers", process=process)
     yield process
     process.kill()
 
@@ -70,7 +70,7 @@ def run(web, embedder) -> WebService:
 def embed(web: WebService, body: dict, **kwargs) -> dict:
     response = web.post_job("embed", body, **kwargs)
     assert response.status_code == 202, response.text
-    return web.wait_for_status(response.json()["id"], {"finished", "failed"}, timeout=120)
+    return web.wait_for_status(response.json()["id"], {"finished", "failed"})
 
 
 def search(
@@ -215,9 +215,9 @@ def test_a_job_killed_mid_way_and_retried_indexes_each_document_once(run, module
     response = run.post_job("embed_and_pause", body)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    pid = wait_until(lambda: client.get(f"afterward-test:pid:{job_id}"), timeout=120, what="the job to pause")
+    pid = wait_until(lambda: client.get(f"afterward-test:pid:{job_id}"), what="the job to pause")
     os.kill(int(pid), signal.SIGKILL)
-    done = run.wait_for_status(job_id, {"finished", "failed"}, timeout=120)
+    done = run.wait_for_status(job_id, {"finished", "failed"})
     assert done["status"] == "finished", done
     assert done["attempts"] == 2
     assert index_count(run) == before + len(CORPUS)

@@ -143,7 +143,7 @@ def _wait_for_end(job: Job, seconds: float) -> Job:
                 remaining = deadline - time.monotonic()
                 if is_terminal(job) or remaining <= 0:
                     return job
-                ended.wait(min(remaining, 1.0))
+                ended.wait(min(remaining, max(0.1, state.settings.long_poll_recheck)))
                 ended.clear()
 
 
