@@ -33,6 +33,24 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def choose_redis(env: dict[str, str], local: str, data_dir: Path) -> tuple[EmbeddedRedis | None, str]:
+    """Set env["REDIS_URL"]: the given one, else a Redis answering at `local`, else a private one.
+
+    Returns the private server if one was started, and a sentence saying which Redis is used.
+    """
+    if env.get("REDIS_URL"):
+        return None, f"using REDIS_URL from the environment: {redacted(env['REDIS_URL'])}"
+    if answers(local):
+        env["REDIS_URL"] = local
+        return None, (
+            f"using a Redis that was already running at {local}, not one started by make run: "
+            "jobs share its database 0 with anything else using it. Set REDIS_URL to choose another."
+        )
+    embedded = EmbeddedRedis(data_dir).start()
+    env["REDIS_URL"] = embedded.url
+    return embedded, f"started a private Redis at {embedded.url} (data in {data_dir})"
+
+
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("HOST", "127.0.0.1")
@@ -43,20 +61,8 @@ def main() -> int:
     # The Procfile names `gunicorn` and `rq`: the ones installed next to this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
 
-    embedded = None
-    if "REDIS_URL" in env:
-        print(f"run: using REDIS_URL from the environment: {redacted(env['REDIS_URL'])}", flush=True)
-    elif answers(LOCAL_REDIS):
-        env["REDIS_URL"] = LOCAL_REDIS
-        print(
-            f"run: using a Redis that was already running at {LOCAL_REDIS} (not started by make run; "
-            "jobs share its database 0 with anything else using it). Set REDIS_URL to choose another.",
-            flush=True,
-        )
-    else:
-        embedded = EmbeddedRedis(ROOT / "var" / "redis").start()
-        env["REDIS_URL"] = embedded.url
-        print(f"run: started a private Redis at {embedded.url} (data in var/redis)", flush=True)
+    embedded, message = choose_redis(env, LOCAL_REDIS, ROOT / "var" / "redis")
+    print(f"run: {message}", flush=True)
     print(f"run: API on http://{env['HOST']}:{env['PORT']}", flush=True)
     subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
 
