@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -40,6 +41,33 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     print(f"\n\nFAILED: {len(left)} process(es) outlived their tests (now killed):\n  {names}", flush=True)
     if session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    item.stash[first_process] = len(Process.started)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    """A failed test's report ends with the last lines of each process it used.
+
+    Those are the processes it started, and those started before it (the session's web
+    process) that are still running.
+    """
+    report = yield
+    if report.failed:
+        first = item.stash.get(first_process, 0)
+        earlier = [process for process in Process.started[:first] if process.alive()]
+        for process in earlier + Process.started[first:]:
+            with contextlib.suppress(OSError):
+                tail = "\n".join(process.output().splitlines()[-40:])
+                report.sections.append((f"{process.name} log ({process.log_path})", tail))
+    return report
+
+
+first_process = pytest.StashKey[int]()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import redis
@@ -113,6 +113,10 @@ class Process:
     children, so a tag in the environment finds every descendant, wherever it went.
     """
 
+    # Every process started in this test process, oldest first: a failed test's report shows
+    # the end of the logs of those it started (tests/conftest.py).
+    started: ClassVar[list[Process]] = []
+
     def __init__(
         self, name: str, command: str, env: dict[str, str], log_path: Path, cwd: Path = ROOT
     ) -> None:
@@ -128,6 +132,7 @@ class Process:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        Process.started.append(self)
 
     @property
     def pid(self) -> int:
