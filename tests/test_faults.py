@@ -221,7 +221,7 @@ def test_every_accepted_job_survives_a_redis_restart(fweb, fworkers, fault_redis
     assert down.status_code == 503
     assert down.json()["error"]["details"]["checks"]["redis"] == "unreachable"
     wait_until(lambda: refused, what="a refused submission")
-    time.sleep(2)
+    time.sleep(2)  # an outage of two seconds, while the clients keep submitting
     fault_redis.start()  # ...and comes back with the same files
     wait_until(lambda: len(accepted) > 150, what="submissions to resume")
     stop.set()
