@@ -47,7 +47,7 @@ def stock(db, tmp: Path, jobs: int, workers: int) -> float:
         wait_until(lambda: connection.scard("rq:workers") >= workers, timeout=60, what="stock workers")
         queue = Queue("default", connection=connection)
         started = time.perf_counter()
-        ids = [queue.enqueue("jobs.log.write_log", message=f"job {i}").id for i in range(jobs)]
+        ids = [queue.enqueue("jobs.types.log.write_log", message=f"job {i}").id for i in range(jobs)]
         wait_finished(connection, ids)
         return jobs / (time.perf_counter() - started)
     finally:

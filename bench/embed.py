@@ -34,7 +34,7 @@ def texts(count: int) -> list[str]:
 def raw(corpus: list[str], threads: int) -> float:
     import torch
 
-    from jobs.embedding import model_path
+    from jobs.index.embedding import model_path
 
     torch.set_num_threads(threads)
     from sentence_transformers import SentenceTransformer

@@ -24,7 +24,7 @@ import requests
 
 import jobs  # noqa: F401 - pins thread counts before numpy work starts
 from bench.common import bench_parser, database
-from jobs.embedding import get_encoder
+from jobs.index.embedding import get_encoder
 from jobs.index.replica import Replica
 from jobs.index.store import DocumentStore
 from tests.support import WebService, base_env, start_workers, wait_until

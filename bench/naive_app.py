@@ -15,7 +15,7 @@ def create_app() -> Flask:
 
     @app.post("/jobs/log")
     def enqueue() -> tuple[dict, int]:
-        job = queue.enqueue("jobs.log.write_log", message=request.get_json()["message"])
+        job = queue.enqueue("jobs.types.log.write_log", message=request.get_json()["message"])
         return {"id": job.id, "status": "queued"}, 202
 
     return app

@@ -19,14 +19,18 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
 from bench.common import bench_parser, database
-from jobs.job import Job
-from jobs.queue import Queue
+from jobs.engine.job import Job
+from jobs.engine.queue import Queue
 from tests.support import ROOT, TestDatabase, base_env
 
 CLASSES = {
     "stock rq.Worker (fork per job)": ("rq.Worker", "rq.job.Job", "rq.Queue"),
     "rq.SimpleWorker (no fork)": ("rq.SimpleWorker", "rq.job.Job", "rq.Queue"),
-    "afterward jobs.worker.Worker": ("jobs.worker.Worker", "jobs.job.Job", "jobs.queue.Queue"),
+    "afterward jobs.engine.worker.Worker": (
+        "jobs.engine.worker.Worker",
+        "jobs.engine.job.Job",
+        "jobs.engine.queue.Queue",
+    ),
 }
 
 
@@ -37,7 +41,7 @@ def run(
     connection = db.client()
     ours = classes[0].startswith("jobs.")
     queue = (Queue if ours else RQQueue)("default", connection=connection, serializer=JSONSerializer)
-    ids = [queue.enqueue("jobs.log.write_log", message=f"bench {i}").id for i in range(jobs)]
+    ids = [queue.enqueue("jobs.types.log.write_log", message=f"bench {i}").id for i in range(jobs)]
     worker_class, job_class, queue_class = classes
     command = [
         str(Path(sys.executable).with_name("rq")),

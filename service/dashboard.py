@@ -20,10 +20,10 @@ from flask import Flask, Response, request
 from rq.exceptions import NoSuchJobError
 from rq.serializers import JSONSerializer
 
-from jobs.job import Job
-from jobs.queue import Queue
+from jobs.engine.job import Job
+from jobs.engine.queue import Queue
+from jobs.engine.worker import Worker, plain_message
 from jobs.settings import Settings
-from jobs.worker import Worker, plain_message
 from service.errors import ApiError, error_response
 from service.state import AppState
 

@@ -10,7 +10,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 
 from jobs import keys
-from jobs.job import TERMINAL_STATUSES, Job
+from jobs.engine.job import TERMINAL_STATUSES, Job
 from service.errors import ApiError
 from service.requests import log_job
 from service.state import AppState

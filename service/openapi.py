@@ -14,7 +14,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from jobs.schema import PRIORITIES
+from jobs.families import PRIORITIES
 from service.state import AppState, get_state
 from service.submit import request_model
 from service.views.jobs import MAX_WAIT_SECONDS, ListQuery

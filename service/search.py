@@ -17,7 +17,7 @@ import redis
 from jobs.settings import Settings
 
 if TYPE_CHECKING:
-    from jobs.embedding import Encoder
+    from jobs.index.embedding import Encoder
     from jobs.index.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class SearchService:
         if self._replica is None or self._encoder is None:
             with self._loading:
                 if self._replica is None or self._encoder is None:
-                    from jobs.embedding import get_encoder
+                    from jobs.index.embedding import get_encoder
                     from jobs.index.replica import Replica
 
                     encoder = get_encoder()

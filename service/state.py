@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from jobs.queue import Queue
-from jobs.registry import JobType, job_types
-from jobs.schema import EMBED, GENERAL, family_queues
+from jobs.engine.queue import Queue
+from jobs.families import EMBED, GENERAL, family_queues
 from jobs.settings import Settings
+from jobs.types.registry import JobType, job_types
 from service.search import SearchService
 from service.waiting import JobWaiter
 

@@ -18,10 +18,11 @@ from rq.job import JobStatus
 from rq.utils import now
 
 from jobs import keys, metrics
-from jobs.job import Job
-from jobs.registry import JobType
-from jobs.schema import OPTION_FIELDS, JobInput, JobOptions, options_model, queue_name
+from jobs.engine.job import Job
+from jobs.families import queue_name
 from jobs.settings import Settings
+from jobs.types.registry import JobType
+from jobs.types.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
 from service.body import validate
 from service.errors import ApiError
 from service.requests import current_request_id

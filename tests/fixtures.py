@@ -12,12 +12,13 @@ from pydantic import Field
 from rq import Worker as RQWorker
 from rq import get_current_job
 
-from jobs.embed import EmbedInput, describe_embed, prepare_embed
-from jobs.embedding import get_encoder
+from jobs.engine.worker import Worker
+from jobs.families import EMBED
+from jobs.index.embedding import get_encoder
 from jobs.index.store import DocumentStore
-from jobs.registry import JobType
-from jobs.schema import EMBED, JobInput
-from jobs.worker import Worker
+from jobs.types.embed import EmbedInput, describe_embed, prepare_embed
+from jobs.types.registry import JobType
+from jobs.types.schema import JobInput
 
 
 class FlakyInput(JobInput):

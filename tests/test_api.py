@@ -9,7 +9,7 @@ import pytest
 from rq.job import JobStatus
 
 from jobs import keys
-from jobs.job import Job
+from jobs.engine.job import Job
 
 VIEW_FIELDS = {
     "id",
@@ -65,7 +65,7 @@ def test_post_log_job_answers_202_with_location_and_view(client, fake_redis):
     # The job is JSON in Redis, never pickle, and names the registered function.
     raw = fake_redis.hget(f"rq:job:{view['id']}", "data")
     stored = json.loads(zlib.decompress(raw))
-    assert stored[0] == "jobs.log.write_log"
+    assert stored[0] == "jobs.types.log.write_log"
     assert stored[3] == {"message": "hello", "level": "warning"}
     assert fake_redis.lrange("rq:queue:default", 0, -1) == [view["id"].encode()]
 

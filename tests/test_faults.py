@@ -287,7 +287,7 @@ def test_a_job_taken_by_a_worker_that_dies_before_starting_it_runs(
 ):
     job_id = submit(fweb, "log", {"message": "taken, then orphaned"})
     pausing = pausing_worker(
-        fault_env, tmp_path, "tests.fixtures.PausingWorker", "jobs.job.Job", "jobs.queue.Queue"
+        fault_env, tmp_path, "tests.fixtures.PausingWorker", "jobs.engine.job.Job", "jobs.engine.queue.Queue"
     )
     try:
         os.kill(
@@ -304,7 +304,7 @@ def test_a_job_taken_by_a_worker_that_dies_before_starting_it_runs(
 def test_stock_rq_loses_a_job_in_that_window(fault_env, fault_redis, fault_db, tmp_path):
     # The same kill with stock RQ's classes: the job is in no queue and no registry, for good.
     queue = RQQueue("default", connection=fault_db, serializer=JSONSerializer)
-    job = queue.enqueue("jobs.log.write_log", message="lost")
+    job = queue.enqueue("jobs.types.log.write_log", message="lost")
     pausing = pausing_worker(
         fault_env, tmp_path, "tests.fixtures.StockPausingWorker", "rq.job.Job", "rq.Queue"
     )
@@ -323,7 +323,7 @@ def test_stock_rq_loses_a_job_in_that_window(fault_env, fault_redis, fault_db, t
     )
     try:
         # A later job runs, so the stock worker is up and dequeuing; the lost one never does.
-        probe = queue.enqueue("jobs.log.write_log", message="probe")
+        probe = queue.enqueue("jobs.types.log.write_log", message="probe")
         wait_until(lambda: status(fault_db, probe.id) == "finished", what="the probe job", process=stock)
         assert status(fault_db, job.id) == "queued"  # what it says; but nothing will ever run it:
         for key in fault_db.scan_iter("rq:*"):

@@ -191,11 +191,11 @@ class CountingEncoder:
 
 
 def test_an_embed_job_encodes_the_jobs_queued_behind_it(fake_redis):
+    from jobs.engine.queue import Queue
     from jobs.index.batching import forget, vectors_for
-    from jobs.queue import Queue
 
     queue = Queue("embed-default", connection=fake_redis)
-    function = "jobs.embed.embed_documents"
+    function = "jobs.types.embed.embed_documents"
     jobs = [
         queue.enqueue(function, documents=[{"id": f"d{i}", "text": f"text {i}"}], revision=1)
         for i in range(4)
@@ -223,15 +223,15 @@ def test_a_job_whose_claimer_vanished_encodes_its_own_texts(fake_redis, monkeypa
     fake_redis.set(keys.embed_claim("orphan"), "1")  # claimed by a worker that then died
     encoder = CountingEncoder()
     vectors = batching.vectors_for(
-        fake_redis, "orphan", ["alone"], encoder, 128, "jobs.embed.embed_documents"
+        fake_redis, "orphan", ["alone"], encoder, 128, "jobs.types.embed.embed_documents"
     )
     assert encoder.calls == [1]
     assert np.allclose(vectors, encode(["alone"]))
 
 
 def test_batching_takes_only_jobs_of_the_same_function(fake_redis):
+    from jobs.engine.queue import Queue
     from jobs.index.batching import vectors_for
-    from jobs.queue import Queue
 
     queue = Queue("embed-default", connection=fake_redis)
     other = queue.enqueue(
@@ -241,6 +241,6 @@ def test_batching_takes_only_jobs_of_the_same_function(fake_redis):
         pause="after_write",
     )
     encoder = CountingEncoder()
-    vectors_for(fake_redis, "first", ["mine"], encoder, 128, "jobs.embed.embed_documents")
+    vectors_for(fake_redis, "first", ["mine"], encoder, 128, "jobs.types.embed.embed_documents")
     assert encoder.calls == [1]
     assert fake_redis.get(f"afterward:embed:vectors:{other.id}") is None

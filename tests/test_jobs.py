@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from jobs.log import write_log
 from rq.serializers import DefaultSerializer
 from rq.timeouts import JobTimeoutException
 
-from jobs import sleep as sleep_module
-from jobs.job import Job, UnregisteredJobError
-from jobs.log import write_log
-from jobs.registry import JOB_TYPES, allowed_functions
+from jobs.engine.job import Job, UnregisteredJobError
+from jobs.engine.worker import describe_exception
 from jobs.settings import Settings
-from jobs.sleep import sleep_for
-from jobs.worker import describe_exception
+from jobs.types import sleep as sleep_module
+from jobs.types.registry import JOB_TYPES, allowed_functions
+from jobs.types.sleep import sleep_for
 
 
 @pytest.fixture
@@ -68,16 +68,21 @@ def test_sleep_reports_progress_at_least_once_a_second(monkeypatch):
 
 def test_job_is_json_even_when_asked_for_pickle(fake_redis):
     job = Job.create(
-        "jobs.log.write_log", kwargs={"message": "x"}, connection=fake_redis, serializer=DefaultSerializer
+        "jobs.types.log.write_log",
+        kwargs={"message": "x"},
+        connection=fake_redis,
+        serializer=DefaultSerializer,
     )
     job.save()
     data = fake_redis.hget(job.key, "data")
     import zlib
 
-    assert json.loads(zlib.decompress(data))[0] == "jobs.log.write_log"
+    assert json.loads(zlib.decompress(data))[0] == "jobs.types.log.write_log"
 
 
-@pytest.mark.parametrize("name", ["os.system", "subprocess.call", "builtins.eval", "jobs.log.encode_line"])
+@pytest.mark.parametrize(
+    "name", ["os.system", "subprocess.call", "builtins.eval", "jobs.types.log.encode_line"]
+)
 def test_job_refuses_unregistered_functions(fake_redis, name):
     job = Job.create(name, args=["echo pwned"], connection=fake_redis)
     with pytest.raises(UnregisteredJobError, match="not a registered job function"):
@@ -86,12 +91,12 @@ def test_job_refuses_unregistered_functions(fake_redis, name):
 
 def test_registered_functions_resolve(fake_redis):
     assert allowed_functions() == {job_type.path for job_type in JOB_TYPES.values()}
-    job = Job.create("jobs.log.write_log", kwargs={"message": "x"}, connection=fake_redis)
+    job = Job.create("jobs.types.log.write_log", kwargs={"message": "x"}, connection=fake_redis)
     assert job.func is write_log
 
 
 def test_errors_are_described_without_tracebacks(fake_redis):
-    job = Job.create("jobs.sleep.sleep_for", kwargs={"seconds": 5}, connection=fake_redis, timeout=5)
+    job = Job.create("jobs.types.sleep.sleep_for", kwargs={"seconds": 5}, connection=fake_redis, timeout=5)
     assert describe_exception(
         job, JobTimeoutException("Task exceeded maximum timeout value (5 seconds)")
     ) == {

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import metrics
-from jobs.job import Job
+from jobs.engine.job import Job
 from service import create_app
 from tests.test_api import assert_error
 

@@ -20,7 +20,7 @@ from tests.test_index import CountingEncoder
 def spec_app(fake_redis, tmp_path, monkeypatch):
     # Searches answer from the stand-in encoder: the spec is about shapes, not meaning, and
     # the real model would load inside pytest.
-    monkeypatch.setattr("jobs.embedding.get_encoder", CountingEncoder)
+    monkeypatch.setattr("jobs.index.embedding.get_encoder", CountingEncoder)
     return create_app({"search_warmup": 0, "log_file": str(tmp_path / "jobs.log")})
 
 

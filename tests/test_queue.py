@@ -1,4 +1,4 @@
-"""The reliable dequeue (jobs.queue) on fakeredis: order, atomic hand-over, recovery."""
+"""The reliable dequeue (jobs.engine.queue) on fakeredis: order, atomic hand-over, recovery."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from rq.exceptions import DequeueTimeout
 
 from jobs import keys
-from jobs.job import Job
-from jobs.queue import Queue, recover_intermediate
+from jobs.engine.job import Job
+from jobs.engine.queue import Queue, recover_intermediate
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def queues(fake_redis):
 
 
 def enqueue(queue: Queue, message: str) -> Job:
-    return queue.enqueue("jobs.log.write_log", message=message)
+    return queue.enqueue("jobs.types.log.write_log", message=message)
 
 
 def test_takes_jobs_in_queue_priority_order(queues, fake_redis):

@@ -111,7 +111,7 @@ def test_hosts_sharing_only_redis(cluster):
     two_hosts = _drain(base, count=24, seconds=0.25)
     print(f"\n24 jobs of 0.25 s: {one_host:.1f} jobs/s on one worker host, {two_hosts:.1f} on two")
     assert two_hosts > 1.5 * one_host
-    assert "jobs.sleep.sleep_for" in (hosts["worker-2"].dir / "worker.log").read_text()
+    assert "jobs.types.sleep.sleep_for" in (hosts["worker-2"].dir / "worker.log").read_text()
 
 
 def _drain(base: str, count: int, seconds: float) -> float:

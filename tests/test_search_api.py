@@ -135,7 +135,8 @@ def test_the_web_app_and_regular_workers_do_not_import_torch_at_start():
     import sys
 
     code = (
-        "import sys; from service import create_app; import jobs.worker, jobs.registry, tests.fixtures;"
+        "import sys; from service import create_app;"
+        "import jobs.engine.worker, jobs.types.registry, tests.fixtures;"
         "create_app({'search_warmup': 0}); sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -9,8 +9,8 @@ import logging
 import pytest
 from rq.job import JobStatus
 
-from jobs.job import Job
-from jobs.worker import describe_exception
+from jobs.engine.job import Job
+from jobs.engine.worker import describe_exception
 from service import create_app
 from tests.test_api import assert_error
 
@@ -261,7 +261,7 @@ def test_body_limit_is_configurable(fake_redis, tmp_path):
 def test_job_errors_leave_out_paths_and_redis_details(fake_redis):
     import redis
 
-    job = Job.create("jobs.log.write_log", kwargs={"message": "x"}, connection=fake_redis)
+    job = Job.create("jobs.types.log.write_log", kwargs={"message": "x"}, connection=fake_redis)
     error = describe_exception(job, PermissionError(13, "Permission denied", "/var/lib/afterward/jobs.log"))
     assert "/var" not in error["message"] and "<path>" in error["message"]
     error = describe_exception(

@@ -20,10 +20,10 @@ import numpy as np
 import redis
 
 from jobs import keys
-from jobs.schema import EMBED, family_queues
+from jobs.families import EMBED, family_queues
 
 if TYPE_CHECKING:
-    from jobs.embedding import Encoder
+    from jobs.index.embedding import Encoder
 
 # How long a claim and a cached result live (seconds).
 CLAIM_TTL = 60
@@ -86,7 +86,7 @@ def _claim_neighbours(
     Claims are taken from the back of the queues: the other workers take jobs from the front,
     find them unclaimed and encode batches of their own meanwhile, instead of waiting for ours.
     """
-    from jobs.job import Job
+    from jobs.engine.job import Job
 
     if room <= 0:
         return []

@@ -14,8 +14,8 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
 
 from jobs import keys
-from jobs.job import Job
-from jobs.schema import Queue
+from jobs.engine.job import Job
+from jobs.types.schema import Queue
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.jobview import is_terminal, job_view, load_job, recent_jobs

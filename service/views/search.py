@@ -9,9 +9,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from jobs.embed import DOCUMENT_ID_PATTERN
 from jobs.index.store import DocumentStore
-from jobs.schema import limits, within
+from jobs.types.embed import DOCUMENT_ID_PATTERN
+from jobs.types.schema import limits, within
 from service.body import read_json_object, validate
 from service.errors import ApiError
 from service.state import get_state
@@ -104,7 +104,7 @@ def index_info() -> Response:
     state = get_state()
     stats = DocumentStore(state.redis).stats()
     if stats["dimensions"] is None:
-        from jobs.embedding import model_dimensions
+        from jobs.index.embedding import model_dimensions
 
         stats["dimensions"] = model_dimensions()
     stats["model"] = stats["model"] or state.settings.embed_model_name

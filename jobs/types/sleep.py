@@ -6,8 +6,8 @@ import time
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from jobs.progress import report_progress
-from jobs.schema import JobInput, limits
+from jobs.types.progress import report_progress
+from jobs.types.schema import JobInput, limits
 
 # Progress is reported at least this often (seconds).
 PROGRESS_EVERY = 0.5

@@ -24,7 +24,7 @@ from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.serializers import JSONSerializer
 
 from jobs import keys
-from jobs.job import Job
+from jobs.engine.job import Job
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
-from jobs.registry import allowed_functions
 from jobs.settings import get_settings
+from jobs.types.registry import allowed_functions
 
 TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED})
 

@@ -10,9 +10,9 @@ import redis
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from rq import get_current_job
 
-from jobs.progress import report_progress
-from jobs.schema import JobInput, limits, within
 from jobs.settings import get_settings
+from jobs.types.progress import report_progress
+from jobs.types.schema import JobInput, limits, within
 
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,256}$"
 
@@ -93,8 +93,8 @@ def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str,
     Safe to run again after a crash at any point: documents are keyed by id, and a rewrite
     with the same revision changes nothing.
     """
-    from jobs.embedding import get_encoder
     from jobs.index.batching import forget, vectors_for
+    from jobs.index.embedding import get_encoder
     from jobs.index.store import DocumentStore
 
     count = len(documents)

@@ -9,25 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model
 
 from jobs.settings import Settings, get_settings
 
-PRIORITIES = ("high", "default", "low")
-"""The `queue` a client picks, in the order workers take jobs."""
-
+# The `queue` a client picks (jobs.families.PRIORITIES).
 Queue = Literal["high", "default", "low"]
-
-# Job types of a family have RQ queues of their own, served by their own process type.
-GENERAL = ""
-EMBED = "embed"
-
-
-def queue_name(family: str, priority: str) -> str:
-    """The RQ queue of a job type family and priority: `high`, or `embed-high` for embeddings."""
-    return f"{family}-{priority}" if family else priority
-
-
-def family_queues(family: str) -> list[str]:
-    """A family's RQ queues in the order its workers take jobs."""
-    return [queue_name(family, priority) for priority in PRIORITIES]
-
 
 MAX_RETRIES = 10
 

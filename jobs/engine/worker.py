@@ -1,6 +1,6 @@
 """The RQ worker class Afterward's workers run; see the Procfile's `worker:` line.
 
-rq worker-pool high default low -n 2 -w jobs.worker.Worker -j jobs.job.Job -S json
+rq worker-pool high default low -n 2 -w jobs.engine.worker.Worker -j jobs.engine.job.Job -S json
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from rq.worker.base import logger
 
 from jobs import keys, logs, metrics
 from jobs.connection import warn_if_evicting
-from jobs.horse import DONE, RETIRING, Horse, Order, read_orders
-from jobs.job import Job, UnregisteredJobError
-from jobs.queue import Queue, recover_intermediate
+from jobs.engine.horse import DONE, RETIRING, Horse, Order, read_orders
+from jobs.engine.job import Job, UnregisteredJobError
+from jobs.engine.queue import Queue, recover_intermediate
 from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Worker(ForkingWorker):
         super().teardown()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        # Every job was moved onto an intermediate list (jobs.queue), whatever the number of queues.
+        # Every job was moved onto an intermediate list (jobs.engine.queue), whatever the number of queues.
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
     def clean_registries(self) -> None:
@@ -344,7 +344,7 @@ class EmbedWorker(Worker):
         self._spawn_horse()
 
     def horse_started(self) -> None:
-        from jobs.embedding import get_encoder
+        from jobs.index.embedding import get_encoder
 
         encoder = get_encoder()
         encoder.encode(["warm up the model before the first job"])

@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from rq import get_current_job
 
-from jobs.schema import JobInput, limits, within
 from jobs.settings import get_settings
+from jobs.types.schema import JobInput, limits, within
 
 
 class LogInput(JobInput):

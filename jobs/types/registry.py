@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from jobs.embed import EmbedInput, describe_embed, embed_documents, prepare_embed
+from jobs.families import EMBED, GENERAL
 from jobs.log import LogInput, write_log
-from jobs.schema import EMBED, GENERAL, OPTION_FIELDS, JobInput
-from jobs.sleep import SleepInput, sleep_for
+from jobs.types.embed import EmbedInput, describe_embed, embed_documents, prepare_embed
+from jobs.types.schema import OPTION_FIELDS, JobInput
+from jobs.types.sleep import SleepInput, sleep_for
 
 DEFAULT_TIMEOUT = 180
 
@@ -30,7 +31,7 @@ class JobType:
     input: type[JobInput]
     # Timeout (seconds) when the client sets none: a number or a function of the input.
     default_timeout: int | Callable[[Any], int] = DEFAULT_TIMEOUT
-    # Queue family: its own RQ queues and process type (see jobs.schema).
+    # Queue family: its own RQ queues and process type (see jobs.types.schema).
     family: str = GENERAL
     # Turns validated fields into the function's keyword arguments (e.g. assigns ids).
     prepare: Callable[[dict], dict] | None = None
