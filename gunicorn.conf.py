@@ -5,9 +5,9 @@ import shutil
 import tempfile
 
 from jobs.logs import DICT_CONFIG
-from jobs.settings import Settings
+from jobs.settings import get_settings
 
-_settings = Settings.from_env()
+_settings = get_settings()
 
 # Heroku assigns PORT; `make run` sets HOST to stay on loopback.
 bind = f"{_settings.host}:{_settings.port}"

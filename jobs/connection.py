@@ -1,34 +1,70 @@
-"""Redis connections for workers, and checks on the Redis they connect to."""
+"""Every Redis client Afterward opens, and checks on the Redis they connect to.
+
+One factory, so that every client — web, workers, the rate limiter, the release check —
+honours REDIS_URL and its TLS opt-in (`Settings.redis_client_url`) the same way, with the
+timeouts its role needs.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from jobs.settings import Settings, get_settings
+
 log = logging.getLogger(__name__)
 
-# A worker rides out a Redis restart or a network blip this long before giving up on a call.
-WORKER_RETRIES = 40
-WORKER_BACKOFF = ExponentialBackoff(cap=2.0, base=0.1)
+Role = Literal["web", "worker", "tool"]
+
+# Waits between a worker's retries of a Redis call: 0.1 s, doubling, at most 2 s.
+WORKER_BACKOFF_BASE = 0.1
+WORKER_BACKOFF_CAP = 2.0
+
+
+def connect(settings: Settings | None = None, role: Role = "web") -> redis.Redis:
+    """A client for REDIS_URL.
+
+    web: fails fast (the API answers 503 at once). worker: rides out a Redis restart or a
+    network blip for `Settings.worker_retry_seconds`. tool: one patient try (release check).
+    """
+    settings = settings or get_settings()
+    url = settings.redis_client_url
+    if role == "worker":
+        return WorkerRedis.from_url(url)
+    if role == "tool":
+        return redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=10)
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
 
 
 class WorkerRedis(redis.Redis):
     """The Redis client of worker processes (`rq --connection-class`): calls wait for Redis.
 
-    A job that finishes while Redis restarts still records its result once Redis is back,
-    instead of failing the job for want of a connection. The web process keeps redis-py's
-    short retries: it answers 503 at once instead.
+    A job that finishes while Redis restarts still records its result once Redis is back.
+    The wait is bounded by the job heartbeat (see `Settings.worker_retry_seconds`): a worker
+    cut off for longer gives up, and its job is recovered as abandoned, never run twice at once.
     """
 
     @classmethod
     def from_url(cls, url: str, **kwargs):  # type: ignore[override]
-        kwargs.setdefault("retry", Retry(WORKER_BACKOFF, WORKER_RETRIES))
+        backoff = ExponentialBackoff(WORKER_BACKOFF_CAP, WORKER_BACKOFF_BASE)
+        kwargs.setdefault("retry", Retry(backoff, retries_within(get_settings().worker_retry_seconds)))
         kwargs.setdefault("retry_on_error", [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         kwargs.setdefault("health_check_interval", 30)
         return super().from_url(url, **kwargs)
+
+
+def retries_within(seconds: float) -> int:
+    """How many retries of the worker backoff fit in `seconds` of waiting."""
+    waited, retries, pause = 0.0, 0, WORKER_BACKOFF_BASE
+    while waited + min(pause, WORKER_BACKOFF_CAP) <= seconds:
+        waited += min(pause, WORKER_BACKOFF_CAP)
+        pause *= 2
+        retries += 1
+    return retries
 
 
 def eviction_policy(connection: redis.Redis) -> str | None:

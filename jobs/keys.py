@@ -18,9 +18,6 @@ _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
 # A list per queue that idle workers of that queue block on; every push of a job id rings it.
 _DOORBELL = PREFIX + "doorbell:{queue}"
 
-# When a job id was first seen on a queue's intermediate list without being started.
-_INTERMEDIATE_SEEN = PREFIX + "intermediate-seen:{queue}:{job_id}"
-
 # Prefix of the rate limiter's counters (one per API key and window).
 RATE_LIMITS = PREFIX + "rate-limits"
 
@@ -40,10 +37,6 @@ def idempotency(owner: str, key: str) -> str:
 
 def doorbell(queue: str) -> str:
     return _DOORBELL.format(queue=queue)
-
-
-def intermediate_seen(queue: str, job_id: str) -> str:
-    return _INTERMEDIATE_SEEN.format(queue=queue, job_id=job_id)
 
 
 # ---------------------------------------------------------------- the document index

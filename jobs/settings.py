@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import cache
 from typing import Any
 
 DAY = 24 * 3600
@@ -31,9 +32,6 @@ class Settings:
     port: int = 5000
     web_concurrency: int = 2
     web_threads: int = 16
-    # Worker processes each `worker` / `embedder` process runs (`rq worker-pool`).
-    workers: int = 2
-    embed_workers: int = 1
     # File the `log` job appends to (one JSON object per line).
     log_file: str = "var/log/jobs.log"
     # How long finished and failed jobs (status, result, error) stay readable.
@@ -83,6 +81,8 @@ class Settings:
     timeout_grace: int = 10
     # Jobs one work-horse process runs before the worker replaces it with a fresh one.
     horse_max_jobs: int = 1000
+    # A work-horse whose resident memory is above this (MB) after a job is replaced; 0: no cap.
+    horse_max_rss_mb: int = 1024
     # Seconds between a worker's checks on a running job (heartbeat, hard timeout).
     job_monitoring_interval: int = 5
     # Seconds between a worker's maintenance rounds (registry clean-up, job recovery).
@@ -112,6 +112,20 @@ class Settings:
             separator = "&" if "?" in self.redis_url else "?"
             return f"{self.redis_url}{separator}ssl_cert_reqs=none&ssl_check_hostname=false"
         return self.redis_url
+
+    @property
+    def heartbeat_ttl(self) -> int:
+        """Seconds a running job's heartbeat lasts: after that, maintenance calls it abandoned."""
+        return 3 * self.job_monitoring_interval + 5
+
+    @property
+    def worker_retry_seconds(self) -> float:
+        """How long a worker's Redis calls retry before they fail.
+
+        Shorter than a heartbeat, so a worker cut off from Redis gives up on its job before
+        maintenance elsewhere can take the job for abandoned and run it a second time.
+        """
+        return max(1.0, self.heartbeat_ttl - 2 * self.job_monitoring_interval)
 
     @property
     def waiting_slots(self) -> int:
@@ -158,6 +172,8 @@ def apply_process_environment(environ: dict | None = None) -> None:
     environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@cache
 def get_settings() -> Settings:
-    """Settings for this process, from its environment."""
+    """This process's settings, read from its environment once (`get_settings.cache_clear()`
+    makes the next call read it again)."""
     return Settings.from_env()

@@ -10,7 +10,7 @@ import sys
 
 import redis
 
-from jobs.connection import eviction_policy
+from jobs.connection import connect, eviction_policy
 from jobs.settings import get_settings
 
 MINIMUM_VERSION = (6, 2)
@@ -18,7 +18,7 @@ MINIMUM_VERSION = (6, 2)
 
 def main() -> int:
     settings = get_settings()
-    connection = redis.Redis.from_url(settings.redis_client_url, socket_connect_timeout=10)
+    connection = connect(settings, role="tool")
     try:
         version = connection.info("server")["redis_version"]
     except redis.exceptions.RedisError as error:

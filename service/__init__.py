@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from jobs import logs
 from jobs.connection import warn_if_evicting
-from jobs.settings import Settings
+from jobs.settings import get_settings
 from service import metrics
 from service.dashboard import init_dashboard
 from service.errors import register_error_handlers
@@ -24,7 +24,7 @@ from service.state import init_state
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app; `config` overrides settings read from the environment (tests use it)."""
-    settings = Settings.from_env()
+    settings = get_settings()
     if config:
         settings = settings.with_overrides(config)
     logs.configure()

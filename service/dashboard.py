@@ -20,9 +20,10 @@ from flask import Flask, Response, request
 from rq.exceptions import NoSuchJobError
 from rq.serializers import JSONSerializer
 
+from jobs.engine.errors import plain_message
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue
-from jobs.engine.worker import Worker, plain_message
+from jobs.engine.worker import Worker
 from jobs.settings import Settings
 from service.errors import ApiError, error_response
 from service.state import AppState

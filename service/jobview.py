@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 from rq.exceptions import NoSuchJobError
@@ -11,6 +10,7 @@ from rq.job import JobStatus
 
 from jobs import keys
 from jobs.engine.job import TERMINAL_STATUSES, Job
+from jobs.times import iso
 from service.errors import ApiError
 from service.requests import log_job
 from service.state import AppState
@@ -84,15 +84,6 @@ def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | No
                 break
         start += page
     return found
-
-
-def iso(value: datetime | None) -> str | None:
-    """UTC ISO-8601 with milliseconds and a Z."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _not_found() -> ApiError:

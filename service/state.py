@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
+from jobs.connection import connect
 from jobs.engine.queue import Queue
 from jobs.families import EMBED, GENERAL, family_queues
 from jobs.settings import Settings
@@ -27,18 +28,13 @@ class AppState:
     search: SearchService = field(repr=False)
 
 
-def connect_redis(url: str) -> redis.Redis:
-    """A Redis client that fails fast when the server is unreachable (the API answers 503)."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=30,
-    )
+def connect_redis(settings: Settings) -> redis.Redis:
+    """The web process's client: fails fast when Redis is unreachable (the API answers 503)."""
+    return connect(settings, role="web")
 
 
 def init_state(app: Flask, settings: Settings) -> AppState:
-    connection = connect_redis(settings.redis_client_url)
+    connection = connect_redis(settings)
     state = AppState(
         settings=settings,
         redis=connection,

@@ -15,12 +15,12 @@ from pydantic import create_model
 from rq import Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
-from rq.utils import now
 
 from jobs import keys, metrics
 from jobs.engine.job import Job
 from jobs.families import queue_name
 from jobs.settings import Settings
+from jobs.times import now
 from jobs.types.registry import JobType
 from jobs.types.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
 from service.body import validate

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import redis
-from rq.utils import utcparse
 from rq.worker_registration import REDIS_WORKER_KEYS
+
+from jobs.times import parse_iso
 
 # A worker that has not written a heartbeat for this long is dead, whatever its key says
 # (idle workers heartbeat every MAINTENANCE_INTERVAL, busy ones every few seconds).
@@ -27,8 +28,7 @@ def live_workers(connection: redis.Redis) -> list[str]:
     for name, (heartbeat, death) in zip(names, answers, strict=True):
         if heartbeat is None or death is not None:
             continue
-        beat = utcparse(heartbeat.decode())
-        beat = beat if beat.tzinfo else beat.replace(tzinfo=UTC)
+        beat = parse_iso(heartbeat.decode())
         if (now - beat).total_seconds() < STALE_AFTER_SECONDS:
             live.append(name)
     return live

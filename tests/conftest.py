@@ -14,6 +14,7 @@ import pytest
 import redis
 
 import service.state
+from jobs.settings import get_settings
 from service import create_app
 from tests import ownership
 from tests.support import ROOT, Process, TestDatabase, WebService, base_env, start_workers, test_redis
@@ -71,6 +72,14 @@ first_process = pytest.StashKey[int]()
 
 
 @pytest.fixture(autouse=True)
+def fresh_settings() -> Iterator[None]:
+    """Settings are read from the environment once per process: again for each test."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
     """A unit test must not leave threads running in pytest (a model loading in the background).
 
@@ -97,7 +106,7 @@ def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
 def fake_redis(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeRedis:
     server = fakeredis.FakeServer()
     client = fakeredis.FakeRedis(server=server)
-    monkeypatch.setattr(service.state, "connect_redis", lambda url: client)
+    monkeypatch.setattr(service.state, "connect_redis", lambda settings: client)
     return client
 
 

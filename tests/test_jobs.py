@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from jobs.log import write_log
 from rq.serializers import DefaultSerializer
 from rq.timeouts import JobTimeoutException
 
-from jobs.engine.job import Job, UnregisteredJobError
-from jobs.engine.worker import describe_exception
+from jobs.engine.errors import UnregisteredJobError, describe_exception
+from jobs.engine.job import Job
 from jobs.settings import Settings
 from jobs.types import sleep as sleep_module
+from jobs.types.log import write_log
 from jobs.types.registry import JOB_TYPES, allowed_functions
 from jobs.types.sleep import sleep_for
 

@@ -8,6 +8,7 @@ from rq.exceptions import DequeueTimeout
 from jobs import keys
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue, recover_intermediate
+from jobs.engine.worker import Worker
 
 
 @pytest.fixture
@@ -67,17 +68,36 @@ def test_a_job_taken_by_a_dead_worker_is_put_back_first(queues, fake_redis):
     lost = enqueue(default, "lost")
     later = enqueue(default, "later")
     Queue.dequeue_any(queues, None, connection=fake_redis)  # a worker takes it, then dies
-    assert recover_intermediate(default, set(), older_than=30, now=1000) == []  # first sighting
-    assert recover_intermediate(default, set(), older_than=30, now=1020) == []
-    assert recover_intermediate(default, set(), older_than=30, now=1031) == [lost.id]
+    intermediate = default.intermediate_queue
+    assert recover_intermediate(intermediate, default, older_than=30, now=1000) == []  # first sighting
+    assert recover_intermediate(intermediate, default, older_than=30, now=1020) == []
+    assert recover_intermediate(intermediate, default, older_than=30, now=1031) == [lost.id]
     assert fake_redis.lrange(default.key, 0, -1) == [lost.id.encode(), later.id.encode()]
     assert fake_redis.llen(default.intermediate_queue_key) == 0
+    # The clock starts again for whoever takes it next: RQ's first-seen mark is gone with it.
+    assert not fake_redis.exists(intermediate.get_first_seen_key(lost.id))
 
 
 def test_a_started_job_is_not_put_back(queues, fake_redis):
     default = queues[1]
     job = enqueue(default, "running")
     Queue.dequeue_any(queues, None, connection=fake_redis)
-    assert recover_intermediate(default, {job.id}, older_than=0, now=1000) == []
-    assert recover_intermediate(default, {job.id}, older_than=0, now=2000) == []
+    fake_redis.zadd(default.started_job_registry.key, {f"{job.id}:an-execution": 9e9})
+    intermediate = default.intermediate_queue
+    assert recover_intermediate(intermediate, default, older_than=0, now=1000) == []
+    assert recover_intermediate(intermediate, default, older_than=0, now=2000) == []
     assert fake_redis.llen(default.key) == 0
+
+
+def test_rqs_maintenance_puts_a_job_back_instead_of_failing_it(queues, fake_redis, monkeypatch):
+    # One recovery path: RQ's own clean-up of the intermediate list is ours, with our grace.
+    monkeypatch.setenv("INTERMEDIATE_GRACE", "0")
+    default = queues[1]
+    lost = enqueue(default, "lost")
+    Queue.dequeue_any(queues, None, connection=fake_redis)
+    worker = Worker(queues, connection=fake_redis, prepare_for_work=False)
+    for _ in range(2):  # first sighting, then the put-back
+        fake_redis.delete(default.registry_cleaning_key)
+        worker.clean_registries()
+    assert fake_redis.lrange(default.key, 0, -1) == [lost.id.encode()]
+    assert lost.get_status() == "queued"

@@ -9,8 +9,8 @@ import logging
 import pytest
 from rq.job import JobStatus
 
+from jobs.engine.errors import describe_exception
 from jobs.engine.job import Job
-from jobs.engine.worker import describe_exception
 from service import create_app
 from tests.test_api import assert_error
 

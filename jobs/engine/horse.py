@@ -1,24 +1,38 @@
-"""A work-horse that outlives its job: one forked child runs job after job for its worker.
+"""A work-horse that outlives its job, recycled the way gunicorn and Celery recycle theirs.
 
-RQ forks a new work-horse for every job, which costs a fork, a fresh interpreter state
-and cold caches per job (and, for a process holding a model, tens of milliseconds). Here
-the worker forks one child and hands it job after job over a pipe. The isolation stays:
-the child runs each job under RQ's own timeout, and whenever a job must be stopped — it
-crashed, it ignored its timeout, it was canceled, the worker is shutting down — the worker
-kills the child and forks a fresh one for the next job.
+RQ forks a new work-horse for every job. Here the worker forks one child and hands it job
+after job over a pipe, which saves a fork, a new Redis connection and cold caches per job
+(BENCHMARKS.md measures it). Between jobs the horse puts back what a job can change in its
+process: working directory, environment variables, umask and signal handlers. Everything
+else a job leaves behind (module state, caches, memory, open files) the next job in the same
+horse would see, so the horse is replaced by a fresh fork of its worker after
+
+- any job that did not succeed: it raised, timed out, was stopped, or its horse died;
+- a job that left a thread running;
+- a job after which the horse's resident memory is above `HORSE_MAX_RSS_MB`;
+- `HORSE_MAX_JOBS` jobs.
+
+The horse stays in its worker's process group, so a process manager's signals reach it, and
+the kernel kills it when its worker dies (the parent-death signal), so no job ever runs on
+without the worker that answers for it.
 """
 
 from __future__ import annotations
 
-import errno
+import ctypes
 import os
 import select
 import signal
-import time
+import sys
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -28,19 +42,18 @@ class Order:
     job_id: str
     queue: str
     execution_id: str
-    execution_created_at: float
 
     def encode(self) -> bytes:
-        return f"{self.job_id} {self.queue} {self.execution_id} {self.execution_created_at!r}\n".encode()
+        return f"{self.job_id} {self.queue} {self.execution_id}\n".encode()
 
     @classmethod
     def decode(cls, line: bytes) -> Order:
-        job_id, queue, execution_id, created_at = line.decode().split()
-        return cls(job_id, queue, execution_id, float(created_at))
+        job_id, queue, execution_id = line.decode().split()
+        return cls(job_id, queue, execution_id)
 
 
-DONE = b"done\n"
-RETIRING = b"retiring\n"
+DONE = b"done"
+RETIRING = b"retiring"
 
 
 class Horse:
@@ -49,18 +62,16 @@ class Horse:
     def __init__(self, run: Callable[[int, int], None]) -> None:
         orders_read, orders_write = os.pipe()
         reports_read, reports_write = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the horse
-            os.setpgrp()
-            os.close(orders_write)
-            os.close(reports_read)
             try:
+                die_with_parent(parent)
+                os.close(orders_write)
+                os.close(reports_read)
                 run(orders_read, reports_write)
             finally:
                 os._exit(0)
-        # Its own process group, set from both sides so that a kill sent at once cannot miss.
-        with suppress(OSError):
-            os.setpgid(pid, pid)
         os.close(orders_read)
         os.close(reports_write)
         self.pid = pid
@@ -78,7 +89,7 @@ class Horse:
             return False
 
     def wait_report(self, timeout: float) -> bytes | None:
-        """The horse's next report; None on timeout; b"" when it died."""
+        """The horse's next report (DONE or `RETIRING reason`); None on timeout; b"" when it died."""
         while b"\n" not in self._buffer:
             ready, _, _ = select.select([self._reports], [], [], timeout)
             if not ready:
@@ -88,7 +99,11 @@ class Horse:
                 return b""
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return line + b"\n"
+        return line
+
+    def kill(self) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def reap(self) -> int | None:
         """Wait for the process to be gone and return its wait status."""
@@ -100,33 +115,58 @@ class Horse:
                 self.exit_status = 0
         return self.exit_status
 
-    def close(self, grace: float = 1.0) -> None:
-        """Tell an idle horse to leave (end of its orders), and make sure it does."""
+    def close(self) -> None:
+        """Make sure the horse is gone: an idle horse has nothing to lose."""
         for fd in (self._orders, self._reports):
-            try:
+            with suppress(OSError):
                 os.close(fd)
-            except OSError as error:
-                if error.errno != errno.EBADF:
-                    raise
-        # Another child of the worker (RQ's scheduler) may hold a copy of the pipe, so the
-        # horse might never read the end of its orders: it gets a moment, then SIGKILL.
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.exit_status = 0
-                return
-            if pid:
-                self.exit_status = status
-                return
-            time.sleep(0.02)
-        with suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        self.kill()
         self.reap()
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
 
 
 def read_orders(orders: BinaryIO) -> Order | None:
     """The horse's side: block for the next order; None when the worker closed the pipe."""
     line = orders.readline()
     return Order.decode(line) if line.endswith(b"\n") else None
+
+
+class ProcessState:
+    """What a job may change in its process, captured when the horse starts, put back after each job."""
+
+    def __init__(self) -> None:
+        self.cwd = os.getcwd()
+        self.environ = dict(os.environ)
+        self.umask = os.umask(0)
+        os.umask(self.umask)
+        self.handlers = {signum: signal.getsignal(signum) for signum in _catchable_signals()}
+        self.threads = set(threading.enumerate())
+
+    def restore(self) -> None:
+        os.chdir(self.cwd)
+        if os.environ != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        os.umask(self.umask)
+        for signum, handler in self.handlers.items():
+            if handler is not None and signal.getsignal(signum) != handler:
+                signal.signal(signum, handler)
+
+    def threads_left(self) -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in self.threads and t.is_alive()]
+
+
+def resident_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _catchable_signals() -> list[int]:
+    return [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]

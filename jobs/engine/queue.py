@@ -5,7 +5,8 @@ that dies before recording the job as started (or whose socket outlives it in a 
 child) loses the job for good. Here a Lua script moves the id, in priority order, from the
 first non-empty queue onto that queue's intermediate list in one atomic step; it leaves the
 intermediate list only in the transaction that records the job as started, and a job left
-there by a dead worker is put back at the front of its queue (`recover_intermediate`).
+there by a dead worker is put back at the front of its queue by RQ's own maintenance round,
+through `IntermediateQueue.cleanup`.
 
 Idle workers wait on their queues' doorbell lists, which every push rings, with a one-second
 fallback poll, since Redis cannot block on "move from the first non-empty of several lists".
@@ -21,10 +22,12 @@ from typing import Any
 import redis
 from rq import Queue as RQQueue
 from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue as RQIntermediateQueue
 from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.engine.job import Job
+from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,12 @@ end
 return false
 """
 
+# Move a job id from the intermediate list back to the front of its queue, and forget when
+# it was first seen there, in one step (a worker taking it again starts a new clock).
 _RECOVER = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
   return 1
 end
 return 0
@@ -58,6 +64,10 @@ class Queue(RQQueue):
         kwargs["serializer"] = JSONSerializer
         kwargs["job_class"] = Job
         super().__init__(*args, **kwargs)
+
+    @property
+    def intermediate_queue(self) -> IntermediateQueue:
+        return IntermediateQueue(self.key, connection=self.connection)
 
     def acquire_maintenance_lock(self) -> bool:
         # RQ holds this lock for up to 15 minutes if its worker dies while cleaning, which
@@ -113,34 +123,42 @@ def ring(pipe: Any, queue: str) -> None:
     pipe.ltrim(keys.doorbell(queue), 0, DOORBELL_LIMIT - 1)
 
 
-def recover_intermediate(
-    queue: RQQueue, started_ids: set[str], older_than: float, now: float | None = None
-) -> list[str]:
-    """Put back at the front of `queue` every job a worker took but never started.
+class IntermediateQueue(RQIntermediateQueue):
+    """RQ's intermediate list, whose maintenance puts a job back instead of failing it.
 
-    A job id sits on the intermediate list between the move and the transaction that marks
-    it started; one still there, not started, `older_than` seconds after it was first seen,
-    belongs to a worker that died in between.
+    RQ's maintenance round (`Worker.clean_registries`) calls `cleanup` on each queue's
+    intermediate list: this is the one recovery path for jobs a worker took but never
+    started. Such a job never ran, so it goes back to the front of its queue with its retries
+    intact, `INTERMEDIATE_GRACE` seconds after maintenance first saw it there.
     """
+
+    def cleanup(self, worker: Any, queue: RQQueue) -> None:
+        recover_intermediate(self, queue, older_than=get_settings().intermediate_grace)
+
+
+def recover_intermediate(
+    intermediate: RQIntermediateQueue, queue: RQQueue, older_than: float, now: float | None = None
+) -> list[str]:
+    """Put back at the front of `queue` every job on its intermediate list that a worker took
+    but never started, `older_than` seconds after it was first seen there."""
     connection = queue.connection
     recover = connection.register_script(_RECOVER)
-    recovered = []
+    started = set(queue.started_job_registry.get_job_ids(cleanup=False))
     now = time.time() if now is None else now
-    for raw in connection.lrange(queue.intermediate_queue_key, 0, -1):
-        job_id = raw.decode()
-        seen_key = keys.intermediate_seen(queue.name, job_id)
-        if job_id in started_ids:
+    recovered = []
+    for job_id in intermediate.get_job_ids():
+        seen_key = intermediate.get_first_seen_key(job_id)
+        if job_id in started:
             connection.delete(seen_key)
             continue
         connection.set(seen_key, now, nx=True, ex=24 * 3600)
         first_seen = float(connection.get(seen_key) or now)
         if now - first_seen < older_than:
             continue
-        if recover(keys=[queue.intermediate_queue_key, queue.key], args=[job_id]):
+        if recover(keys=[intermediate.key, queue.key, seen_key], args=[job_id]):
             log.warning("job %s was taken by a worker that never started it; requeued", job_id)
             recovered.append(job_id)
             with connection.pipeline() as pipe:
                 ring(pipe, queue.name)
-                pipe.delete(seen_key)
                 pipe.execute()
     return recovered

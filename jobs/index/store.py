@@ -13,11 +13,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from jobs import keys
+from jobs.times import iso
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,14 +88,11 @@ class Document:
     updated_at: float
 
     def to_json(self) -> dict[str, Any]:
-        from datetime import UTC, datetime
-
-        when = datetime.fromtimestamp(self.updated_at, UTC).isoformat(timespec="milliseconds")
         return {
             "id": self.id,
             "text": self.text,
             "metadata": self.metadata,
-            "updated_at": when.replace("+00:00", "Z"),
+            "updated_at": iso(datetime.fromtimestamp(self.updated_at, UTC)),
         }
 
 

@@ -6,10 +6,10 @@ import json
 import uuid
 from typing import Any
 
-import redis
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from rq import get_current_job
 
+from jobs.connection import connect
 from jobs.settings import get_settings
 from jobs.types.progress import report_progress
 from jobs.types.schema import JobInput, limits, within
@@ -103,7 +103,7 @@ def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str,
     texts = [document["text"] for document in documents]
     job = get_current_job()
     if job is None:
-        connection = redis.Redis.from_url(get_settings().redis_url)
+        connection = connect(role="worker")
         vectors = encoder.encode(texts)
     else:
         connection = job.connection

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from rq import get_current_job
 
 from jobs.settings import get_settings
+from jobs.times import iso, now
 from jobs.types.schema import JobInput, limits, within
 
 
@@ -28,9 +28,8 @@ class LogInput(JobInput):
 def write_log(message: str, level: str = "info") -> dict:
     """Append one JSON line with time, level, job id and message to LOG_FILE and stdout."""
     job = get_current_job()
-    now = datetime.now(UTC)
     record = {
-        "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": iso(now()),
         "level": level,
         "job_id": job.id if job else None,
         "message": message,

@@ -15,8 +15,8 @@ from functools import lru_cache
 from typing import Any
 
 from jobs.families import EMBED, GENERAL
-from jobs.log import LogInput, write_log
 from jobs.types.embed import EmbedInput, describe_embed, embed_documents, prepare_embed
+from jobs.types.log import LogInput, write_log
 from jobs.types.schema import OPTION_FIELDS, JobInput
 from jobs.types.sleep import SleepInput, sleep_for
 
