@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from contextlib import suppress
 from typing import Literal
 
+import redis
 from pydantic import Field
 from rq import Worker as RQWorker
 from rq import get_current_job
@@ -132,3 +134,77 @@ class StockPausingWorker(RQWorker):
     def execute_job(self, job, queue) -> None:
         self.connection.set(f"afterward-test:dequeued:{job.id}", os.getpid())
         time.sleep(600)
+
+
+class TamperInput(JobInput):
+    directory: str
+    fail: bool = False
+
+
+def tamper(directory: str, fail: bool = False) -> dict:
+    """Change what a job can change in its process (directory, environment, umask, a signal
+    handler), then succeed or fail."""
+    os.chdir(directory)
+    os.environ["AFTERWARD_TEST_TAMPERED"] = "yes"
+    os.umask(0o077)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if fail:
+        raise RuntimeError("tampered, then failed")
+    return {"pid": os.getpid()}
+
+
+class InspectInput(JobInput):
+    pass
+
+
+def inspect_process() -> dict:
+    """What a job sees of its process, and which signals a process it starts ignores."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        ignored = _ignored_signals(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    umask = os.umask(0)
+    os.umask(umask)
+    return {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "tampered": os.environ.get("AFTERWARD_TEST_TAMPERED"),
+        "umask": umask,
+        "sigusr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,
+        "child_ignores": ignored,
+    }
+
+
+def _ignored_signals(pid: int) -> list[int]:
+    for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return [signum for signum in range(1, 65) if mask & (1 << (signum - 1))]
+    return []
+
+
+class HogInput(JobInput):
+    megabytes: int = Field(ge=1, le=4096)
+
+
+_HOARD: list[bytearray] = []
+
+
+def hog(megabytes: int) -> dict:
+    """Succeed, keeping `megabytes` of memory referenced (resident) after the job ends."""
+    _HOARD.append(bytearray(os.urandom(1024)) * (megabytes * 1024))
+    return {"pid": os.getpid()}
+
+
+def mark(*args: object) -> None:
+    """Not a registered job function: if anything ever calls it, a key says so."""
+    job = get_current_job()
+    connection = job.connection if job else redis.Redis.from_url(os.environ["REDIS_URL"])
+    connection.set("afterward-test:marked", "yes")
+
+
+JOB_TYPES["tamper"] = JobType(tamper, TamperInput)
+JOB_TYPES["inspect"] = JobType(inspect_process, InspectInput)
+JOB_TYPES["hog"] = JobType(hog, HogInput)

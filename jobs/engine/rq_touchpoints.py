@@ -1,0 +1,136 @@
+"""Where the engine leans on RQ beyond the hooks RQ documents, each with why and a check.
+
+The engine extends RQ the way RQ's own variants do: subclasses of `Worker`, `Queue` and
+`Job` that override public methods. Some of those overrides only work because RQ calls them
+in a particular way, or hand them particular arguments; an RQ release could change that
+without a deprecation. Each such reliance is listed here. `tests/test_rq_touchpoints.py`
+runs every check, so an upgrade of RQ that breaks one fails the suite naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rq import Queue, Worker
+from rq.command import handle_command
+from rq.executions import Execution
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.worker.base import BaseWorker
+
+
+@dataclass(frozen=True)
+class Touchpoint:
+    name: str
+    why: str
+    check: Callable[[], bool]
+
+
+def _params(function: Callable, *names: str) -> bool:
+    parameters = inspect.signature(function).parameters
+    return all(name in parameters for name in names)
+
+
+def _source_mentions(function: Callable, *needles: str) -> bool:
+    source = inspect.getsource(function)
+    return all(needle in source for needle in needles)
+
+
+TOUCHPOINTS = (
+    Touchpoint(
+        "Queue.dequeue_any(queues, timeout, connection, job_class, serializer, death_penalty_class)",
+        "jobs.engine.queue replaces RQ's BLPOP dequeue with an atomic move onto the intermediate "
+        "list; the worker calls it with exactly these arguments.",
+        lambda: _params(Queue.dequeue_any, "queues", "timeout", "connection", "job_class", "serializer"),
+    ),
+    Touchpoint(
+        "Worker.clean_registries() calls queue.intermediate_queue.cleanup(worker, queue)",
+        "Our IntermediateQueue.cleanup puts back jobs a dead worker took; RQ's own maintenance "
+        "round must be what calls it, so that there is one recovery path.",
+        lambda: _source_mentions(BaseWorker.clean_registries, "intermediate_queue.cleanup(self, queue)"),
+    ),
+    Touchpoint(
+        "IntermediateQueue.get_job_ids / get_first_seen_key / key",
+        "The put-back reads the list and RQ's first-seen mark, and deletes the mark with the job.",
+        lambda: all(hasattr(IntermediateQueue, name) for name in ("get_job_ids", "get_first_seen_key")),
+    ),
+    Touchpoint(
+        "Worker.prepare_job_execution(job, remove_from_intermediate_queue)",
+        "RQ removes the id from the intermediate list only for single-queue workers; the engine "
+        "moves every job there, so it always asks for the removal.",
+        lambda: _params(BaseWorker.prepare_job_execution, "job", "remove_from_intermediate_queue"),
+    ),
+    Touchpoint(
+        "Worker.perform_job(job, queue, execution) -> bool",
+        "The long-lived horse runs each job through RQ's own perform_job and recycles itself "
+        "when it returns False (the job did not succeed).",
+        lambda: _params(BaseWorker.perform_job, "job", "queue", "execution")
+        and inspect.signature(BaseWorker.perform_job).return_annotation in (bool, "bool"),
+    ),
+    Touchpoint(
+        "Worker.execution (settable) and Worker.executions",
+        "RQ forks a horse per job with the execution in memory; ours re-fetches it per job "
+        "(Execution.fetch, as RQ's SpawnWorker does) and sets it.",
+        lambda: isinstance(inspect.getattr_static(BaseWorker, "execution"), property)
+        and inspect.getattr_static(BaseWorker, "execution").fset is not None
+        and _params(Execution.fetch, "id", "job_id", "connection"),
+    ),
+    Touchpoint(
+        "RQ's stop-job, stop-execution and kill-horse commands call worker.kill_horse()",
+        "Our horse shares the worker's process group, so kill_horse is overridden to kill the "
+        "horse alone; a cancel reaches the running job only through it.",
+        lambda: _source_mentions(inspect.getmodule(handle_command), "worker.kill_horse()")
+        and _source_mentions(BaseWorker.request_stop_execution, "self.kill_horse()"),
+    ),
+    Touchpoint(
+        "Worker.horse_pid (property) and Worker.wait_for_horse()",
+        "RQ's commands and cold shutdown read horse_pid and wait for the horse: both overridden "
+        "to mean our long-lived horse.",
+        lambda: isinstance(inspect.getattr_static(BaseWorker, "horse_pid"), property)
+        and hasattr(Worker, "wait_for_horse"),
+    ),
+    Touchpoint(
+        "Job hash fields success_callback_name / failure_callback_name / stopped_callback_name",
+        "jobs.engine.job reads the callback names from the stored hash (Job.restore) to check "
+        "them against the registry before anything is imported.",
+        lambda: all(
+            f"'{field}'" in inspect.getsource(Job.to_dict)
+            for field in ("success_callback_name", "failure_callback_name", "stopped_callback_name")
+        ),
+    ),
+    Touchpoint(
+        "StartedJobRegistry.cleanup passes AbandonedJobError to the worker's exception handlers",
+        "That is how the engine learns a job was abandoned and records WorkerDied in its view.",
+        lambda: _source_mentions(StartedJobRegistry.cleanup, "call_exception_handlers", "AbandonedJobError"),
+    ),
+    Touchpoint(
+        "Worker.request_stop / request_force_stop are the SIGINT/SIGTERM handlers",
+        "The shutdown grace period starts in request_stop; the second signal a worker-pool "
+        "sends must not cold-stop the job (request_force_stop is overridden).",
+        lambda: _source_mentions(BaseWorker._install_signal_handlers, "self.request_stop")
+        and _source_mentions(BaseWorker.request_stop, "self.request_force_stop"),
+    ),
+    Touchpoint(
+        "Worker.__init__ sizes the socket timeout from maintenance_interval",
+        "The engine passes its intervals to RQ's constructor, so the connection's socket "
+        "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",
+        lambda: _source_mentions(BaseWorker.__init__, "self.maintenance_interval = maintenance_interval")
+        and _source_mentions(BaseWorker.__init__, "_set_connection"),
+    ),
+)
+
+
+def broken() -> list[Touchpoint]:
+    """The touchpoints this RQ no longer satisfies."""
+    failing = []
+    for touchpoint in TOUCHPOINTS:
+        try:
+            ok = touchpoint.check()
+        except (AttributeError, OSError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            failing.append(touchpoint)
+    return failing
