@@ -22,6 +22,10 @@ from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
 LOCAL_REDIS = "redis://localhost:6379/0"
 # The long-running process types of the Procfile (`release` is a one-off step before a deploy).
 PROCESSES = ["web", "worker", "embedder"]
+# honcho SIGKILLs every process 5 s after its SIGTERM: a running job gets 2 s to finish and is
+# then put back in its queue, so the workers have exited cleanly by then.
+HONCHO_KILL_WAIT = 5
+SHUTDOWN_GRACE = 2
 
 
 def redacted(url: str) -> str:
@@ -57,6 +61,14 @@ def main() -> int:
     env.setdefault("PORT", "5000")
     env.setdefault("WORKERS", "2")
     env.setdefault("LOG_FILE", str(ROOT / "var" / "log" / "jobs.log"))
+    env.setdefault("SHUTDOWN_GRACE", str(SHUTDOWN_GRACE))
+    if int(env["SHUTDOWN_GRACE"]) >= HONCHO_KILL_WAIT - 1:
+        print(
+            f"run: SHUTDOWN_GRACE={env['SHUTDOWN_GRACE']} is too long under honcho, which kills every "
+            f"process {HONCHO_KILL_WAIT} s after Ctrl-C: a job still running then is not put back "
+            "until a worker's maintenance finds it abandoned.",
+            flush=True,
+        )
     env["PYTHONUNBUFFERED"] = "1"
     # The Procfile names `gunicorn` and `rq`: the ones installed next to this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -67,16 +79,22 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
 
     honcho = Path(sys.executable).with_name("honcho")
+    process = subprocess.Popen(
+        [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"], *PROCESSES],
+        cwd=ROOT,
+        env=env,
+    )
     stopping = []
-    # Ctrl-C reaches honcho and its processes directly; this process just waits for them.
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+
+    def stop(signum: int, frame: object) -> None:
+        # Ctrl-C in a terminal reaches honcho too; a SIGTERM sent to this process alone
+        # does not, so it is passed on (honcho ignores a second request to stop).
+        stopping.append(signum)
+        process.send_signal(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
-        process = subprocess.Popen(
-            [str(honcho), "start", "--procfile", "Procfile", "--port", env["PORT"], *PROCESSES],
-            cwd=ROOT,
-            env=env,
-        )
         code = process.wait()
         return 0 if stopping else code
     finally:

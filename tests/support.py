@@ -246,7 +246,7 @@ class WebService:
 
 
 def serves(process: Process, port: int, url: str) -> bool:
-    """True once `url` answers 200 from a socket that `process` listens on.
+    """True once `url` answers 200 from a socket that `process` (or a child of it) listens on.
 
     Any failure to connect or read means "not yet". Checking who listens keeps a test
     from talking to another program that took the port (another test run's server).
@@ -254,11 +254,15 @@ def serves(process: Process, port: int, url: str) -> bool:
     try:
         if requests.get(url, timeout=5).status_code != 200:
             return False
-        listener = psutil.Process(process.pid)
-        sockets = listener.net_connections(kind="tcp")
+        root = psutil.Process(process.pid)
+        for candidate in [root, *root.children(recursive=True)]:
+            with suppress(psutil.Error):
+                for s in candidate.net_connections(kind="tcp"):
+                    if s.status == psutil.CONN_LISTEN and s.laddr.port == port:
+                        return True
     except (requests.RequestException, psutil.Error):
         return False
-    return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+    return False
 
 
 def start_workers(env: dict[str, str], log_dir: Path, count: int = 1, kind: str = "worker") -> Process:

@@ -88,10 +88,15 @@ class Horse:
         except BrokenPipeError:
             return False
 
-    def wait_report(self, timeout: float) -> bytes | None:
-        """The horse's next report (DONE or `RETIRING reason`); None on timeout; b"" when it died."""
+    def wait_report(self, timeout: float, wake: int | None = None) -> bytes | None:
+        """The horse's next report (DONE or `RETIRING reason`); b"" when it died; None when
+        `timeout` passed or something was written to the `wake` pipe."""
         while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self._reports], [], [], timeout)
+            watched = [self._reports] if wake is None else [self._reports, wake]
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if wake is not None and wake in ready:
+                os.read(wake, 4096)
+                return None
             if not ready:
                 return None
             chunk = os.read(self._reports, 4096)

@@ -67,30 +67,38 @@ TOUCHPOINTS = (
         "Worker.perform_job(job, queue, execution) -> bool",
         "The long-lived horse runs each job through RQ's own perform_job and recycles itself "
         "when it returns False (the job did not succeed).",
-        lambda: _params(BaseWorker.perform_job, "job", "queue", "execution")
-        and inspect.signature(BaseWorker.perform_job).return_annotation in (bool, "bool"),
+        lambda: (
+            _params(BaseWorker.perform_job, "job", "queue", "execution")
+            and inspect.signature(BaseWorker.perform_job).return_annotation in (bool, "bool")
+        ),
     ),
     Touchpoint(
         "Worker.execution (settable) and Worker.executions",
         "RQ forks a horse per job with the execution in memory; ours re-fetches it per job "
         "(Execution.fetch, as RQ's SpawnWorker does) and sets it.",
-        lambda: isinstance(inspect.getattr_static(BaseWorker, "execution"), property)
-        and inspect.getattr_static(BaseWorker, "execution").fset is not None
-        and _params(Execution.fetch, "id", "job_id", "connection"),
+        lambda: (
+            isinstance(inspect.getattr_static(BaseWorker, "execution"), property)
+            and inspect.getattr_static(BaseWorker, "execution").fset is not None
+            and _params(Execution.fetch, "id", "job_id", "connection")
+        ),
     ),
     Touchpoint(
         "RQ's stop-job, stop-execution and kill-horse commands call worker.kill_horse()",
         "Our horse shares the worker's process group, so kill_horse is overridden to kill the "
         "horse alone; a cancel reaches the running job only through it.",
-        lambda: _source_mentions(inspect.getmodule(handle_command), "worker.kill_horse()")
-        and _source_mentions(BaseWorker.request_stop_execution, "self.kill_horse()"),
+        lambda: (
+            _source_mentions(inspect.getmodule(handle_command), "worker.kill_horse()")
+            and _source_mentions(BaseWorker.request_stop_execution, "self.kill_horse()")
+        ),
     ),
     Touchpoint(
         "Worker.horse_pid (property) and Worker.wait_for_horse()",
         "RQ's commands and cold shutdown read horse_pid and wait for the horse: both overridden "
         "to mean our long-lived horse.",
-        lambda: isinstance(inspect.getattr_static(BaseWorker, "horse_pid"), property)
-        and hasattr(Worker, "wait_for_horse"),
+        lambda: (
+            isinstance(inspect.getattr_static(BaseWorker, "horse_pid"), property)
+            and hasattr(Worker, "wait_for_horse")
+        ),
     ),
     Touchpoint(
         "Job hash fields success_callback_name / failure_callback_name / stopped_callback_name",
@@ -110,15 +118,19 @@ TOUCHPOINTS = (
         "Worker.request_stop / request_force_stop are the SIGINT/SIGTERM handlers",
         "The shutdown grace period starts in request_stop; the second signal a worker-pool "
         "sends must not cold-stop the job (request_force_stop is overridden).",
-        lambda: _source_mentions(BaseWorker._install_signal_handlers, "self.request_stop")
-        and _source_mentions(BaseWorker.request_stop, "self.request_force_stop"),
+        lambda: (
+            _source_mentions(BaseWorker._install_signal_handlers, "self.request_stop")
+            and _source_mentions(BaseWorker.request_stop, "self.request_force_stop")
+        ),
     ),
     Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",
-        lambda: _source_mentions(BaseWorker.__init__, "self.maintenance_interval = maintenance_interval")
-        and _source_mentions(BaseWorker.__init__, "_set_connection"),
+        lambda: (
+            _source_mentions(BaseWorker.__init__, "self.maintenance_interval = maintenance_interval")
+            and _source_mentions(BaseWorker.__init__, "_set_connection")
+        ),
     ),
 )
 

@@ -75,6 +75,9 @@ class Worker(ForkingWorker):
         # Why the running job's horse is being killed, when the worker killed it on purpose.
         self._kill_reason: tuple[str, str] | None = None
         self._shutdown_deadline: float | None = None
+        # A stop request wakes the worker watching its horse at once (the self-pipe trick).
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
         # Errors of failed attempts, by job id, for the failure handler to record.
         self._errors: dict[str, errors.Error] = {}
         self.push_exc_handler(self._remember_error)
@@ -146,7 +149,7 @@ class Worker(ForkingWorker):
         started = time.monotonic()
         self._kill_reason = None
         while True:
-            report = horse.wait_report(timeout=self.job_monitoring_interval)
+            report = horse.wait_report(timeout=self.job_monitoring_interval, wake=self._wake_read)
             if report is None:  # still running
                 try:
                     self.maintain_heartbeats(job, execution)
@@ -300,11 +303,10 @@ class Worker(ForkingWorker):
             self._shutdown_deadline = time.monotonic() + self.settings.shutdown_grace
             # Look at the running job every second until it ends or the grace runs out.
             self.job_monitoring_interval = 1
-            log.info(
-                "worker %s: stopping; a running job gets %s s to finish",
-                self.name,
-                self.settings.shutdown_grace,
-            )
+            grace = self.settings.shutdown_grace
+            log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
+            with suppress(BlockingIOError):
+                os.write(self._wake_write, b"!")
         super().request_stop(signum, frame)
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
