@@ -14,7 +14,8 @@ from pathlib import Path
 import redis
 import requests
 
-from tests.support import Process, TestDatabase, WebService, base_env, start_workers, test_redis, wait_until
+from scripts.processes import Process, wait_until
+from scripts.stack import TestDatabase, WebService, procfile_env, scratch_database, start_workers
 
 PRIVATE = "private"
 
@@ -36,7 +37,7 @@ def bench_parser(description: str | None) -> argparse.ArgumentParser:
 @contextmanager
 def database(redis: str = PRIVATE) -> Iterator[TestDatabase]:
     """A database of our own on the server `redis` names, or on a private server."""
-    with test_redis(url="" if redis == PRIVATE else redis) as db:
+    with scratch_database(url="" if redis == PRIVATE else redis) as db:
         version = db.client().info("server")["redis_version"]
         where = "a private redis-server" if redis == PRIVATE else f"database {db.db} of {db.base_url}"
         print(f"Redis {version}: {where}", flush=True)
@@ -44,7 +45,7 @@ def database(redis: str = PRIVATE) -> Iterator[TestDatabase]:
 
 
 def env_for(db: TestDatabase, tmp: Path, **extra: object) -> dict[str, str]:
-    return base_env(db.url, tmp, SEARCH_WARMUP=0, **extra)
+    return procfile_env(db.url, tmp, SEARCH_WARMUP=0, **extra)
 
 
 @contextmanager

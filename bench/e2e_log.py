@@ -18,7 +18,7 @@ from pathlib import Path
 from rq import Queue
 
 from bench.common import bench_parser, database, env_for, run_clients, service, wait_finished
-from tests.support import Process, wait_until
+from scripts.processes import Process, wait_until
 
 
 def afterward(db, tmp: Path, jobs: int, clients: int, workers: int) -> float:

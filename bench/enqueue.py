@@ -18,7 +18,8 @@ import requests
 
 from bench.common import bench_parser, database, env_for, percentile, run_clients
 from scripts.embedded_redis import free_port
-from tests.support import Process, WebService, wait_until
+from scripts.processes import Process, wait_until
+from scripts.stack import WebService
 
 Result = tuple[float, float, float]  # requests/s, p50 ms, p99 ms
 

@@ -27,7 +27,8 @@ from bench.common import bench_parser, database
 from jobs.index.embedding import get_encoder
 from jobs.index.replica import Replica
 from jobs.index.store import DocumentStore
-from tests.support import WebService, base_env, start_workers, wait_until
+from scripts.processes import wait_until
+from scripts.stack import WebService, procfile_env, start_workers
 
 QUERIES = ["a kitten asleep in the sun", "interest rates and the stock market", "how to bake bread at home"]
 
@@ -101,7 +102,7 @@ def main() -> None:
         local = timed(in_process, args.repeat)
 
         with tempfile.TemporaryDirectory() as tmp:
-            env = base_env(db.url, Path(tmp), WEB_CONCURRENCY=1, SEARCH_WARMUP=0)
+            env = procfile_env(db.url, Path(tmp), WEB_CONCURRENCY=1, SEARCH_WARMUP=0)
             web = WebService(env, Path(tmp))
             workers = start_workers(env, Path(tmp), count=1)
             try:

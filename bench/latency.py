@@ -19,7 +19,8 @@ import psutil
 import requests
 
 from bench.common import bench_parser, database, env_for, median, percentile
-from tests.support import WebService, start_workers, wait_until
+from scripts.processes import wait_until
+from scripts.stack import WebService, start_workers
 
 
 def rss_mb(pid: int) -> float:

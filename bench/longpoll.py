@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from bench.common import bench_parser, database
-from tests.support import WebService, base_env
+from scripts.stack import WebService, procfile_env
 
 
 def traffic(web: WebService, job_id: str, seconds: float) -> tuple[list[float], int]:
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     lines = []
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
-        env = base_env(db.url, Path(tmp), WEB_CONCURRENCY=2)
+        env = procfile_env(db.url, Path(tmp), WEB_CONCURRENCY=2)
         lines.append(measure("Procfile (gthread, capped waits)", env, Path(tmp), args.pollers, args.seconds))
         db.flush()
         sync = dict(env, GUNICORN_CMD_ARGS="--worker-class sync --threads 1")

@@ -21,7 +21,8 @@ from rq.serializers import JSONSerializer
 from bench.common import bench_parser, database
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue
-from tests.support import ROOT, TestDatabase, base_env
+from scripts.processes import ROOT
+from scripts.stack import TestDatabase, procfile_env
 
 CLASSES = {
     "stock rq.Worker (fork per job)": ("rq.Worker", "rq.job.Job", "rq.Queue"),
@@ -59,7 +60,7 @@ def run(
         "--serializer",
         "json",
     ]
-    env = base_env(db.url, tmp, LOG_FILE=str(tmp / f"{worker_class}.log"))
+    env = procfile_env(db.url, tmp, LOG_FILE=str(tmp / f"{worker_class}.log"))
     subprocess.run(
         command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

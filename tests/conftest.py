@@ -17,10 +17,10 @@ import service.state
 from jobs.settings import get_settings
 from service import create_app
 from tests import ownership
-from tests.support import ROOT, Process, TestDatabase, WebService, base_env, start_workers, test_redis
+from tests.support import ROOT, Process, TestDatabase, WebService, base_env, scratch_database, start_workers
 
 # Nothing listens on port 1: code that forgets its test Redis reaches no one's server, even
-# when the developer's shell sets REDIS_URL. Tests choose a Redis explicitly (`test_redis`).
+# when the developer's shell sets REDIS_URL. Tests choose a Redis explicitly (`scratch_database`).
 NO_REDIS = "redis://127.0.0.1:1/0"
 
 
@@ -128,7 +128,7 @@ def client(app):
 @pytest.fixture(scope="session")
 def test_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestDatabase]:
     """TEST_REDIS_URL's server if set, else a private redis-server for the session."""
-    with test_redis(tmp_path_factory.mktemp("redis")) as database:
+    with scratch_database(tmp_path_factory.mktemp("redis")) as database:
         yield database
 
 
