@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import statistics
 import threading
 import time
@@ -72,17 +74,22 @@ def run_clients(clients: int, total: int, call: Callable[[requests.Session, int]
     lock = threading.Lock()
     counter = iter(range(total))
 
+    failures: list[BaseException] = []
+
     def client() -> None:
         session = requests.Session()
         mine = []
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            started = time.perf_counter()
-            call(session, i)
-            mine.append(time.perf_counter() - started)
+        try:
+            while not failures:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    break
+                started = time.perf_counter()
+                call(session, i)
+                mine.append(time.perf_counter() - started)
+        except BaseException as error:  # a failed call fails the benchmark, not just its thread
+            failures.append(error)
         with lock:
             latencies.extend(mine)
 
@@ -91,7 +98,30 @@ def run_clients(clients: int, total: int, call: Callable[[requests.Session, int]
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise failures[0]
     return latencies
+
+
+class ClientKeys:
+    """An API key for each client thread, as separate client applications would have."""
+
+    def __init__(self, clients: int) -> None:
+        self.keys = [secrets.token_hex(16) for _ in range(clients)]
+        self._of_session: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def setting(self) -> str:
+        """The API_KEYS setting that admits them all."""
+        return ",".join(self.keys)
+
+    def headers(self, session: requests.Session) -> dict[str, str]:
+        """The Authorization header of the client thread that owns `session`."""
+        with self._lock:
+            if id(session) not in self._of_session:
+                self._of_session[id(session)] = self.keys[len(self._of_session) % len(self.keys)]
+            return {"Authorization": f"Bearer {self._of_session[id(session)]}"}
 
 
 def wait_finished(connection: redis.Redis, ids: list[str], timeout: float = 600) -> None:
@@ -109,9 +139,22 @@ def wait_finished(connection: redis.Redis, ids: list[str], timeout: float = 600)
     wait_until(done, timeout=timeout, what=f"{len(ids)} jobs to finish")
 
 
-def percentile(samples: list[float], q: float) -> float:
+def percentile(samples: list[float], q: float) -> float | None:
+    """The q-quantile, or None when fewer than 10 samples lie beyond it (p99 needs 1,000)."""
+    if len(samples) * (1 - q) < 10 and q > 0.5:
+        return None
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(value: float | None) -> str:
+    """Seconds as milliseconds for a table; `n/a` for a percentile the samples cannot support."""
+    return "n/a" if value is None else f"{value * 1000:.1f} ms"
+
+
+def result(name: str, **figures: object) -> None:
+    """One machine-readable line per measured row, which bench.report gathers into BENCHMARKS.md."""
+    print("RESULT " + json.dumps({"benchmark": name, **figures}), flush=True)
 
 
 def median(samples: list[float]) -> float:

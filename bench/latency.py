@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.common import bench_parser, database, env_for, median, percentile
+from bench.common import bench_parser, database, env_for, median, ms, percentile, result
 from scripts.processes import wait_until
 from scripts.stack import WebService, start_workers
 
@@ -87,7 +87,9 @@ def main() -> None:
         ("log job, POST -> finished", log_latency),
         ("one document, POST -> searchable", search_latency),
     ):
-        print(f"  {label:33s} p50 {median(samples):7.1f} ms   p99 {percentile(samples, 0.99):7.1f} ms")
+        seconds = [sample / 1000 for sample in samples]
+        print(f"  {label:33s} p50 {ms(median(seconds))}   p95 {ms(percentile(seconds, 0.95))}")
+        result(f"latency {label}", ours=f"p50 {ms(median(seconds))}", samples=len(samples))
     for label, mb in footprint.items():
         print(f"  resident memory, {label:46s} {mb:6.0f} MB")
 

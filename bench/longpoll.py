@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import bench_parser, database
+from bench.common import bench_parser, database, result
 from scripts.stack import WebService, procfile_env
 
 
@@ -48,7 +48,7 @@ def long_poll(url: str) -> None:
         requests.get(url, timeout=120)
 
 
-def measure(label: str, env: dict, tmp: Path, pollers: int, seconds: float) -> str:
+def measure(label: str, env: dict, tmp: Path, pollers: int, seconds: float) -> tuple[str, float]:
     web = WebService(env, tmp)
     try:
         job_id = web.post_job("sleep", {"seconds": 60}).json()["id"]  # no worker runs: it never ends
@@ -62,10 +62,11 @@ def measure(label: str, env: dict, tmp: Path, pollers: int, seconds: float) -> s
         web.process.kill()
     idle_rate, loaded_rate = len(idle) / seconds, len(loaded) / seconds
     p50 = sorted(loaded)[len(loaded) // 2] * 1000 if loaded else float("nan")
-    return (
+    line = (
         f"  {label:34s} alone {idle_rate:6.0f} req/s | while polled {loaded_rate:6.0f} req/s "
         f"(p50 {p50:6.1f} ms, {failures} timed out) | ratio {loaded_rate / idle_rate:4.2f}"
     )
+    return line, loaded_rate / idle_rate
 
 
 def main() -> None:
@@ -73,17 +74,22 @@ def main() -> None:
     parser.add_argument("--pollers", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=3)
     args = parser.parse_args()
-    lines = []
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         env = procfile_env(db.url, Path(tmp), WEB_CONCURRENCY=2)
-        lines.append(measure("Procfile (gthread, capped waits)", env, Path(tmp), args.pollers, args.seconds))
+        ours = measure("Procfile (gthread, capped waits)", env, Path(tmp), args.pollers, args.seconds)
         db.flush()
         sync = dict(env, GUNICORN_CMD_ARGS="--worker-class sync --threads 1")
-        lines.append(measure("gunicorn default (sync workers)", sync, Path(tmp), args.pollers, args.seconds))
+        baseline = measure("gunicorn default (sync workers)", sync, Path(tmp), args.pollers, args.seconds)
     print(
         f"{args.pollers} clients long-polling a job that does not end; other requests for {args.seconds:g} s"
     )
-    print("\n".join(lines))
+    print(ours[0])
+    print(baseline[0])
+    result(
+        "longpoll",
+        baseline=f"gunicorn sync workers: {baseline[1]:.2f} of their idle throughput",
+        ours=f"{ours[1]:.2f} of its idle throughput",
+    )
 
 
 if __name__ == "__main__":

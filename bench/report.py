@@ -1,0 +1,121 @@
+"""Run every benchmark and write BENCHMARKS.md from what they print.
+
+    .venv/bin/python -m bench.report [--output BENCHMARKS.md] [--tiny]
+
+Each benchmark runs in a process of its own, at its default size (`--tiny`: the sizes the
+test suite uses, to check that the report can be built). The summary table is made of the
+`RESULT` lines the benchmarks print; below it, each benchmark's whole output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import import_module
+from pathlib import Path
+
+import rq
+
+from scripts.processes import ROOT
+
+# Module, its tiny arguments, and the target its ratio is held to (None: no ratio target).
+BENCHMARKS = [
+    ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": ">= 5x (issue 12)"}),
+    ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": "faster than stock, with its isolation"}),
+    ("bench.enqueue", ["--requests", "100", "--clients", "4"], {"enqueue": ">= 0.8x"}),
+    (
+        "bench.embed",
+        ["--documents", "40", "--clients", "4"],
+        {"embed_single": ">= 0.7x", "embed_bulk": ">= 0.85x"},
+    ),
+    ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": "<= 2x"}),
+    ("bench.latency", ["--samples", "5"], {}),
+    (
+        "bench.longpoll",
+        ["--pollers", "5", "--seconds", "0.5"],
+        {"longpoll": "other requests keep being served"},
+    ),
+]
+
+INTRO = """\
+# Benchmarks
+
+Every benchmark measures its baseline and Afterward in the same run, on the same machine,
+and prints the ratio: absolute figures drift on a shared machine, ratios much less. The
+baselines run at their best documented configuration: stock RQ with the job's module
+imported before its workers fork (`bench/stock_worker.py`, as RQ's docs advise), RQ's
+`SimpleWorker` beside it, the raw model at whichever thread count is faster. Afterward runs
+as its users run it: clients with API keys, rate limits on, every limit at its default,
+clients long-polling their jobs' status URLs. A percentile is printed only where at least
+ten samples lie beyond it (`n/a` otherwise). Each benchmark starts a private `redis-server`
+unless given `--redis URL`.
+
+This file is written by `.venv/bin/python -m bench.report` from the benchmarks' own output;
+nothing in it is typed by hand. Each section says how to run that benchmark alone.
+"""
+
+
+def run(module: str, args: list[str]) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise SystemExit(f"{module} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return completed.stdout
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{datetime.now(UTC):%Y-%m-%d}, {cores} cores, {memory:.0f} GiB, Python {platform.python_version()}, "
+        f"RQ {rq.__version__}"
+    )
+
+
+def build(tiny: bool) -> str:
+    rows, sections = [], []
+    for module, tiny_args, targets in BENCHMARKS:
+        args = tiny_args if tiny else []
+        output = run(module, args)
+        printed = [line for line in output.splitlines() if not line.startswith("RESULT ")]
+        for line in output.splitlines():
+            if line.startswith("RESULT "):
+                figures = json.loads(line.removeprefix("RESULT "))
+                name = figures.pop("benchmark")
+                baseline = figures.pop("baseline", "")
+                simple = figures.pop("simple", "")
+                ours = figures.pop("ours", "")
+                ratio = figures.pop("ratio", None)
+                baselines = "<br>".join(part for part in (baseline, simple) if part)
+                ratio_text = f"**{ratio}x**" if ratio is not None else ""
+                rows.append(f"| {name} | {baselines} | {ours} | {ratio_text} | {targets.get(name, '')} |")
+        doc = (import_module(module).__doc__ or "").strip()
+        command = f"`.venv/bin/python -m {module}{' ' + ' '.join(args) if args else ''}`"
+        sections.append(
+            f"## {module}\n\n{command}\n\n```text\n{doc}\n```\n\n```text\n" + "\n".join(printed) + "\n```\n"
+        )
+    table = "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    size = "tiny sizes (a check that the report builds)" if tiny else "default sizes"
+    return f"{INTRO}\nMeasured {machine()}, at {size}.\n\n## Summary\n\n{table}\n\n" + "\n".join(sections)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--tiny", action="store_true", help="the test suite's sizes")
+    args = parser.parse_args()
+    args.output.write_text(build(args.tiny))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
