@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.families import EMBED, family_queues
@@ -86,8 +88,6 @@ def _claim_neighbours(
     Claims are taken from the back of the queues: the other workers take jobs from the front,
     find them unclaimed and encode batches of their own meanwhile, instead of waiting for ours.
     """
-    from jobs.engine.job import Job
-
     if room <= 0:
         return []
     waiting: list[str] = []
@@ -99,7 +99,10 @@ def _claim_neighbours(
             pipe.exists(keys.embed_claim(other))
         free = [other for other, taken in zip(waiting, pipe.execute(), strict=True) if not taken][:room]
     candidates = []
-    for other, job in zip(free, Job.fetch_many(free, connection=connection), strict=True):
+    # RQ's plain job class: only the stored arguments are read here, never the function.
+    for other, job in zip(
+        free, Job.fetch_many(free, connection=connection, serializer=JSONSerializer), strict=True
+    ):
         if job is None or job.func_name != function:
             continue
         texts = [document["text"] for document in job.kwargs.get("documents", [])]
