@@ -4,7 +4,9 @@ that is killed outright. A running job is put back, nothing is left running, no 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -104,5 +106,44 @@ def test_no_work_horse_outlives_its_worker(private_redis, tmp_path):
         worker.kill()  # SIGKILL: no clean-up code runs in the worker
         psutil.wait_procs([horse], timeout=10)
         assert not horse.is_running() or horse.status() == psutil.STATUS_ZOMBIE
+    finally:
+        pool.kill()
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+def signal_thread(pid: int, tid: int, signum: int) -> None:
+    """Deliver a signal to one thread of another process (tgkill), as the kernel may on its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(TGKILL[platform.machine()], pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(
+    platform.machine() not in TGKILL, reason="tgkill's number is known for x86_64 and aarch64"
+)
+def test_a_stop_signal_landing_on_any_worker_thread_starts_the_grace_at_once(private_redis, tmp_path):
+    # The kernel hands a process-directed signal to any thread that does not block it; the
+    # worker watching its horse must still notice at once, not at its next look (10 s here).
+    env = base_env(private_redis.url, tmp_path, JOB_MONITORING_INTERVAL=10, SHUTDOWN_GRACE=1)
+    pool = start_workers(env, tmp_path, count=1)
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        wait_until(lambda: client.scard("rq:workers") >= 1, what="the worker", process=pool)
+        job = RQQueue("default", connection=client, serializer=JSONSerializer).enqueue(
+            "tests.fixtures.hold", seconds=600
+        )
+        pid = wait_until(lambda: client.get(f"afterward-test:pid:{job.id}"), what="the job's pid")
+        worker = psutil.Process(psutil.Process(int(pid)).ppid())
+        time.sleep(0.5)  # the worker is now waiting on its horse
+        other = [thread.id for thread in worker.threads() if thread.id != worker.pid]
+        assert other, "the worker runs a second thread (RQ's pub/sub listener)"
+        signalled = time.monotonic()
+        signal_thread(worker.pid, other[0], signal.SIGTERM)
+        wait_until(lambda: client.hget(job.key, "status") == b"queued", timeout=30, what="the put-back")
+        took = time.monotonic() - signalled
+        print(f"\njob put back {took:.1f} s after a SIGTERM to the worker's second thread")
+        assert took < 6, "the grace period began only at the worker's next look at its horse"
     finally:
         pool.kill()

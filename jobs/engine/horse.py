@@ -95,7 +95,8 @@ class Horse:
             watched = [self._reports] if wake is None else [self._reports, wake]
             ready, _, _ = select.select(watched, [], [], timeout)
             if wake is not None and wake in ready:
-                os.read(wake, 4096)
+                with suppress(BlockingIOError):
+                    os.read(wake, 4096)
                 return None
             if not ready:
                 return None

@@ -124,6 +124,12 @@ TOUCHPOINTS = (
         ),
     ),
     Touchpoint(
+        "Worker.work() calls self.bootstrap() first, in the worker's main thread",
+        "The worker installs its signal wake-up pipe there: a stop signal that lands on RQ's "
+        "pub/sub thread must still wake the main thread watching the horse.",
+        lambda: _source_mentions(BaseWorker.work, "self.bootstrap("),
+    ),
+    Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",

@@ -75,13 +75,20 @@ class Worker(ForkingWorker):
         # Why the running job's horse is being killed, when the worker killed it on purpose.
         self._kill_reason: tuple[str, str] | None = None
         self._shutdown_deadline: float | None = None
-        # A stop request wakes the worker watching its horse at once (the self-pipe trick).
+        # A signal wakes the worker watching its horse at once, whichever of the worker's
+        # threads the kernel delivered it to: Python writes it to this pipe (the self-pipe trick).
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         # Errors of failed attempts, by job id, for the failure handler to record.
         self._errors: dict[str, errors.Error] = {}
         self.push_exc_handler(self._remember_error)
         warn_if_evicting(self.connection)
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        # The worker's main thread now runs the work loop: signals reach it through the pipe.
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        super().bootstrap(*args, **kwargs)
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -235,6 +242,7 @@ class Worker(ForkingWorker):
         """The horse: run each job it is sent and report; retire when it must be replaced."""
         random.seed()
         self._in_horse = True
+        signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
         self.setup_work_horse_signals()
         self.horse_started()
         state = ProcessState()
@@ -305,8 +313,6 @@ class Worker(ForkingWorker):
             self.job_monitoring_interval = 1
             grace = self.settings.shutdown_grace
             log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
-            with suppress(BlockingIOError):
-                os.write(self._wake_write, b"!")
         super().request_stop(signum, frame)
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
