@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psutil
 import pytest
@@ -87,27 +89,31 @@ def test_ctrl_c_puts_the_running_job_back_and_leaves_nothing(runner, private_red
         process.kill()
 
 
-def test_no_work_horse_outlives_its_worker(private_redis, tmp_path):
-    env = base_env(private_redis.url, tmp_path, JOB_MONITORING_INTERVAL=1)
-    pool = start_workers(env, tmp_path, count=1)
-    client = redis.Redis.from_url(private_redis.url)
+@contextmanager
+def holding_worker(
+    url: str, tmp_path, **settings: object
+) -> Iterator[tuple[redis.Redis, Any, psutil.Process]]:
+    """A worker process running a job that holds on for ten minutes: (client, job, its horse)."""
+    pool = start_workers(base_env(url, tmp_path, **settings), tmp_path, count=1)
+    client = redis.Redis.from_url(url)
     try:
         wait_until(lambda: client.scard("rq:workers") >= 1, what="the worker", process=pool)
         job = RQQueue("default", connection=client, serializer=JSONSerializer).enqueue(
             "tests.fixtures.hold", seconds=600
         )
-        horse = psutil.Process(
-            int(wait_until(lambda: client.get(f"afterward-test:pid:{job.id}"), what="pid"))
-        )
+        pid = wait_until(lambda: client.get(f"afterward-test:pid:{job.id}"), what="the job's pid")
+        yield client, job, psutil.Process(int(pid))
+    finally:
+        pool.kill()
+
+
+def test_no_work_horse_outlives_its_worker(private_redis, tmp_path):
+    with holding_worker(private_redis.url, tmp_path, JOB_MONITORING_INTERVAL=1) as (_, _, horse):
         worker = psutil.Process(horse.ppid())
-        assert os.getpgid(horse.pid) == os.getpgid(worker.pid), (
-            "the horse is where the runner's signals reach"
-        )
+        assert os.getpgid(horse.pid) == os.getpgid(worker.pid), "where the runner's signals reach it"
         worker.kill()  # SIGKILL: no clean-up code runs in the worker
         psutil.wait_procs([horse], timeout=10)
         assert not horse.is_running() or horse.status() == psutil.STATUS_ZOMBIE
-    finally:
-        pool.kill()
 
 
 TGKILL = {"x86_64": 234, "aarch64": 131}
@@ -126,16 +132,9 @@ def signal_thread(pid: int, tid: int, signum: int) -> None:
 def test_a_stop_signal_landing_on_any_worker_thread_starts_the_grace_at_once(private_redis, tmp_path):
     # The kernel hands a process-directed signal to any thread that does not block it; the
     # worker watching its horse must still notice at once, not at its next look (10 s here).
-    env = base_env(private_redis.url, tmp_path, JOB_MONITORING_INTERVAL=10, SHUTDOWN_GRACE=1)
-    pool = start_workers(env, tmp_path, count=1)
-    client = redis.Redis.from_url(private_redis.url)
-    try:
-        wait_until(lambda: client.scard("rq:workers") >= 1, what="the worker", process=pool)
-        job = RQQueue("default", connection=client, serializer=JSONSerializer).enqueue(
-            "tests.fixtures.hold", seconds=600
-        )
-        pid = wait_until(lambda: client.get(f"afterward-test:pid:{job.id}"), what="the job's pid")
-        worker = psutil.Process(psutil.Process(int(pid)).ppid())
+    settings = {"JOB_MONITORING_INTERVAL": 10, "SHUTDOWN_GRACE": 1}
+    with holding_worker(private_redis.url, tmp_path, **settings) as (client, job, horse):
+        worker = psutil.Process(horse.ppid())
         time.sleep(0.5)  # the worker is now waiting on its horse
         other = [thread.id for thread in worker.threads() if thread.id != worker.pid]
         assert other, "the worker runs a second thread (RQ's pub/sub listener)"
@@ -145,5 +144,3 @@ def test_a_stop_signal_landing_on_any_worker_thread_starts_the_grace_at_once(pri
         took = time.monotonic() - signalled
         print(f"\njob put back {took:.1f} s after a SIGTERM to the worker's second thread")
         assert took < 6, "the grace period began only at the worker's next look at its horse"
-    finally:
-        pool.kill()

@@ -15,6 +15,7 @@ fallback poll, since Redis cannot block on "move from the first non-empty of sev
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1
 # Doorbell rings kept while no worker listens.
 DOORBELL_LIMIT = 1000
+
+# Set when this worker process is asked to stop: a waiting dequeue then returns no job, which
+# ends RQ's work loop (jobs.engine.worker.Worker.request_stop).
+STOPPING = threading.Event()
 
 _MOVE_FIRST = """
 local n = #KEYS / 2
@@ -97,6 +102,8 @@ class Queue(RQQueue):
         script_keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if STOPPING.is_set():  # a worker asked to stop takes no new job
+                return None
             moved = move_first(keys=script_keys)
             if moved:
                 queue_key, job_id = (part.decode() if isinstance(part, bytes) else part for part in moved)

@@ -130,6 +130,17 @@ TOUCHPOINTS = (
         lambda: _source_mentions(BaseWorker.work, "self.bootstrap("),
     ),
     Touchpoint(
+        "Worker.work() ends its loop when dequeue_job_and_maintain_ttl() returns no job",
+        "An idle worker asked to stop has its dequeue return None, instead of raising "
+        "StopRequested from the signal handler (which a log call in progress would swallow).",
+        lambda: (
+            _source_mentions(BaseWorker.work, "if result is None:", "break")
+            and _source_mentions(
+                BaseWorker.dequeue_job_and_maintain_ttl, "result = self.queue_class.dequeue_any("
+            )
+        ),
+    ),
+    Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",

@@ -32,7 +32,7 @@ from jobs.connection import warn_if_evicting
 from jobs.engine import errors
 from jobs.engine.horse import DONE, RETIRING, Horse, Order, ProcessState, read_orders, resident_mb
 from jobs.engine.job import Job
-from jobs.engine.queue import Queue
+from jobs.engine.queue import STOPPING, Queue
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -313,7 +313,16 @@ class Worker(ForkingWorker):
             self.job_monitoring_interval = 1
             grace = self.settings.shutdown_grace
             log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
-        super().request_stop(signum, frame)
+        # An idle worker's next look at its queues (within a second) ends its work loop.
+        STOPPING.set()
+        if self.get_state() == WorkerStatus.BUSY:
+            super().request_stop(signum, frame)  # RQ: stop once the running job is over
+            return
+        # Not RQ's way for an idle worker, which is to raise StopRequested from this handler:
+        # raised inside a log call, logging swallows it and the worker would never stop.
+        self.set_shutdown_requested_date()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         # A platform's SIGTERM and the pool's SIGINT arrive together: the second signal must
