@@ -49,6 +49,21 @@ _metrics_dir = tempfile.mkdtemp(prefix="afterward-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
+def post_worker_init(worker):
+    # With SEARCH_WARMUP=1 a web process takes its first request only once its model and index
+    # replica are loaded: no client ever waits for a cold search, and /readyz is true everywhere.
+    if _settings.search_warmup:
+        from service.state import EXTENSION
+
+        search = worker.wsgi.extensions[EXTENSION].search
+        if not search.wait_loaded(timeout=SEARCH_WARMUP_TIMEOUT):
+            worker.log.warning("search still loading after %s s; serving anyway", SEARCH_WARMUP_TIMEOUT)
+
+
+# Longest a web process waits for search to load before it serves anyway (/readyz says so).
+SEARCH_WARMUP_TIMEOUT = 60
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -1,8 +1,9 @@
 """Semantic search in the web process: the model for queries and a FAISS replica of the index.
 
-Both load once per web process: in a background thread when the process starts
-(SEARCH_WARMUP=1), else on the first search. The thread then keeps the replica close to the
-stream and writes snapshots; each search still syncs first, for read-your-writes.
+Both load once per web process: when the process starts (SEARCH_WARMUP=1: gunicorn lets the
+process take requests only once they are loaded and the model has encoded once), else on the
+first search. A background thread then keeps the replica close to the stream and writes
+snapshots; each search still syncs first, for read-your-writes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class SearchService:
         self._encoder: Encoder | None = None
         self._replica: Replica | None = None
         self._loading = threading.Lock()
+        self._loaded = threading.Event()
         self._follower: threading.Thread | None = None
 
     @property
@@ -51,9 +53,12 @@ class SearchService:
                     from jobs.index.replica import Replica
 
                     encoder = get_encoder()
+                    # The first encode pays one-time costs (allocations, kernels): not a client's.
+                    encoder.encode(["warm up"])
                     replica = Replica(self._connection, encoder.dimensions, self._settings.embed_threads)
                     replica.load()
                     self._encoder, self._replica = encoder, replica
+                    self._loaded.set()
         return self._encoder, self._replica
 
     def search(self, query: str, k: int, where: dict[str, Any] | None) -> list[tuple[str, float]]:
@@ -61,6 +66,10 @@ class SearchService:
         replica.sync()  # everything written before this search is visible to it
         vector = encoder.encode([query])[0]
         return replica.search(vector, k, where)
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """Block until the model and replica are loaded (by `start_background`), or `timeout`."""
+        return self._loaded.wait(timeout)
 
     def start_background(self) -> None:
         """Load now, in a thread, then follow the change stream and write snapshots."""

@@ -10,6 +10,7 @@ from rq.job import JobStatus
 
 from jobs import keys
 from jobs.engine.job import Job
+from jobs.times import iso, now
 
 VIEW_FIELDS = {
     "id",
@@ -372,3 +373,15 @@ def test_idempotency_key_claimed_by_a_request_still_in_flight_is_409(client, fak
     taken_over = post(client, "log", body, headers={"Idempotency-Key": "in-flight"})
     assert taken_over.status_code == 202
     assert taken_over.get_json()["id"] != first["id"]
+
+
+def test_readyz_says_search_is_warming_until_it_is_loaded(fake_redis, tmp_path, monkeypatch):
+    from service import create_app
+
+    monkeypatch.setattr("service.search.SearchService.start_background", lambda self: None)
+    app = create_app({"log_file": str(tmp_path / "l"), "search_warmup": 1})
+    fake_redis.hset("rq:worker:w1", mapping={"state": "idle", "last_heartbeat": iso(now())})
+    fake_redis.sadd("rq:workers", "rq:worker:w1")
+    error = assert_error(app.test_client().get("/readyz"), 503, "not_ready")
+    assert error["details"]["checks"]["search"] == "warming"
+    assert any("warming" in reason for reason in error["details"]["reasons"])

@@ -223,3 +223,18 @@ def test_a_job_killed_mid_way_and_retried_indexes_each_document_once(run, module
     assert index_count(run) == before + len(CORPUS)
     found = [r["id"] for r in search(run, "anything at all", k=100, where={"run": prefix})]
     assert sorted(found) == sorted(f"{prefix}-{key}" for key in CORPUS)
+
+
+def test_a_web_process_takes_requests_only_once_search_is_loaded(module_db, session_env, tmp_path):
+    # SEARCH_WARMUP=1, as deployed: from the first answer on, every process has its model and
+    # replica loaded, so no client waits for a cold search.
+    warm = WebService(dict(session_env, SEARCH_WARMUP="1", WEB_CONCURRENCY="2"), tmp_path)
+    try:
+        for _ in range(10):  # spread over both processes
+            info = requests.get(warm.url("/index"), timeout=30).json()
+            assert info["replica"]["status"] == "ready", info
+        ready = requests.get(warm.url("/readyz"), timeout=30).json()
+        checks = ready.get("checks") or ready["error"]["details"]["checks"]
+        assert checks["search"] == "ready"
+    finally:
+        warm.kill()

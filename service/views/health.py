@@ -21,11 +21,14 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready to take jobs: Redis answers and at least one worker is alive."""
+    """Ready: Redis answers, at least one worker is alive, and search is loaded (SEARCH_WARMUP=1)."""
     state = get_state()
     reasons: list[str] = []
     warnings: list[str] = []
-    checks: dict[str, object] = {}
+    checks: dict[str, object] = {"search": state.search.status}
+    if state.settings.search_warmup and state.search.status != "ready":
+        checks["search"] = "warming"
+        reasons.append("Search is warming up: the model and the index are loading.")
     try:
         state.redis.ping()
         checks["redis"] = "ok"
