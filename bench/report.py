@@ -27,6 +27,11 @@ from scripts.processes import ROOT
 BENCHMARKS = [
     ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0)}),
     ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": (">=", 1.0)}),
+    (
+        "bench.costs",
+        ["--jobs", "40", "--clients", "4"],
+        {"costs: Redis commands per job": ("<=", 1.0), "costs: Redis round trips per job": ("<=", 1.0)},
+    ),
     ("bench.enqueue", ["--requests", "100", "--clients", "4"], {"enqueue": (">=", 0.8)}),
     (
         "bench.embed",
