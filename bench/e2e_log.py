@@ -7,6 +7,9 @@ Afterward, used as the README shows: the Procfile's web process (2 gunicorn proc
 included); each of `--clients` client threads has an API key of its own, POSTs a job with
 it and long-polls the job's status URL (`?wait=30`) until the job ends, then submits the next.
 
+The HTTP ceiling: the same client loop against a bare Flask app under the same gunicorn
+settings that answers the POST and the GET with no queue at all (bench.ceiling_app).
+
 Stock RQ at its best documented setting: `--workers` `rq worker` processes (a worker-pool)
 with the job's module imported before they fork (bench.stock_worker: RQ's docs advise
 preloading), RQ's default serializer; each client thread calls `queue.enqueue` and waits
@@ -38,12 +41,15 @@ from bench.common import (
     run_clients,
     service,
 )
+from scripts.embedded_redis import free_port
 from scripts.processes import ROOT, Process, wait_until
+from scripts.stack import serves
 
 TERMINAL = {"finished", "failed", "canceled", "stopped"}
 BASELINE = "stock rq.Worker, preloaded"
 STOCK = {BASELINE: "rq.Worker", "rq.SimpleWorker": "rq.SimpleWorker"}
 OURS = "Afterward, API keys, long polls"
+CEILING = "HTTP ceiling: bare Flask, no queue"
 
 
 def afterward(db, tmp: Path, jobs: int, clients: int, workers: int) -> tuple[float, list[float]]:
@@ -67,6 +73,29 @@ def afterward(db, tmp: Path, jobs: int, clients: int, workers: int) -> tuple[flo
         started = time.perf_counter()
         latencies = run_clients(clients, jobs, submit_and_wait)
         return jobs / (time.perf_counter() - started), latencies
+
+
+def ceiling(db, tmp: Path, jobs: int, clients: int) -> tuple[float, list[float]]:
+    """The same client loop against bench.ceiling_app: HTTP with no queue behind it."""
+    port = free_port()
+    env = dict(env_for(db, tmp), HOST="127.0.0.1", PORT=str(port))
+    app = Process(
+        "ceiling", "gunicorn --config gunicorn.conf.py 'bench.ceiling_app:create_app()'", env, tmp / "c.log"
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: serves(app, port, base + "/jobs/x"), what="the ceiling app", process=app)
+
+        def submit_and_wait(session: requests.Session, i: int) -> None:
+            response = session.post(base + "/jobs/log", json={"message": f"job {i}"}, timeout=30)
+            view = session.get(base + response.headers["Location"], params={"wait": 30}, timeout=60).json()
+            assert view["status"] == "finished", view
+
+        started = time.perf_counter()
+        latencies = run_clients(clients, jobs, submit_and_wait)
+        return jobs / (time.perf_counter() - started), latencies
+    finally:
+        app.kill()
 
 
 def stock(
@@ -107,6 +136,7 @@ def main() -> None:
             runs[label] = stock(db, Path(tmp), args.jobs, args.clients, args.workers, worker_class)
             db.flush()
         runs[OURS] = afterward(db, Path(tmp), args.jobs, args.clients, args.workers)
+        runs[CEILING] = ceiling(db, Path(tmp), args.jobs, args.clients)
     baseline = runs[BASELINE][0]
     print(
         f"end to end: {args.jobs} log jobs, {args.clients} clients each waiting for its job, "
@@ -122,6 +152,7 @@ def main() -> None:
         "e2e_log",
         baseline=f"{BASELINE}: {baseline:.1f} jobs/s",
         simple=f"rq.SimpleWorker: {runs['rq.SimpleWorker'][0]:.1f} jobs/s",
+        ceiling=f"{CEILING}: {runs[CEILING][0]:.1f} pairs/s, ours {ours / runs[CEILING][0]:.2f}x it",
         ours=f"{ours:.1f} jobs/s",
         ratio=round(ours / baseline, 2),
     )

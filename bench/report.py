@@ -101,9 +101,10 @@ def build(tiny: bool) -> str:
                 name = figures.pop("benchmark")
                 baseline = figures.pop("baseline", "")
                 simple = figures.pop("simple", "")
+                ceiling = figures.pop("ceiling", "")
                 ours = figures.pop("ours", "")
                 ratio = figures.pop("ratio", None)
-                baselines = "<br>".join(part for part in (baseline, simple) if part)
+                baselines = "<br>".join(part for part in (baseline, simple, ceiling) if part)
                 ratio_text = f"**{ratio}x**" if ratio is not None else ""
                 rows.append(
                     f"| {name} | {baselines} | {ours} | {ratio_text} | {verdict(targets.get(name), ratio)} |"
