@@ -31,7 +31,7 @@ from bench.common import (
     service,
     wait_finished,
 )
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
 
 WORDS = [
     "river", "market", "engine", "garden", "winter", "signal", "paper", "orbit", "cotton", "harbor",
@@ -111,7 +111,10 @@ def main() -> None:
     raw_rates = {threads: raw(corpus, threads) for threads in (1, 2)}
     raw_threads = max(raw_rates, key=raw_rates.get)
     raw_rate = raw_rates[raw_threads]
-    print(f"embedding {args.documents} documents (2 threads in all for each service run)")
+    print(
+        f"embedding {args.documents} documents (2 threads in all for each service run; "
+        f"the service's EMBED_BACKEND: {get_settings().embed_backend}, the raw baseline: torch)"
+    )
     for threads, rate in raw_rates.items():
         print(f"  raw model.encode(batch_size=64), {threads} thread(s)  {rate:7.1f} docs/s")
     print(

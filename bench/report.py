@@ -38,6 +38,11 @@ BENCHMARKS = [
         ["--documents", "40", "--clients", "4"],
         {"embed_single": (">=", 0.7), "embed_bulk": (">=", 0.85)},
     ),
+    (
+        "bench.embed_backends",
+        ["--documents", "200", "--queries", "10", "--repeat", "1"],
+        {"embed_backend onnx": (">=", 1.0), "embed_backend onnx-int8": (">=", 1.0)},
+    ),
     ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": ("<=", 2.0)}),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),

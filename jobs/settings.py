@@ -10,6 +10,9 @@ from typing import Any
 
 DAY = 24 * 3600
 
+# What runs the embedding model: torch, or ONNX Runtime on an exported fp32 or int8 graph.
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -57,9 +60,17 @@ class Settings:
     # Embedding model: a sentence-transformers folder; empty means the bundled all-MiniLM-L6-v2.
     embed_model_path: str = ""
     embed_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
-    # Threads torch, FAISS and BLAS may use in each process (2 cores: more threads, less speed).
+    # What runs the model: torch, onnx or onnx-int8 (BACKENDS). onnx by default: the fastest
+    # whose searches agree with torch's (top-10 agreement >= 0.99). `python -m bench.embed_backends`,
+    # 2,000 texts, 2 threads: torch 312 docs/s; onnx 639 (2.05x), agreement 1.000; onnx-int8
+    # 1,319 (4.23x) but agreement 0.828 (cosine to torch 0.991): opt-in, speed over agreement.
+    embed_backend: str = "onnx"
+    # Where the ONNX backends keep the graphs they export from the model folder on first use.
+    embed_model_cache: str = "var/models"
+    # Threads torch, ONNX Runtime, FAISS and BLAS may use in each process (2 cores: more
+    # threads, less speed).
     embed_threads: int = 1
-    # Texts per model.encode batch.
+    # Texts per batch the encoder runs.
     embed_batch_size: int = 64
     # Texts an embed job encodes at once, its own and those of embed jobs queued behind it.
     embed_prefetch: int = 128
@@ -151,6 +162,8 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
         return value
     if annotation in ("tuple[str, ...]",):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if name == "embed_backend" and raw not in BACKENDS:
+        raise ValueError(f"EMBED_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}")
     return raw
 
 

@@ -18,7 +18,7 @@ import redis
 from jobs.settings import Settings
 
 if TYPE_CHECKING:
-    from jobs.index.embedding import Encoder
+    from jobs.index.embedding import TextEncoder
     from jobs.index.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class SearchService:
     def __init__(self, connection: redis.Redis, settings: Settings) -> None:
         self._connection = connection
         self._settings = settings
-        self._encoder: Encoder | None = None
+        self._encoder: TextEncoder | None = None
         self._replica: Replica | None = None
         self._loading = threading.Lock()
         self._loaded = threading.Event()
@@ -45,7 +45,7 @@ class SearchService:
     def loaded_replica(self) -> Replica | None:
         return self._replica
 
-    def _ensure_loaded(self) -> tuple[Encoder, Replica]:
+    def _ensure_loaded(self) -> tuple[TextEncoder, Replica]:
         if self._replica is None or self._encoder is None:
             with self._loading:
                 if self._replica is None or self._encoder is None:

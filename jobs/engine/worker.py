@@ -384,17 +384,21 @@ class EmbedWorker(Worker):
     """The worker of the `embedder` process type: its work-horse holds the model.
 
     torch is never run in the worker itself: a process whose torch has started its thread
-    pool can hang a forked child. The worker only imports the libraries (which starts no
-    threads), so its work-horse loads the model once and keeps it warm for every job it
-    runs. A horse starts with the worker, and again as soon as one retires.
+    pool can hang a forked child. The worker only imports torch's libraries (which starts no
+    threads; nothing for the ONNX backends), so its work-horse loads the model once and
+    keeps it warm for every job it runs. A horse starts with the worker, and again as soon
+    as one retires.
     """
 
     prefork = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        import sentence_transformers  # noqa: F401 - imported once here, loaded in the horse
-        import torch  # noqa: F401
+        if get_settings().embed_backend == "torch":
+            import sentence_transformers  # noqa: F401 - imported once here, loaded in the horse
+            import torch  # noqa: F401
+        # onnxruntime starts a native thread as it is imported: each horse imports it after
+        # the fork, which costs a fraction of a second once per horse.
 
         self._spawn_horse()
 

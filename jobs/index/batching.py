@@ -25,7 +25,7 @@ from jobs import keys
 from jobs.families import EMBED, family_queues
 
 if TYPE_CHECKING:
-    from jobs.index.embedding import Encoder
+    from jobs.index.embedding import TextEncoder
 
 # How long a claim and a cached result live (seconds).
 CLAIM_TTL = 60
@@ -37,7 +37,12 @@ GATHER_WINDOW = 0.05
 
 
 def vectors_for(
-    connection: redis.Redis, job_id: str, texts: list[str], encoder: Encoder, batch_texts: int, function: str
+    connection: redis.Redis,
+    job_id: str,
+    texts: list[str],
+    encoder: TextEncoder,
+    batch_texts: int,
+    function: str,
 ) -> np.ndarray:
     """This job's vectors: cached by a neighbour, or encoded now along with its neighbours'."""
     cached = _cached(connection, job_id, len(texts), encoder.dimensions)
