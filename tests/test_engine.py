@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+
 import redis
+from rq.worker import WorkerStatus
 
 from jobs.connection import WORKER_BACKOFF_BASE, WORKER_BACKOFF_CAP, WorkerRedis, retries_within
-from jobs.engine.queue import Queue
+from jobs.engine.queue import STOPPING, Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
 
@@ -37,3 +43,44 @@ def test_the_worker_client_retries_within_that_budget(monkeypatch):
     client = WorkerRedis.from_url("redis://127.0.0.1:1/0")
     retry = client.connection_pool.connection_kwargs["retry"]
     assert retry.get_retries() == retries_within(Settings(job_monitoring_interval=5).worker_retry_seconds)
+
+
+def test_a_stop_signal_may_interrupt_its_own_handler_anywhere(monkeypatch):
+    # A platform's SIGTERM and the worker pool's SIGINT arrive together: the second handler run
+    # can start between any two lines of the first. Run it at each one; none may wait on the
+    # first (a lock it holds) or talk to Redis meanwhile.
+    connection = redis.Redis(host="127.0.0.1", port=1)  # never connected
+    worker = Worker([Queue("default", connection=connection)], connection=connection, prepare_for_work=False)
+    worker._state = WorkerStatus.BUSY  # a job is running
+    worker.pid = os.getpid()
+    commands: list[tuple] = []
+    monkeypatch.setattr(connection, "execute_command", lambda *args, **kwargs: commands.append(args))
+    monkeypatch.setattr(connection, "pipeline", lambda *args, **kwargs: commands.append(("pipeline",)))
+    installed: list[tuple] = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
+    interruptions = []
+
+    def interrupt(frame, event, arg):
+        if event == "line":
+            interruptions.append(frame.f_lineno)
+            worker.request_stop(signal.SIGINT, None)  # runs untraced, like a handler, to its end
+        return interrupt
+
+    def first_signal() -> None:
+        sys.settrace(interrupt)
+        try:
+            worker.request_stop(signal.SIGTERM, None)
+        finally:
+            sys.settrace(None)
+
+    try:
+        handler = threading.Thread(target=first_signal, daemon=True)
+        handler.start()
+        handler.join(timeout=10)
+        assert not handler.is_alive(), "the stop handler waits on itself"
+        assert len(interruptions) >= 5
+        assert worker._stop_requested and STOPPING.is_set() and worker._shutdown_deadline is not None
+        assert commands == [], "a signal handler must not talk to Redis"
+        assert {handler for _, handler in installed} == {worker.request_force_stop}
+    finally:
+        STOPPING.clear()

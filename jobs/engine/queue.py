@@ -15,7 +15,6 @@ fallback poll, since Redis cannot block on "move from the first non-empty of sev
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -37,9 +36,27 @@ IDLE_POLL_SECONDS = 1
 # Doorbell rings kept while no worker listens.
 DOORBELL_LIMIT = 1000
 
+
+class Flag:
+    """A flag a signal handler may set. Unlike threading.Event it takes no lock: a handler that
+    interrupted the main thread inside Event.set, then ran again, would wait on itself forever."""
+
+    def __init__(self) -> None:
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def clear(self) -> None:
+        self._value = False
+
+    def is_set(self) -> bool:
+        return self._value
+
+
 # Set when this worker process is asked to stop: a waiting dequeue then returns no job, which
 # ends RQ's work loop (jobs.engine.worker.Worker.request_stop).
-STOPPING = threading.Event()
+STOPPING = Flag()
 
 _MOVE_FIRST = """
 local n = #KEYS / 2

@@ -115,12 +115,12 @@ TOUCHPOINTS = (
         lambda: _source_mentions(StartedJobRegistry.cleanup, "call_exception_handlers", "AbandonedJobError"),
     ),
     Touchpoint(
-        "Worker.request_stop / request_force_stop are the SIGINT/SIGTERM handlers",
-        "The shutdown grace period starts in request_stop; the second signal a worker-pool "
-        "sends must not cold-stop the job (request_force_stop is overridden).",
+        "Worker.request_stop is the SIGINT/SIGTERM handler; the work loop ends on _stop_requested",
+        "The shutdown grace period starts in request_stop, which only sets flags (it may "
+        "interrupt itself); RQ's work loop stops after the running job when _stop_requested is set.",
         lambda: (
             _source_mentions(BaseWorker._install_signal_handlers, "self.request_stop")
-            and _source_mentions(BaseWorker.request_stop, "self.request_force_stop")
+            and _source_mentions(BaseWorker.work, "self._stop_requested")
         ),
     ),
     Touchpoint(

@@ -75,6 +75,7 @@ class Worker(ForkingWorker):
         # Why the running job's horse is being killed, when the worker killed it on purpose.
         self._kill_reason: tuple[str, str] | None = None
         self._shutdown_deadline: float | None = None
+        self._stop_announced = False
         # A signal wakes the worker watching its horse at once, whichever of the worker's
         # threads the kernel delivered it to: Python writes it to this pipe (the self-pipe trick).
         self._wake_read, self._wake_write = os.pipe()
@@ -157,6 +158,7 @@ class Worker(ForkingWorker):
         self._kill_reason = None
         while True:
             report = horse.wait_report(timeout=self.job_monitoring_interval, wake=self._wake_read)
+            self._stopping()
             if report is None:  # still running
                 try:
                     self.maintain_heartbeats(job, execution)
@@ -294,9 +296,11 @@ class Worker(ForkingWorker):
         signal.signal(signal.SIGTERM, _for_the_worker)
 
     def teardown(self) -> None:
-        if not self._in_horse and self._horse is not None:
-            self._horse.close()
-            self._horse = None
+        if not self._in_horse:
+            self._stopping()
+            if self._horse is not None:
+                self._horse.close()
+                self._horse = None
         super().teardown()
 
     # ------------------------------------------------------------------ running jobs
@@ -307,28 +311,39 @@ class Worker(ForkingWorker):
         return self.settings.heartbeat_ttl
 
     def request_stop(self, signum: int, frame: Any) -> None:
-        if self._shutdown_deadline is None:
-            self._shutdown_deadline = time.monotonic() + self.settings.shutdown_grace
-            # Look at the running job every second until it ends or the grace runs out.
-            self.job_monitoring_interval = 1
-            grace = self.settings.shutdown_grace
-            log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
-        # An idle worker's next look at its queues (within a second) ends its work loop.
-        STOPPING.set()
-        if self.get_state() == WorkerStatus.BUSY:
-            super().request_stop(signum, frame)  # RQ: stop once the running job is over
-            return
-        # Not RQ's way for an idle worker, which is to raise StopRequested from this handler:
-        # raised inside a log call, logging swallows it and the worker would never stop.
-        self.set_shutdown_requested_date()
+        """SIGTERM/SIGINT: a warm stop. The running job gets `SHUTDOWN_GRACE` seconds, then is
+        put back (_enforce_limits); an idle worker stops at its next look at its queues.
+
+        A handler runs wherever the main thread happens to be, even inside another run of
+        itself: a platform's SIGTERM and the pool's SIGINT arrive together. So it only sets
+        flags (no lock, no Redis call, no logging); the main thread does the rest (_stopping).
+        """
         signal.signal(signal.SIGINT, self.request_force_stop)
         signal.signal(signal.SIGTERM, self.request_force_stop)
+        if self._shutdown_deadline is None:
+            self._shutdown_deadline = time.monotonic() + self.settings.shutdown_grace
+            self._shutdown_requested_date = now()
+        # Look at the running job every second until it ends or the grace runs out.
+        self.job_monitoring_interval = 1
+        # RQ's work loop ends after the running job; a waiting dequeue returns no job.
+        self._stop_requested = True
+        STOPPING.set()
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
-        # A platform's SIGTERM and the pool's SIGINT arrive together: the second signal must
-        # neither cut a job's grace period short nor break off the worker's clean exit. When the
-        # grace period is over the running job is stopped and put back (_enforce_limits).
-        log.info("worker %s: already stopping", self.name)
+        # Further signals neither cut a job's grace period short nor break off the worker's
+        # clean exit. When the grace period is over the running job is stopped and put back.
+        pass
+
+    def _stopping(self) -> None:
+        """The main thread's part of a stop request: say so, in the log and in Redis, once."""
+        if self._shutdown_deadline is None or self._stop_announced:
+            return
+        self._stop_announced = True
+        log.info("worker %s: stopping; a running job gets %s s to finish", self.name, self.settings.shutdown_grace)
+        with suppress(redis.exceptions.RedisError):
+            self.set_shutdown_requested_date()
+        if self.scheduler:
+            self.stop_scheduler()
 
     # ------------------------------------------------------------------ ends of jobs
 
