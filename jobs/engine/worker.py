@@ -339,7 +339,8 @@ class Worker(ForkingWorker):
         if self._shutdown_deadline is None or self._stop_announced:
             return
         self._stop_announced = True
-        log.info("worker %s: stopping; a running job gets %s s to finish", self.name, self.settings.shutdown_grace)
+        grace = self.settings.shutdown_grace
+        log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
         with suppress(redis.exceptions.RedisError):
             self.set_shutdown_requested_date()
         if self.scheduler:
