@@ -61,19 +61,6 @@ INDEX_SNAPSHOT = PREFIX + "index:snapshot"
 INDEX_SNAPSHOT_LOCK = PREFIX + "index:snapshot-lock"
 
 
-# Micro-batching of embed jobs: who encodes a queued job's texts, and the vectors it left.
-_EMBED_CLAIM = PREFIX + "embed:claim:{job_id}"
-_EMBED_VECTORS = PREFIX + "embed:vectors:{job_id}"
-
-
-def embed_claim(job_id: str) -> str:
-    return _EMBED_CLAIM.format(job_id=job_id)
-
-
-def embed_vectors(job_id: str) -> str:
-    return _EMBED_VECTORS.format(job_id=job_id)
-
-
 def document(doc_id: str) -> str:
     return _DOCUMENT.format(id=doc_id)
 

@@ -72,8 +72,9 @@ class Settings:
     embed_threads: int = 1
     # Texts per batch the encoder runs.
     embed_batch_size: int = 64
-    # Texts an embed job encodes at once, its own and those of embed jobs queued behind it.
-    embed_prefetch: int = 128
+    # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
+    # as one batch (each keeps its own status and result).
+    embed_batch_jobs: int = 32
     # Limits on job inputs and search requests.
     max_log_chars: int = 10_000
     max_sleep_seconds: int = 3600

@@ -208,3 +208,31 @@ def mark(*args: object) -> None:
 JOB_TYPES["tamper"] = JobType(tamper, TamperInput)
 JOB_TYPES["inspect"] = JobType(inspect_process, InspectInput)
 JOB_TYPES["hog"] = JobType(hog, HogInput)
+
+
+class NoteInput(JobInput):
+    value: int
+    fail: bool = Field(default=False, description="A bad input: its job fails, alone or in a batch.")
+    hold: float = Field(default=0, ge=0, le=600, description="Seconds the first batch run waits.")
+
+
+def note(value: int, fail: bool = False, hold: float = 0) -> dict:
+    """One job's run: its value back, or a failure for a bad input."""
+    if fail:
+        raise ValueError(f"bad value {value}")
+    return {"value": value, "together": 1}
+
+
+def note_many(calls: list[dict], connection: redis.Redis) -> list[dict]:
+    """Jobs of `note` run together. Fails whole when one input is bad. On the first batch
+    with a `hold`, publishes its pid and waits that long, to be stopped mid-batch."""
+    if any(call.get("fail") for call in calls):
+        raise ValueError("a bad value in the batch")
+    hold_for = max(call.get("hold", 0) for call in calls)
+    if hold_for and connection.incr("afterward-test:note-batches") == 1:
+        connection.set("afterward-test:note-pid", os.getpid())
+        time.sleep(hold_for)
+    return [{"value": call["value"], "together": len(calls)} for call in calls]
+
+
+JOB_TYPES["note"] = JobType(note, NoteInput, family=EMBED, run_many=note_many)

@@ -190,57 +190,25 @@ class CountingEncoder:
         return encode(texts)
 
 
-def test_an_embed_job_encodes_the_jobs_queued_behind_it(fake_redis):
-    from jobs.engine.queue import Queue
-    from jobs.index.batching import forget, vectors_for
+def test_embed_many_encodes_once_and_keeps_each_jobs_revision(fake_redis, monkeypatch):
+    from jobs.index import embedding
+    from jobs.types.embed import embed_many
 
-    queue = Queue("embed-default", connection=fake_redis)
-    function = "jobs.types.embed.embed_documents"
-    jobs = [
-        queue.enqueue(function, documents=[{"id": f"d{i}", "text": f"text {i}"}], revision=1)
-        for i in range(4)
+    encoder = CountingEncoder()
+    monkeypatch.setattr(embedding, "get_encoder", lambda: encoder)
+    store = DocumentStore(fake_redis)
+    put(store, [{"id": "shared", "text": "accepted between the two"}], revision=5)
+    calls = [
+        {"documents": [{"id": "a", "text": "alpha"}, {"id": "shared", "text": "older"}], "revision": 4},
+        {"documents": [{"id": "b", "text": "beta"}], "revision": 6},
+        {"documents": [{"id": "shared", "text": "newest"}], "revision": 7},
     ]
-    first = jobs[0]
-    fake_redis.lrem(queue.key, 1, first.id)  # a worker took the first one
-    encoder = CountingEncoder()
-
-    mine = vectors_for(fake_redis, first.id, ["text 0"], encoder, 128, function)
-    assert encoder.calls == [4]  # one call for all four jobs' texts
-    assert np.allclose(mine, encode(["text 0"]))
-    for i, job in enumerate(jobs[1:], start=1):
-        theirs = vectors_for(fake_redis, job.id, [f"text {i}"], encoder, 128, function)
-        assert np.allclose(theirs, encode([f"text {i}"]))
-        forget(fake_redis, job.id)
-    assert encoder.calls == [4]  # the others found their vectors ready
-    assert not fake_redis.keys("afterward:embed:vectors:*")
-
-
-def test_a_job_whose_claimer_vanished_encodes_its_own_texts(fake_redis, monkeypatch):
-    from jobs import keys
-    from jobs.index import batching
-
-    monkeypatch.setattr(batching, "WAIT_FOR_CLAIMED", 0.1)
-    fake_redis.set(keys.embed_claim("orphan"), "1")  # claimed by a worker that then died
-    encoder = CountingEncoder()
-    vectors = batching.vectors_for(
-        fake_redis, "orphan", ["alone"], encoder, 128, "jobs.types.embed.embed_documents"
-    )
-    assert encoder.calls == [1]
-    assert np.allclose(vectors, encode(["alone"]))
-
-
-def test_batching_takes_only_jobs_of_the_same_function(fake_redis):
-    from jobs.engine.queue import Queue
-    from jobs.index.batching import vectors_for
-
-    queue = Queue("embed-default", connection=fake_redis)
-    other = queue.enqueue(
-        "tests.fixtures.embed_and_pause",
-        documents=[{"id": "x", "text": "x"}],
-        revision=1,
-        pause="after_write",
-    )
-    encoder = CountingEncoder()
-    vectors_for(fake_redis, "first", ["mine"], encoder, 128, "jobs.types.embed.embed_documents")
-    assert encoder.calls == [1]
-    assert fake_redis.get(f"afterward:embed:vectors:{other.id}") is None
+    results = embed_many(calls, fake_redis)
+    assert encoder.calls == [4]  # one encode for every text of the three jobs
+    assert results == [
+        {"indexed": ["a"], "superseded": ["shared"]},
+        {"indexed": ["b"], "superseded": []},
+        {"indexed": ["shared"], "superseded": []},
+    ]
+    assert store.get("shared").text == "newest"
+    assert fake_redis.hget(keys.document("b"), "revision") == b"6"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from rq.exceptions import DequeueTimeout
 
 from jobs import keys
 from jobs.engine.job import Job
-from jobs.engine.queue import Queue, recover_intermediate
+from jobs.engine.queue import EmbedQueue, Queue, recover_intermediate
 from jobs.engine.worker import Worker
 
 
@@ -101,3 +103,35 @@ def test_rqs_maintenance_puts_a_job_back_instead_of_failing_it(queues, fake_redi
         worker.clean_registries()
     assert fake_redis.lrange(default.key, 0, -1) == [lost.id.encode()]
     assert lost.get_status() == "queued"
+
+
+def test_an_embed_dequeue_takes_a_batch_from_one_queue(fake_redis, monkeypatch):
+    monkeypatch.setenv("EMBED_BATCH_JOBS", "3")
+    high, default = (EmbedQueue(name, connection=fake_redis) for name in ("embed-high", "embed-default"))
+    first_high = enqueue(high, "h")
+    queued = [enqueue(default, f"d{i}") for i in range(4)]
+    job, queue = EmbedQueue.dequeue_any([high, default], None, connection=fake_redis)
+    assert (queue.name, job.id, job.companions) == ("embed-high", first_high.id, [])  # never mixes queues
+    job, queue = EmbedQueue.dequeue_any([high, default], None, connection=fake_redis)
+    assert [j.id for j in [job, *job.companions]] == [j.id for j in queued[:3]]
+    assert [j.kwargs["message"] for j in job.companions] == ["d1", "d2"]  # read with the take
+    assert fake_redis.lrange(queue.intermediate_queue_key, 0, -1) == [j.id.encode() for j in queued[:3]]
+    assert fake_redis.lrange(queue.key, 0, -1) == [queued[3].id.encode()]
+
+
+def test_a_batch_stops_growing_at_its_byte_budget(fake_redis, monkeypatch):
+    monkeypatch.setattr(EmbedQueue, "BATCH_BYTES", 3000)
+    queue = EmbedQueue("embed-default", connection=fake_redis)
+    for _ in range(5):
+        enqueue(queue, secrets.token_urlsafe(1200))  # about 1,200 bytes of data, compressed or not
+    job, _ = EmbedQueue.dequeue_any([queue], None, connection=fake_redis)
+    assert len(job.companions) == 2  # the third job's data passes 3000 bytes: it closes the batch
+    assert fake_redis.llen(queue.key) == 2
+
+
+def test_the_general_queue_takes_one_job_at_a_time(queues, fake_redis):
+    for i in range(3):
+        enqueue(queues[1], str(i))
+    job, _ = Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert job.companions == []
+    assert fake_redis.llen(queues[1].key) == 2

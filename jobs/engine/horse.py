@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -36,24 +38,34 @@ PR_SET_PDEATHSIG = 1
 
 
 @dataclass
-class Order:
-    """What the worker tells its horse: run this job, from this queue, as this execution."""
+class Item:
+    """One job of an order: its id, its execution, and its hash as the worker read and started it."""
 
     job_id: str
-    queue: str
     execution_id: str
+    execution_created_at: float
+    job_hash: dict[bytes, bytes]
+
+
+@dataclass
+class Order:
+    """What the worker tells its horse: run these jobs, taken together from this queue.
+
+    The jobs travel with their hashes, so the horse reads nothing back from Redis first.
+    """
+
+    queue: str
+    items: list[Item]
 
     def encode(self) -> bytes:
-        return f"{self.job_id} {self.queue} {self.execution_id}\n".encode()
-
-    @classmethod
-    def decode(cls, line: bytes) -> Order:
-        job_id, queue, execution_id = line.decode().split()
-        return cls(job_id, queue, execution_id)
+        payload = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        return struct.pack("!Q", len(payload)) + payload
 
 
 DONE = b"done"
 RETIRING = b"retiring"
+# Sent as each job of an order ends, before the order's own DONE or RETIRING.
+ENDED = b"ended"
 
 
 class Horse:
@@ -82,15 +94,17 @@ class Horse:
 
     def send(self, order: Order) -> bool:
         """False when the horse is gone (it retired or died while idle)."""
+        data = memoryview(order.encode())
         try:
-            os.write(self._orders, order.encode())
+            while data:
+                data = data[os.write(self._orders, data) :]
             return True
         except BrokenPipeError:
             return False
 
     def wait_report(self, timeout: float, wake: int | None = None) -> bytes | None:
-        """The horse's next report (DONE or `RETIRING reason`); b"" when it died; None when
-        `timeout` passed or something was written to the `wake` pipe."""
+        """The horse's next report (`ENDED job-id`, DONE or `RETIRING reason`); b"" when it
+        died; None when `timeout` passed or something was written to the `wake` pipe."""
         while b"\n" not in self._buffer:
             watched = [self._reports] if wake is None else [self._reports, wake]
             ready, _, _ = select.select(watched, [], [], timeout)
@@ -141,8 +155,15 @@ def die_with_parent(parent: int) -> None:
 
 def read_orders(orders: BinaryIO) -> Order | None:
     """The horse's side: block for the next order; None when the worker closed the pipe."""
-    line = orders.readline()
-    return Order.decode(line) if line.endswith(b"\n") else None
+    header = orders.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack("!Q", header)
+    payload = orders.read(size)
+    if len(payload) < size:
+        return None
+    # The worker that forked this horse wrote it: the pipe is between the two processes alone.
+    return pickle.loads(payload)
 
 
 class ProcessState:

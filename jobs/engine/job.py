@@ -45,6 +45,10 @@ class Job(RQJob):
         super().__init__(id, connection=connection, serializer=JSONSerializer)
         self.attempts = 0
         self.callback_names: dict[str, str] = {}
+        # The hash the job was restored from, when a worker's dequeue read it.
+        self.hash: dict[bytes, bytes] = {}
+        # The jobs a worker took off the queue together with this one (jobs.engine.queue).
+        self.companions: list[Job] = []
 
     @property
     def func_name(self) -> str:

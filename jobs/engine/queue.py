@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 from rq import Queue as RQQueue
-from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.exceptions import DequeueTimeout
 from rq.intermediate_queue import IntermediateQueue as RQIntermediateQueue
 from rq.serializers import JSONSerializer
 
@@ -58,11 +58,28 @@ class Flag:
 # ends RQ's work loop (jobs.engine.worker.Worker.request_stop).
 STOPPING = Flag()
 
-_MOVE_FIRST = """
+# Move job ids from the first non-empty queue onto its intermediate list and return each with
+# its job hash: at most ARGV[1] jobs, fewer once their data passes ARGV[2] bytes.
+_TAKE = """
 local n = #KEYS / 2
+local most, budget, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 for i = 1, n do
   local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
-  if id then return {KEYS[i], id} end
+  if id then
+    local taken, count, size = {KEYS[i]}, 0, 0
+    while id do
+      local hash = redis.call('HGETALL', prefix .. id)
+      taken[#taken + 1] = id
+      taken[#taken + 1] = hash
+      count = count + 1
+      for j = 1, #hash, 2 do
+        if hash[j] == 'data' then size = size + #hash[j + 1] end
+      end
+      if count >= most or size >= budget then break end
+      id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+    end
+    return taken
+  end
 end
 return false
 """
@@ -104,6 +121,11 @@ class Queue(RQQueue):
             pipe.execute()
 
     @classmethod
+    def batch_limits(cls) -> tuple[int, int]:
+        """How many jobs one dequeue may take together, and up to how many bytes of job data."""
+        return 1, 0
+
+    @classmethod
     def dequeue_any(
         cls,
         queues: Iterable[RQQueue],
@@ -113,25 +135,29 @@ class Queue(RQQueue):
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
+        """The next job, with the jobs taken together with it as its `companions` (a batch);
+        each read with its hash in the same round trip that moved it off its queue."""
         queues = list(queues)
         by_key = {q.key: q for q in queues}
-        move_first = connection.register_script(_MOVE_FIRST)
+        take = connection.register_script(_TAKE)
         script_keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
+        most, budget = cls.batch_limits()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if STOPPING.is_set():  # a worker asked to stop takes no new job
                 return None
-            moved = move_first(keys=script_keys)
-            if moved:
-                queue_key, job_id = (part.decode() if isinstance(part, bytes) else part for part in moved)
-                queue = by_key[queue_key]
-                try:
-                    job = Job.fetch(job_id, connection=connection)
-                except NoSuchJobError:
-                    # Deleted while queued: nothing to run, nothing to keep.
-                    connection.lrem(queue.intermediate_queue_key, 1, job_id)
+            taken = take(keys=script_keys, args=[most, budget, Job.redis_job_namespace_prefix])
+            if taken:
+                queue = by_key[_text(taken[0])]
+                jobs = [
+                    job
+                    for job_id, fields in zip(taken[1::2], taken[2::2], strict=True)
+                    if (job := _restore(_text(job_id), fields, queue)) is not None
+                ]
+                if not jobs:
                     continue
-                return job, queue
+                jobs[0].companions = jobs[1:]
+                return jobs[0], queue
             if deadline is None:
                 return None
             remaining = deadline - time.monotonic()
@@ -139,6 +165,33 @@ class Queue(RQQueue):
                 raise DequeueTimeout(timeout, list(by_key))
             doorbells = [keys.doorbell(queue.name) for queue in queues]
             connection.blpop(doorbells, timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _restore(job_id: str, fields: list[bytes], queue: Queue) -> Job | None:
+    """The job from the hash the dequeue script read; None (and off the intermediate list) when
+    it was deleted while queued: nothing to run, nothing to keep."""
+    if not fields:
+        queue.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+        return None
+    job = Job(job_id, connection=queue.connection)
+    job.hash = dict(zip(fields[::2], fields[1::2], strict=True))
+    job.restore(job.hash)
+    return job
+
+
+class EmbedQueue(Queue):
+    """The embedder's queues: one dequeue takes up to `EMBED_BATCH_JOBS` jobs together."""
+
+    # Stop adding jobs to a batch once their data (mostly their texts) passes this size.
+    BATCH_BYTES = 256 * 1024
+
+    @classmethod
+    def batch_limits(cls) -> tuple[int, int]:
+        return max(1, get_settings().embed_batch_jobs), cls.BATCH_BYTES
 
 
 def ring(pipe: Any, queue: str) -> None:

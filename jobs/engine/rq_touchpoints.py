@@ -141,6 +141,60 @@ TOUCHPOINTS = (
         ),
     ),
     Touchpoint(
+        "perform_job() calls self.prepare_job_execution(...) and self._finalize_success(job, queue, "
+        "execution, return_value)",
+        "The worker marks a job started in the round trip that creates its execution, so the "
+        "horse's prepare_job_execution does nothing; a plain success is finished through "
+        "_finalize_success in one transaction.",
+        lambda: (
+            _source_mentions(BaseWorker.perform_job, "self.prepare_job_execution(", "self._finalize_success(")
+            and _params(BaseWorker._finalize_success, "job", "queue", "execution", "return_value")
+        ),
+    ),
+    Touchpoint(
+        "The writes of handle_job_success: Job._handle_success, Job.cleanup, cleanup_execution, "
+        "the worker's job counters, _enqueue_dependents_safely and _release_slot_safely",
+        "Worker._finish writes what RQ's handle_job_success writes, for several jobs in one "
+        "transaction, through the same methods.",
+        lambda: (
+            _params(
+                Job._handle_success,
+                "result_ttl",
+                "pipeline",
+                "worker_name",
+                "execution_id",
+                "execution_started_at",
+                "execution_ended_at",
+            )
+            and _params(Job.cleanup, "ttl", "pipeline", "remove_from_queue")
+            and _source_mentions(
+                BaseWorker.handle_job_success,
+                "job._handle_success(",
+                "job.cleanup(",
+                "self.cleanup_execution(",
+                "self.increment_successful_job_count(",
+                "self.increment_total_working_time(",
+            )
+            and all(
+                hasattr(BaseWorker, name) for name in ("_enqueue_dependents_safely", "_release_slot_safely")
+            )
+        ),
+    ),
+    Touchpoint(
+        "Execution.create(job, ttl, pipeline, worker_name); Execution(id, job_id, connection, worker_name)",
+        "The worker creates executions itself, several in one round trip, and the horse rebuilds "
+        "them from what the worker sent instead of reading them back.",
+        lambda: (
+            _params(Execution.create, "job", "ttl", "pipeline", "worker_name")
+            and _params(Execution.__init__, "id", "job_id", "connection", "worker_name")
+        ),
+    ),
+    Touchpoint(
+        "Worker.handle_payload(message) receives RQ's commands; parse_payload decodes them",
+        "stop-job for any job of a batch the horse runs (RQ's handler only knows the first).",
+        lambda: _source_mentions(BaseWorker.handle_payload, "parse_payload(message)"),
+    ),
+    Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",

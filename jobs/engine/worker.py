@@ -15,24 +15,38 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from rq import Worker as ForkingWorker
 from rq.callbacks import execute_stopped_callback
+from rq.command import parse_payload
 from rq.exceptions import AbandonedJobError, InvalidJobOperation
 from rq.executions import Execution
-from rq.job import JobStatus
+from rq.job import JobStatus, Retry
 from rq.queue import Queue as RQQueue
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
 from jobs import keys, logs, metrics
 from jobs.connection import warn_if_evicting
 from jobs.engine import errors
-from jobs.engine.horse import DONE, RETIRING, Horse, Order, ProcessState, read_orders, resident_mb
+from jobs.engine.horse import (
+    DONE,
+    ENDED,
+    RETIRING,
+    Horse,
+    Item,
+    Order,
+    ProcessState,
+    read_orders,
+    resident_mb,
+)
 from jobs.engine.job import Job
-from jobs.engine.queue import STOPPING, Queue
+from jobs.engine.queue import STOPPING, EmbedQueue, Queue
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -59,7 +73,7 @@ class Worker(ForkingWorker):
         kwargs.update(
             serializer=JSONSerializer,
             job_class=Job,
-            queue_class=Queue,
+            queue_class=type(self).queue_class,
             default_result_ttl=settings.result_ttl,
             job_monitoring_interval=settings.job_monitoring_interval,
             maintenance_interval=settings.maintenance_interval,
@@ -68,12 +82,14 @@ class Worker(ForkingWorker):
         connection = kwargs.get("connection") or queues[0].connection
         kwargs["connection"] = connection
         names = [q.name if isinstance(q, RQQueue) else q for q in queues]
-        super().__init__([Queue(name, connection=connection) for name in names], *args, **kwargs)
+        super().__init__([self.queue_class(name, connection=connection) for name in names], *args, **kwargs)
         self.settings = settings
         self._horse: Horse | None = None
         self._in_horse = False
         # Why the running job's horse is being killed, when the worker killed it on purpose.
-        self._kill_reason: tuple[str, str] | None = None
+        self._kill_reason: str | None = None
+        # The ids of the jobs the horse is running (read by RQ's command thread).
+        self._running_ids: frozenset[str] = frozenset()
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
         # A signal wakes the worker watching its horse at once, whichever of the worker's
@@ -99,27 +115,53 @@ class Worker(ForkingWorker):
         return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        # A cancel can land just before the dequeue read the job; honour it (the status was
+        """Run `job` and the jobs taken off its queue together with it (`job.companions`)."""
+        batch, job.companions = [job, *job.companions], []
+        # A cancel can land just before the dequeue read a job; honour it (the status was
         # read with the job itself, so this costs no extra round trip).
-        if job.get_status(refresh=False) == JobStatus.CANCELED:
-            log.info("job %s was canceled before it started; skipping it", job.id)
-            self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+        runnable = []
+        for each in batch:
+            if each.get_status(refresh=False) == JobStatus.CANCELED:
+                log.info("job %s was canceled before it started; skipping it", each.id)
+                self.connection.lrem(queue.intermediate_queue_key, 1, each.id)
+            else:
+                runnable.append(each)
+        if not runnable:
             return
-        with logs.context(job=job.id, request=job.meta.get("request_id")):
-            execution = self.prepare_execution(job)
-            order = Order(job.id, queue.name, execution.id)
+        with logs.context(job=runnable[0].id, request=runnable[0].meta.get("request_id")):
+            running = self._start(runnable, queue)
+            order = Order(queue.name, [_item(each, execution) for each, execution in running])
             horse = self._horse or self._spawn_horse()
             if not horse.send(order):  # it died while idle
                 self._bury_horse()
                 horse = self._spawn_horse()
                 horse.send(order)
-            self._watch(job, queue, execution, horse)
+            self._watch(running, queue, horse)
         self.set_state(WorkerStatus.IDLE)
 
+    def _start(self, jobs: list[Job], queue: Queue) -> list[tuple[Job, Execution]]:
+        """Mark the jobs started, in one round trip: each job's execution, its status and
+        start time, and its leaving the intermediate list (what RQ does in two, per job: the
+        worker's `prepare_execution` and the horse's `prepare_job_execution`)."""
+        ttl = self.settings.heartbeat_ttl
+        running = []
+        with self.connection.pipeline() as pipe:
+            for job in jobs:
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                self.executions[execution.id] = execution
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                running.append((job, execution))
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.heartbeat(ttl, pipeline=pipe)
+            pipe.execute()
+        self.procline(f"Processing {len(jobs)} job(s) from {queue.name} since {time.time()}")
+        return running
+
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        # Every job was moved onto an intermediate list (jobs.engine.queue), however many
-        # queues the worker serves: it leaves it in the transaction that marks it started.
-        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+        # The worker did it when it started the job (_start), in the same round trip.
+        return None
 
     # ------------------------------------------------------------------ the work-horse
 
@@ -144,33 +186,59 @@ class Worker(ForkingWorker):
         `kill_horse` would signal whole.
         """
         if self._horse is not None:
-            self._kill_reason = self._kill_reason or ("stopped", self.get_current_job_id() or "")
+            self._kill_reason = self._kill_reason or "stopped"
             with suppress(ProcessLookupError):
                 os.kill(self._horse.pid, sig)
+
+    def handle_payload(self, message: Any) -> None:
+        # RQ's stop-job command stops only the job `get_current_job_id` names: here, any of
+        # the jobs the horse runs (the others of its batch are put back, untouched).
+        payload = parse_payload(message)
+        job_id = payload.get("job_id")
+        if payload.get("command") == "stop-job" and job_id in self._running_ids:
+            log.info("stopping job %s on request", job_id)
+            self._stopped_job_id = job_id
+            self.kill_horse()
+            return
+        super().handle_payload(message)
 
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
         status = self._bury_horse()
         return None, status, None
 
-    def _watch(self, job: Job, queue: Queue, execution: Execution, horse: Horse) -> None:
-        """Heartbeat until the horse reports the job done, enforcing timeout and shutdown grace."""
+    def _watch(self, running: list[tuple[Job, Execution]], queue: Queue, horse: Horse) -> None:
+        """Heartbeat until the horse reports its jobs done, enforcing timeouts and shutdown grace."""
         started = time.monotonic()
         self._kill_reason = None
+        active = {job.id: (job, execution) for job, execution in running}
+        self._running_ids = frozenset(active)
+        # The horse's own alarm stops a job at its timeout; a batch that fails as a whole is
+        # run again one job at a time, so the longest a batch may take is its shortest
+        # timeout plus all of them.
+        timeouts = [job.timeout or Queue.DEFAULT_TIMEOUT for job, _ in running]
+        budget = sum(timeouts) + (min(timeouts) if len(running) > 1 else 0)
         while True:
             report = horse.wait_report(timeout=self.job_monitoring_interval, wake=self._wake_read)
             self._stopping()
             if report is None:  # still running
                 try:
-                    self.maintain_heartbeats(job, execution)
+                    self._heartbeat_all(list(active.values()))
                 except redis.exceptions.RedisError:
-                    # Cut off from Redis for longer than a heartbeat lasts: the job will be
-                    # recovered as abandoned elsewhere, so it must not go on here.
+                    # Cut off from Redis for longer than a heartbeat lasts: the jobs will be
+                    # recovered as abandoned elsewhere, so they must not go on here.
                     horse.kill()
                     self._bury_horse()
                     raise
-                self._enforce_limits(job, horse, time.monotonic() - started)
+                self._enforce_limits(horse, time.monotonic() - started, budget)
                 continue
-            self.executions.pop(execution.id, None)
+            if report.startswith(ENDED):
+                _, execution = active.pop(report[len(ENDED) :].decode().strip(), (None, None))
+                if execution is not None:
+                    self.executions.pop(execution.id, None)
+                continue
+            self._running_ids = frozenset()
+            for _, execution in active.values():
+                self.executions.pop(execution.id, None)
             if report == DONE:
                 return
             if report.startswith(RETIRING):
@@ -179,29 +247,57 @@ class Worker(ForkingWorker):
                 if self.prefork:
                     self._spawn_horse()
                 return
-            self._horse_died(job, queue, execution, horse.pid, self._bury_horse())
+            pid, status = horse.pid, self._bury_horse()
+            reason, stopped_id = self._kill_reason or "", self._stopped_job_id
+            # Last first: jobs put back at the front of their queue keep their order there.
+            for job, execution in reversed(active.values()):
+                # Stopped beside the one job asked for: it runs again, untouched.
+                beside = reason == "stopped" and stopped_id is not None and job.id != stopped_id
+                self._horse_died(job, queue, execution, pid, status, "shutdown" if beside else reason)
+            self._kill_reason = None
+            self._stopped_job_id = None
             if self.prefork:
                 self._spawn_horse()
             return
 
-    def _enforce_limits(self, job: Job, horse: Horse, working_time: float) -> None:
+    def _heartbeat_all(self, running: list[tuple[Job, Execution]]) -> None:
+        """RQ's `maintain_heartbeats` for every running job, in one round trip."""
+        worker_ttl = self.job_monitoring_interval + 60
+        ttl = self.settings.heartbeat_ttl
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(worker_ttl, pipeline=pipe)
+            positions = []
+            for job, execution in running:
+                execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+                positions.append(len(pipe))
+                job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            results = pipe.execute()
+            # A job deleted as it finished (result_ttl=0) must not come back as a husk holding
+            # only `last_heartbeat` (rq/rq#1450); a worker hash that expired is written again.
+            for position, (job, _) in zip(positions, running, strict=True):
+                if results[position] == 1:
+                    pipe.delete(job.key)
+            if results[0] == 1:
+                pipe.hset(self.key, mapping=self.serialize())
+                pipe.expire(self.key, worker_ttl)
+            pipe.execute()
+
+    def _enforce_limits(self, horse: Horse, working_time: float, budget: float) -> None:
         if self._shutdown_deadline is not None and time.monotonic() > self._shutdown_deadline:
-            log.warning("job %s did not finish within the shutdown grace period; putting it back", job.id)
-            self._kill_reason = ("shutdown", job.id)
+            log.warning("the running job(s) did not finish within the shutdown grace period; putting back")
+            self._kill_reason = "shutdown"
             horse.kill()
             return
         # The horse enforces the timeout itself with SIGALRM; this catches a job that
         # swallows that exception or is stuck in C code, a little after its deadline.
-        if job.timeout and job.timeout > 0 and working_time > job.timeout + self.settings.timeout_grace:
-            log.warning("job %s ignored its %s s timeout; killing its work-horse", job.id, job.timeout)
-            self._kill_reason = ("timeout", job.id)
+        if working_time > budget + self.settings.timeout_grace:
+            log.warning("the running job(s) ignored their %s s timeout; killing the work-horse", budget)
+            self._kill_reason = "timeout"
             horse.kill()
 
-    def _horse_died(self, job: Job, queue: Queue, execution: Execution, pid: int, status: int | None) -> None:
-        reason, reason_job = self._kill_reason or ("", "")
-        self._kill_reason = None
-        if reason_job != job.id:
-            reason = ""
+    def _horse_died(
+        self, job: Job, queue: Queue, execution: Execution, pid: int, status: int | None, reason: str
+    ) -> None:
         if reason == "shutdown":
             self._put_back(job, queue, execution)
             return
@@ -241,9 +337,10 @@ class Worker(ForkingWorker):
         self._announce(job)
 
     def _horse_main(self, orders_fd: int, reports_fd: int) -> None:
-        """The horse: run each job it is sent and report; retire when it must be replaced."""
+        """The horse: run each order it is sent and report; retire when it must be replaced."""
         random.seed()
         self._in_horse = True
+        self._reports_fd = reports_fd
         signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
         self.setup_work_horse_signals()
         self.horse_started()
@@ -256,7 +353,7 @@ class Worker(ForkingWorker):
             except BaseException:
                 log.exception("work-horse failed outside its job")
                 os._exit(1)
-            done += 1
+            done += len(order.items)
             state.restore()
             reason = self._retire_reason(succeeded, state, done)
             os.write(reports_fd, DONE + b"\n" if reason is None else RETIRING + f" {reason}\n".encode())
@@ -264,13 +361,131 @@ class Worker(ForkingWorker):
                 return
 
     def _run_order(self, order: Order) -> bool:
-        execution = Execution.fetch(order.execution_id, order.job_id, connection=self.connection)
-        job = self.job_class.fetch(order.job_id, connection=self.connection)
+        """Run the order's jobs: together when their type can (`JobType.run_many`), else one by one."""
         queue = self.queue_class(order.queue, connection=self.connection)
+        running = [self._restore(item) for item in order.items]
+        if len(running) > 1 and self._perform_together(running, queue):
+            return True
+        succeeded = True
+        for job, execution in running:
+            self.executions.clear()
+            self.execution = execution
+            with logs.context(job=job.id, request=job.meta.get("request_id")):
+                succeeded = self.perform_job(job, queue, execution) and succeeded
+            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+        return succeeded
+
+    def _restore(self, item: Item) -> tuple[Job, Execution]:
+        """The job and execution the worker started, from what it sent: no Redis read."""
+        job = self.job_class(item.job_id, connection=self.connection)
+        job.restore(item.job_hash)
+        execution = Execution(
+            item.execution_id, item.job_id, connection=self.connection, worker_name=self.name
+        )
+        execution.created_at = execution.last_heartbeat = datetime.fromtimestamp(
+            item.execution_created_at, UTC
+        )
+        execution._job = job
+        return job, execution
+
+    def _perform_together(self, running: list[tuple[Job, Execution]], queue: Queue) -> bool:
+        """Run jobs of one type in one call of its `run_many` and finish them in one round trip.
+
+        False when they cannot be, or the call failed: then each runs on its own, so one bad
+        input fails its own job and not its neighbours.
+        """
+        jobs = [job for job, _ in running]
+        from jobs.types.registry import by_function
+
+        job_type = by_function(self.settings.extra_job_modules).get(jobs[0].func_name)
+        if job_type is None or job_type.run_many is None:
+            return False
+        if any(job.func_name != jobs[0].func_name or not _plain(job) for job in jobs):
+            return False
         self.executions.clear()
-        self.execution = execution
-        with logs.context(job=job.id, request=job.meta.get("request_id")):
-            return self.perform_job(job, queue, execution)
+        for _, execution in running:
+            self.executions[execution.id] = execution
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
+        started = now()
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                for job in jobs:
+                    job.check_registered()
+                    job.started_at = started
+                results = job_type.run_many([job.kwargs for job in jobs], self.connection)
+        except Exception as error:
+            log.warning(
+                "%d %s jobs run together failed (%r); running them one by one",
+                len(jobs),
+                jobs[0].func_name,
+                error,
+            )
+            return False
+        ended = now()
+        for job, result in zip(jobs, results, strict=True):
+            job.ended_at = ended
+            job._result = result
+            if job_type.final_progress is not None:
+                job.meta["progress"] = job_type.final_progress(job.kwargs)
+        self._finish(running, queue, with_meta=job_type.final_progress is not None)
+        for job in jobs:
+            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+        log.info(
+            "%d %s jobs ran together in %.3f s",
+            len(jobs),
+            jobs[0].func_name,
+            (ended - started).total_seconds(),
+        )
+        return True
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        # RQ's way for what needs it (a returned Retry, callbacks, repeats); otherwise one round trip.
+        if isinstance(return_value, Retry) or not _plain(job):
+            super()._finalize_success(job, queue, execution, return_value)
+            return
+        job.ended_at = now()
+        job._result = return_value
+        self._finish([(job, execution)], queue)
+
+    def _finish(self, running: list[tuple[Job, Execution]], queue: Queue, with_meta: bool = False) -> None:
+        """Record jobs that succeeded in one transaction: what RQ's `handle_job_success` writes
+        for each (status, result, finished registry, expiry, execution cleanup, worker
+        counters), what waiters wait for (the job event) and the job metrics.
+
+        RQ watches a job's dependents key for the whole of that; here the transaction reads
+        whether any dependents are waiting, and those are enqueued right after it, through
+        RQ. A dependent added later sees its dependency finished and is enqueued at once.
+        """
+        with self.connection.pipeline() as pipe:
+            for job, _ in running:
+                pipe.exists(job.dependents_key)
+            for job, execution in running:
+                job._status = JobStatus.FINISHED
+                self.increment_successful_job_count(pipeline=pipe)
+                self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                result_ttl = job.get_result_ttl(self.default_result_ttl)
+                if result_ttl != 0:
+                    job._handle_success(
+                        result_ttl,
+                        pipeline=pipe,
+                        worker_name=self.name,
+                        execution_id=execution.id,
+                        execution_started_at=execution.created_at,
+                        execution_ended_at=job.ended_at,
+                    )
+                    if with_meta:
+                        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+                metrics.record_end(pipe, job, "finished")
+            waiting = pipe.execute()[: len(running)]
+        for (job, _), dependents in zip(running, waiting, strict=True):
+            if dependents:
+                self._enqueue_dependents_safely(queue, job)
+            self._release_slot_safely(job)
+            job.send_webhooks(JobStatus.FINISHED)
+            log.info("job %s finished in %.3f s", job.id, (job.ended_at - job.started_at).total_seconds())
 
     def _retire_reason(self, succeeded: bool, state: ProcessState, done: int) -> str | None:
         if not succeeded:
@@ -407,6 +622,8 @@ class EmbedWorker(Worker):
     """
 
     prefork = True
+    # Its dequeue takes up to EMBED_BATCH_JOBS embed jobs, which its horse runs together.
+    queue_class = EmbedQueue
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -424,6 +641,23 @@ class EmbedWorker(Worker):
         encoder = get_encoder()
         encoder.encode(["warm up the model before the first job"])
         log.info("embedding model %s loaded (%d dimensions)", encoder.name, encoder.dimensions)
+
+
+def _item(job: Job, execution: Execution) -> Item:
+    """What the horse needs of a started job: its hash as it now is in Redis."""
+    started = {
+        b"status": job.get_status(refresh=False).value.encode(),
+        b"started_at": utcformat(job.started_at).encode(),
+        b"last_heartbeat": utcformat(job.last_heartbeat).encode(),
+        b"worker_name": job.worker_name.encode(),
+        keys.JOB_ATTEMPTS_FIELD.encode(): str(job.attempts).encode(),
+    }
+    return Item(job.id, execution.id, execution.created_at.timestamp(), {**job.hash, **started})
+
+
+def _plain(job: Job) -> bool:
+    """A job whose success needs nothing beyond the fast path: no callbacks, no repeats."""
+    return not job.callback_names and job.repeats_left is None
 
 
 _for_the_worker: Callable[[int, Any], None] = lambda signum, frame: None  # noqa: E731

@@ -25,20 +25,20 @@ if TYPE_CHECKING:
     import numpy as np
 
 _UPSERT = """
-local model, dims = ARGV[2], ARGV[3]
+local model, dims = ARGV[1], ARGV[2]
 local built_with = redis.call('HGET', KEYS[7], 'model')
 if built_with then
   if built_with ~= model or redis.call('HGET', KEYS[7], 'dimensions') ~= dims then
     return redis.error_reply('INDEX_MISMATCH index was built with ' .. built_with)
   end
 else
-  redis.call('HSET', KEYS[7], 'model', model, 'dimensions', dims, 'epoch', ARGV[5])
+  redis.call('HSET', KEYS[7], 'model', model, 'dimensions', dims, 'epoch', ARGV[4])
 end
-local revision = tonumber(ARGV[1])
 local outcome = {}
 for i = 8, #KEYS do
-  local at = 5 + (i - 8) * 4
+  local at = 4 + (i - 8) * 5
   local id, text, metadata, vector = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local revision = tonumber(ARGV[at + 5])
   local current = tonumber(redis.call('HGET', KEYS[1], id) or '-1')
   local exists = redis.call('EXISTS', KEYS[i]) == 1
   if revision < current then
@@ -53,8 +53,8 @@ for i = 8, #KEYS do
     end
     if not exists then redis.call('INCR', KEYS[6]) end
     redis.call('HSET', KEYS[i], 'id', id, 'text', text, 'metadata', metadata, 'vector', vector,
-               'revision', ARGV[1], 'int_id', int_id, 'updated_at', ARGV[4])
-    redis.call('HSET', KEYS[1], id, ARGV[1])
+               'revision', ARGV[at + 5], 'int_id', int_id, 'updated_at', ARGV[3])
+    redis.call('HSET', KEYS[1], id, ARGV[at + 5])
     local version = redis.call('INCR', KEYS[5])
     redis.call('XADD', KEYS[4], '*', 'op', 'upsert', 'id', id, 'int_id', int_id,
                'vector', vector, 'metadata', metadata, 'version', version)
@@ -108,13 +108,17 @@ class DocumentStore:
         self._delete = connection.register_script(_DELETE)
 
     def upsert(
-        self, documents: list[dict[str, Any]], vectors: np.ndarray, revision: int, model: str
+        self, documents: list[dict[str, Any]], vectors: np.ndarray, revision: int | list[int], model: str
     ) -> list[str]:
-        """Write documents with their vectors, all or none; per document 'indexed' or 'superseded'."""
-        args: list[Any] = [revision, model, vectors.shape[1], time.time(), uuid.uuid4().hex]
-        for document, vector in zip(documents, vectors, strict=True):
+        """Write documents with their vectors, all or none; per document 'indexed' or 'superseded'.
+
+        `revision` is every document's, or one per document (documents of several requests).
+        """
+        revisions = revision if isinstance(revision, list) else [revision] * len(documents)
+        args: list[Any] = [model, vectors.shape[1], time.time(), uuid.uuid4().hex]
+        for document, vector, rev in zip(documents, vectors, revisions, strict=True):
             metadata = json.dumps(document.get("metadata") or {}, separators=(",", ":"), sort_keys=True)
-            args += [document["id"], document["text"], metadata, vector.tobytes()]
+            args += [document["id"], document["text"], metadata, vector.tobytes(), rev]
         fixed = [
             keys.INDEX_REVISIONS,
             keys.INDEX_INT_IDS,

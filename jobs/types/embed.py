@@ -7,10 +7,10 @@ import uuid
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from redis import Redis
 from rq import get_current_job
 
 from jobs.connection import connect
-from jobs.settings import get_settings
 from jobs.types.progress import report_progress
 from jobs.types.schema import JobInput, limits, within
 
@@ -88,33 +88,61 @@ def describe_embed(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str, Any]:
-    """Encode the texts in batches, then write every document and vector in one atomic step.
+    """Encode the texts, then write every document and vector in one atomic step.
 
     Safe to run again after a crash at any point: documents are keyed by id, and a rewrite
     with the same revision changes nothing.
     """
-    from jobs.index.batching import forget, vectors_for
     from jobs.index.embedding import get_encoder
     from jobs.index.store import DocumentStore
 
     count = len(documents)
     report_progress(0, f"encoding {count} document{'s' if count != 1 else ''}")
     encoder = get_encoder()
-    texts = [document["text"] for document in documents]
-    job = get_current_job()
-    if job is None:
-        connection = connect(role="worker")
-        vectors = encoder.encode(texts)
-    else:
-        connection = job.connection
-        # Encoded together with the embed jobs queued behind this one (jobs.index.batching).
-        prefetch = get_settings().embed_prefetch
-        vectors = vectors_for(connection, job.id, texts, encoder, prefetch, job.func_name)
+    vectors = encoder.encode([document["text"] for document in documents])
     report_progress(80, "writing to the index")
+    job = get_current_job()
+    connection = job.connection if job is not None else connect(role="worker")
     outcome = DocumentStore(connection).upsert(documents, vectors, revision, model=encoder.name)
-    if job is not None:
-        forget(connection, job.id)
-    report_progress(100, f"indexed {count} document{'s' if count != 1 else ''}")
-    indexed = [d["id"] for d, result in zip(documents, outcome, strict=True) if result == "indexed"]
-    superseded = [d["id"] for d, result in zip(documents, outcome, strict=True) if result == "superseded"]
-    return {"indexed": indexed, "superseded": superseded}
+    report_progress(100, _indexed_message(count))
+    return _result(documents, outcome)
+
+
+def embed_many(calls: list[dict[str, Any]], connection: Redis) -> list[dict[str, Any]]:
+    """Several embed jobs at once (`calls`: each job's keyword arguments; one result each).
+
+    One encode of all their texts (the encoders sort texts by length into batches), and one
+    atomic write of all their documents, each at its own job's revision. All or nothing: if
+    this raises, the worker runs the jobs one by one, so each ends on its own merits.
+    """
+    from jobs.index.embedding import get_encoder
+    from jobs.index.store import DocumentStore
+
+    encoder = get_encoder()
+    documents = [document for call in calls for document in call["documents"]]
+    revisions = [call["revision"] for call in calls for _ in call["documents"]]
+    vectors = encoder.encode([document["text"] for document in documents])
+    outcome = DocumentStore(connection).upsert(documents, vectors, revisions, model=encoder.name)
+    results, start = [], 0
+    for call in calls:
+        end = start + len(call["documents"])
+        results.append(_result(call["documents"], outcome[start:end]))
+        start = end
+    return results
+
+
+def embed_progress(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The progress an embed job run in a batch ends with: what `embed_documents` reports last."""
+    return {"percent": 100.0, "message": _indexed_message(len(kwargs["documents"]))}
+
+
+def _indexed_message(count: int) -> str:
+    return f"indexed {count} document{'s' if count != 1 else ''}"
+
+
+def _result(documents: list[dict[str, Any]], outcome: list[str]) -> dict[str, Any]:
+    pairs = list(zip(documents, outcome, strict=True))
+    return {
+        "indexed": [document["id"] for document, result in pairs if result == "indexed"],
+        "superseded": [document["id"] for document, result in pairs if result == "superseded"],
+    }

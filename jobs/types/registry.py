@@ -15,7 +15,14 @@ from functools import lru_cache
 from typing import Any
 
 from jobs.families import EMBED, GENERAL
-from jobs.types.embed import EmbedInput, describe_embed, embed_documents, prepare_embed
+from jobs.types.embed import (
+    EmbedInput,
+    describe_embed,
+    embed_documents,
+    embed_many,
+    embed_progress,
+    prepare_embed,
+)
 from jobs.types.log import LogInput, write_log
 from jobs.types.schema import OPTION_FIELDS, JobInput
 from jobs.types.sleep import SleepInput, sleep_for
@@ -37,6 +44,12 @@ class JobType:
     prepare: Callable[[dict], dict] | None = None
     # Extra fields of the job view, computed once from the keyword arguments.
     describe: Callable[[dict], dict] | None = None
+    # Runs several jobs of this type at once: their keyword arguments (and the worker's Redis
+    # client) in, one result each out, all or nothing. Workers that take jobs in batches (the
+    # embedder) use it.
+    run_many: Callable[[list[dict], Any], list[Any]] | None = None
+    # The progress a job run through `run_many` ends with (it reports none on its own way).
+    final_progress: Callable[[dict], dict] | None = None
 
     @property
     def path(self) -> str:
@@ -58,6 +71,8 @@ JOB_TYPES: dict[str, JobType] = {
         family=EMBED,
         prepare=prepare_embed,
         describe=describe_embed,
+        run_many=embed_many,
+        final_progress=embed_progress,
     ),
 }
 
@@ -74,6 +89,12 @@ def job_types(extra_modules: tuple[str, ...] = ()) -> Mapping[str, JobType]:
         if clash:
             raise ValueError(f"job type {type_name!r} uses reserved field names: {sorted(clash)}")
     return types
+
+
+@lru_cache(maxsize=8)
+def by_function(extra_modules: tuple[str, ...] = ()) -> Mapping[str, JobType]:
+    """Job types by the dotted path of their function (what a job hash names)."""
+    return {job_type.path: job_type for job_type in job_types(extra_modules).values()}
 
 
 @lru_cache(maxsize=8)
