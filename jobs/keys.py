@@ -18,8 +18,8 @@ _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
 # A list per queue that idle workers of that queue block on; every push of a job id rings it.
 _DOORBELL = PREFIX + "doorbell:{queue}"
 
-# Prefix of the rate limiter's counters (one per API key and window).
-RATE_LIMITS = PREFIX + "rate-limits"
+# The rate limiter's counter of one client (API key owner or address) in one fixed window.
+_RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
 # Field RQ's job hash is extended with: how many times a worker started the job.
 JOB_ATTEMPTS_FIELD = "afterward_attempts"
@@ -27,6 +27,10 @@ JOB_ATTEMPTS_FIELD = "afterward_attempts"
 
 def recent_jobs(owner: str) -> str:
     return _RECENT_JOBS.format(owner=owner)
+
+
+def rate_limit(who: str, seconds: int, window: int) -> str:
+    return _RATE_LIMIT.format(seconds=seconds, window=window, who=who)
 
 
 def idempotency(owner: str, key: str) -> str:

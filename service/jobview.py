@@ -7,16 +7,21 @@ from typing import Any
 
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
+from rq.results import Result
 
 from jobs import keys
 from jobs.engine.job import TERMINAL_STATUSES, Job
 from jobs.times import iso
 from service.errors import ApiError
 from service.requests import log_job
+from service.security import check_request, count_request
 from service.state import AppState
 
 # Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job.
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# `job_view`'s default: the job's result has not been read yet.
+UNREAD: Any = object()
 
 
 def load_job(state: AppState, job_id: str, owner: str) -> Job:
@@ -33,8 +38,46 @@ def load_job(state: AppState, job_id: str, owner: str) -> Job:
     return job
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The JSON body of `GET /jobs/<id>`."""
+def load_with_result(
+    state: AppState, job_id: str, owner: str, with_result: bool = True
+) -> tuple[Job, Result | None]:
+    """`load_job`, and the job's latest result, in one round trip (the request's rate-limit hit too).
+
+    Without `with_result` the result is not read, and UNREAD stands for it.
+    """
+    check_job_id(job_id)
+    with state.redis.pipeline(transaction=False) as pipe:
+        count_request(pipe)
+        pipe.hgetall(Job.key_for(job_id))
+        if with_result:
+            pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+        fields, *latest = check_request(pipe.execute())
+    if not fields:
+        raise _not_found()
+    job = Job(job_id, connection=state.redis)
+    try:
+        job.restore(fields)
+    except NoSuchJobError:  # a hash without the job's data: not a job
+        raise _not_found() from None
+    if job.meta.get("owner") != owner:
+        raise _not_found()
+    log_job(job.id)
+    if not with_result:
+        return job, UNREAD
+    if not latest[0]:
+        return job, None
+    result_id, payload = latest[0][0]
+    return job, Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
+
+
+def check_job_id(job_id: str) -> None:
+    """404 for what cannot be a job id, before anything is asked of Redis."""
+    if not JOB_ID.match(job_id):
+        raise _not_found()
+
+
+def job_view(job: Job, latest: Result | None = UNREAD) -> dict[str, Any]:
+    """The JSON body of `GET /jobs/<id>`; `latest` is the job's latest result, when already read."""
     status = job.get_status(refresh=False)
     meta = job.meta
     return {
@@ -43,7 +86,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "status": status.value,
         "queue": meta.get("queue", job.origin),
         "progress": meta.get("progress"),
-        "result": job.return_value() if status == JobStatus.FINISHED else None,
+        "result": _return_value(job, latest) if status == JobStatus.FINISHED else None,
         # The latest failed attempt's error, until the job finishes.
         "error": meta.get("error") if status != JobStatus.FINISHED else None,
         "attempts": job.attempts,
@@ -55,6 +98,12 @@ def job_view(job: Job) -> dict[str, Any]:
         # Fields particular to the job type (e.g. an embed job's document ids).
         **meta.get("view", {}),
     }
+
+
+def _return_value(job: Job, latest: Result | None) -> Any:
+    if latest is UNREAD:
+        return job.return_value()
+    return latest.return_value if latest is not None and latest.type == Result.Type.SUCCESSFUL else None
 
 
 def is_terminal(job: Job) -> bool:

@@ -1,21 +1,27 @@
 """Who may call the API: API keys, the owner of each job, and per-key rate limits.
 
-Rate limits use `limits` (the library under Flask-Limiter) directly: one fixed-window counter
-per key in Redis, one round trip a request, shared by every web process.
+Rate limits are fixed windows aligned to the clock: one counter per client and window in
+Redis, shared by every web process. A hit is two commands (INCR, EXPIRE) that need no script
+and no transaction, so a view that talks to Redis anyway sends them in its own first round
+trip (`folds_rate_limit`); other routes send them on their own before the view runs.
+`limits` (the library under Flask-Limiter) parses RATE_LIMIT.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
-from flask import Flask, g, request
+import redis
+from flask import Flask, current_app, g, request
+from limits import RateLimitItem
 from limits import parse as parse_limit
-from limits.storage import RedisStorage
-from limits.strategies import FixedWindowRateLimiter
 from redis.exceptions import RedisError
 
 from jobs import keys
@@ -77,29 +83,115 @@ def init_security(app: Flask, state: AppState) -> None:
         g.owner = key_owner(matched.decode())
 
     limit = None if settings.rate_limit.lower() in OFF else parse_limit(settings.rate_limit)
-    if limit is not None:
-        storage = RedisStorage(
-            settings.redis_client_url,
-            # Counters live in the app's Redis, through the app's own connections.
-            connection_pool=state.redis.connection_pool,
-            key_prefix=keys.RATE_LIMITS,
-        )
-        limiter = FixedWindowRateLimiter(storage)  # one round trip a request
+    if limit is None:
+        return
+    limiter = RateLimiter(limit, state.redis)
+    app.extensions[RATE_LIMITER] = limiter
 
-        @app.before_request
-        def rate_limit() -> None:
-            if request.blueprint not in API_BLUEPRINTS:
-                return
-            who = g.get("owner") or request.remote_addr or "unknown"
+    @app.before_request
+    def rate_limit() -> None:
+        if request.blueprint not in API_BLUEPRINTS:
+            return
+        who = g.get("owner") or request.remote_addr or "unknown"
+        view = app.view_functions.get(request.endpoint or "")
+        folds: Callable[[], bool] | None = getattr(view, "folds_rate_limit", None)
+        if folds is not None and folds():
+            g.rate_limit_due = who  # the view counts it in its first round trip
+            return
+        try:
+            limiter.hit(who)
+        except RedisError:
+            return  # Redis down: the request goes on and meets the 503 there
+
+
+RATE_LIMITER = "afterward-rate-limiter"
+
+
+class RateLimiter:
+    """A fixed-window request counter per client, kept in Redis."""
+
+    def __init__(self, limit: RateLimitItem, connection: redis.Redis) -> None:
+        self.limit = limit
+        self.connection = connection
+        self.seconds = limit.get_expiry()
+
+    def queue(self, pipe: Any, who: str) -> float:
+        """Queue one hit on `pipe` (its two results come first); returns when the window ends."""
+        now = time.time()
+        window = int(now // self.seconds)
+        ends = (window + 1) * self.seconds
+        key = keys.rate_limit(who, self.seconds, window)
+        pipe.incr(key)
+        # Relative, so a Redis clock ahead of ours cannot end the window early; every hit of
+        # the window sets about the same time, and a key left behind expires on its own.
+        pipe.expire(key, math.ceil(ends - now) + 1)
+        return ends
+
+    def check(self, count: int, ends: float) -> None:
+        """429 with Retry-After when `count` hits went over the limit in the window ending at `ends`."""
+        if count > self.limit.amount:
+            raise ApiError(
+                429,
+                f"Too many requests: the limit is {self.limit}. Retry after the time in Retry-After.",
+                code="too_many_requests",
+                headers={"Retry-After": str(max(1, math.ceil(ends - time.time())))},
+            )
+
+    def hit(self, who: str) -> None:
+        """Count one request now, in a round trip of its own."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            ends = self.queue(pipe, who)
+            count, _ = pipe.execute()
+        self.check(count, ends)
+
+
+def folds_rate_limit(when: Callable[[], bool] = lambda: True) -> Callable:
+    """Mark a view that counts its rate-limit hit in its own first pipeline, when `when()` says so.
+
+    The view builds that pipeline with `count_request` and reads its results through
+    `check_request`. Should the view end any other way (a 404, a 422), the hit is counted
+    then, and an exhausted limit still answers 429.
+    """
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def counted_view(*args: Any, **kwargs: Any) -> Any:
             try:
-                allowed = limiter.hit(limit, who)
-            except RedisError:
-                return  # Redis down: the request goes on and meets the 503 there
-            if not allowed:
-                reset = limiter.get_window_stats(limit, who).reset_time
-                raise ApiError(
-                    429,
-                    f"Too many requests: the limit is {limit}. Retry after the time in Retry-After.",
-                    code="too_many_requests",
-                    headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))},
-                )
+                response = view(*args, **kwargs)
+            except Exception:
+                _count_if_due()
+                raise
+            _count_if_due()
+            return response
+
+        counted_view.folds_rate_limit = when  # type: ignore[attr-defined]
+        return counted_view
+
+    return decorate
+
+
+def count_request(pipe: Any) -> Any:
+    """Queue this request's rate-limit hit first on `pipe`, if it is still to be counted."""
+    who = g.pop("rate_limit_due", None)
+    if who is not None:
+        g.rate_limit_ends = current_app.extensions[RATE_LIMITER].queue(pipe, who)
+    return pipe
+
+
+def check_request(results: list) -> list:
+    """The results of a pipeline that `count_request` prepared, without the hit's; 429 when over."""
+    ends = g.pop("rate_limit_ends", None)
+    if ends is None:
+        return results
+    current_app.extensions[RATE_LIMITER].check(results[0], ends)
+    return results[2:]
+
+
+def _count_if_due() -> None:
+    who = g.pop("rate_limit_due", None)
+    if who is None:
+        return
+    try:
+        current_app.extensions[RATE_LIMITER].hit(who)
+    except RedisError:
+        return

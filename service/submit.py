@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,11 +27,14 @@ from jobs.types.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
 from service.body import validate
 from service.errors import ApiError
 from service.requests import current_request_id
+from service.security import check_request, count_request
 from service.state import AppState
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Seconds a claimed idempotency key may point at a job not written yet before it is taken over.
 CLAIM_PATIENCE = 10
+# One submission in this many trims its owner's recent-jobs index.
+TRIM_EVERY = 16
 
 
 @dataclass
@@ -108,32 +112,43 @@ def _claim(state: AppState, key: str, job_id: str, fingerprint: str) -> Job | No
     """
     record = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "at": time.time()})
     ttl = state.settings.idempotency_ttl
-    while True:
-        if state.redis.set(key, record, nx=True, ex=ttl):
-            return None
-        remembered = state.redis.get(key)
-        if remembered is None:
-            continue  # expired between the two calls
-        earlier = json.loads(remembered)
-        if earlier["fingerprint"] != fingerprint:
-            raise ApiError(
-                422,
-                "This Idempotency-Key was already used with a different request.",
-                code="idempotency_key_reused",
-                details={"job_id": earlier["job_id"]},
-            )
-        try:
-            return Job.fetch(earlier["job_id"], connection=state.redis)
-        except NoSuchJobError:
-            if time.time() - earlier.get("at", 0) < CLAIM_PATIENCE:
-                raise ApiError(
-                    409,
-                    "A request with this Idempotency-Key is still being accepted; retry in a moment.",
-                    code="conflict",
-                    headers={"Retry-After": "1"},
-                ) from None
-            # The earlier job never appeared, or has expired: the key protects nothing now.
+    # The first claim goes in one round trip with the request's rate-limit hit.
+    with state.redis.pipeline(transaction=False) as pipe:
+        count_request(pipe)
+        pipe.set(key, record, nx=True, ex=ttl)
+        results = pipe.execute()
+    try:
+        (claimed,) = check_request(results)
+    except ApiError:
+        if results[-1]:  # refused: the key protects nothing, a later repeat must not wait for it
             state.redis.delete(key)
+        raise
+    while not claimed:
+        remembered = state.redis.get(key)
+        if remembered is not None:
+            earlier = json.loads(remembered)
+            if earlier["fingerprint"] != fingerprint:
+                raise ApiError(
+                    422,
+                    "This Idempotency-Key was already used with a different request.",
+                    code="idempotency_key_reused",
+                    details={"job_id": earlier["job_id"]},
+                )
+            try:
+                return Job.fetch(earlier["job_id"], connection=state.redis)
+            except NoSuchJobError:
+                if time.time() - earlier.get("at", 0) < CLAIM_PATIENCE:
+                    raise ApiError(
+                        409,
+                        "A request with this Idempotency-Key is still being accepted; retry in a moment.",
+                        code="conflict",
+                        headers={"Retry-After": "1"},
+                    ) from None
+                # The earlier job never appeared, or has expired: the key protects nothing now.
+                state.redis.delete(key)
+        # Free again (expired or taken over): claim it anew.
+        claimed = state.redis.set(key, record, nx=True, ex=ttl)
+    return None
 
 
 def backoff_intervals(settings: Settings, retries: int) -> list[int]:
@@ -164,4 +179,7 @@ def _index(pipe: Any, owner: str, job_id: str, settings: Settings) -> None:
     key = keys.recent_jobs(owner)
     created = time.time()
     pipe.zadd(key, {job_id: created})
-    pipe.zremrangebyscore(key, "-inf", created - settings.result_ttl)
+    # Dropping ids of expired jobs only bounds the index's size (listings skip them anyway), so
+    # one submission in TRIM_EVERY does it for its owner rather than every one.
+    if random.randrange(TRIM_EVERY) == 0:
+        pipe.zremrangebyscore(key, "-inf", created - settings.result_ttl)

@@ -12,15 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
+from rq.results import Result
 
 from jobs import keys
 from jobs.engine.job import Job
 from jobs.types.schema import Queue
 from service.body import read_json_object, validate
 from service.errors import ApiError
-from service.jobview import is_terminal, job_view, load_job, recent_jobs
+from service.jobview import (
+    UNREAD,
+    check_job_id,
+    is_terminal,
+    job_view,
+    load_job,
+    load_with_result,
+    recent_jobs,
+)
 from service.requests import log_job
-from service.security import current_owner
+from service.security import current_owner, folds_rate_limit
 from service.state import get_state
 from service.submit import check_idempotency_key, submit
 
@@ -49,6 +58,9 @@ class ListQuery(BaseModel):
 
 
 @bp.post("/jobs/<type_name>")
+# With an Idempotency-Key, the hit goes with the key's claim; without one it is counted before
+# the body is even read, as on other routes: there is no round trip to share.
+@folds_rate_limit(when=lambda: "Idempotency-Key" in request.headers)
 def create_job(type_name: str) -> Response:
     state = get_state()
     job_type = state.job_types.get(type_name)
@@ -71,13 +83,15 @@ def create_job(type_name: str) -> Response:
 
 
 @bp.get("/jobs/<job_id>")
+@folds_rate_limit()
 def read_job(job_id: str) -> Response:
     state = get_state()
     query = validate(ReadQuery, request.args.to_dict())
-    job = load_job(state, job_id, current_owner())
-    if query.wait > 0 and not is_terminal(job):
-        job = _wait_for_end(job, query.wait)
-    return jsonify(job_view(job))
+    if query.wait > 0:
+        job, latest = _read_until_end(job_id, query.wait)
+    else:
+        job, latest = load_with_result(state, job_id, current_owner())
+    return jsonify(job_view(job, latest))
 
 
 @bp.get("/jobs")
@@ -108,8 +122,8 @@ def cancel_job(job_id: str) -> Response:
     # Running (or it started while we were canceling): ask its worker to stop it.
     with suppress(InvalidJobOperation):  # between attempts; the view below shows where it is
         send_stop_job_command(state.redis, job.id, serializer=job.serializer)
-    job = _wait_for_end(job, STOP_CONFIRM_SECONDS)
-    return _job_response(job, 200 if is_terminal(job) else 202)
+    job, latest = _read_until_end(job_id, STOP_CONFIRM_SECONDS)
+    return _job_response(job, 200 if is_terminal(job) else 202, latest)
 
 
 @bp.post("/jobs/<job_id>/retry")
@@ -130,25 +144,32 @@ def retry_job(job_id: str) -> Response:
     return _job_response(load_job(state, job_id, current_owner()), 202)
 
 
-def _wait_for_end(job: Job, seconds: float) -> Job:
-    """Re-read `job` until it ends or `seconds` pass; answer at once when no slot is free."""
+def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
+    """Read the job until it ends or `seconds` pass; read it once when no slot is free."""
     state = get_state()
+    owner = current_owner()
     deadline = time.monotonic() + seconds
+    check_job_id(job_id)  # before a watch starts the events listener for nothing
     with state.waiter.slot() as may_wait:
         if not may_wait:
-            return job
-        with state.waiter.watch(job.id) as ended:
-            while True:
-                job.refresh()
+            return load_with_result(state, job_id, owner)
+        # Watched before the first read, so an end announced right after any read still wakes it.
+        with state.waiter.watch(job_id) as ended:
+            # The first read leaves the result out: most often the job has not ended yet (if
+            # it has, `job_view` reads the result).
+            job, latest = load_with_result(state, job_id, owner, with_result=False)
+            while not is_terminal(job):
                 remaining = deadline - time.monotonic()
-                if is_terminal(job) or remaining <= 0:
-                    return job
+                if remaining <= 0:
+                    break
                 ended.wait(min(remaining, max(0.1, state.settings.long_poll_recheck)))
                 ended.clear()
+                job, latest = load_with_result(state, job_id, owner)
+            return job, latest
 
 
-def _job_response(job: Job, status: int) -> Response:
-    response = jsonify(job_view(job))
+def _job_response(job: Job, status: int, latest: Result | None = UNREAD) -> Response:
+    response = jsonify(job_view(job, latest))
     response.status_code = status
     response.headers["Location"] = url_for("jobs.read_job", job_id=job.id)
     return response
