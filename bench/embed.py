@@ -2,18 +2,22 @@
 
     .venv/bin/python -m bench.embed [--documents 2000] [--clients 16]
 
-Raw: `model.encode(all_texts, batch_size=64)` in this process, torch on 1 and on 2 threads;
-the faster is the baseline (each service run below uses 2 threads in all). Then, until every
-document is searchable (its job `finished`, which read-your-writes makes searchable), every
-limit at its default:
+Raw: sentence-transformers' `model.encode(texts, batch_size=64)` with torch fp32, the best
+of one process on 2 threads and two processes on 1 thread each (half the texts each); that
+is the baseline (each service run below uses 2 threads in all). Then, until every document
+is searchable (its job `finished`, which read-your-writes makes searchable), every limit at
+its default:
   - single-document POSTs from `--clients` clients, each with an API key of its own, each
-    long-polling its job until it ends before the next; 2 embed workers x 1 thread;
-  - the documents in bulk POSTs of MAX_DOCUMENTS (256) each, 1 embed worker x 2 threads.
-Targets: >= 0.7x raw for single documents, >= 0.85x raw in bulk.
+    long-polling its job until it ends before the next; 2 embed workers x 1 thread; once
+    with EMBED_BACKEND=torch (target >= 0.7x raw) and once with the default backend
+    (target >= 1.0x raw);
+  - the documents in bulk POSTs of MAX_DOCUMENTS (256) each, 1 embed worker x 2 threads,
+    default backend (target >= 0.9x raw).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import tempfile
 import time
@@ -45,7 +49,7 @@ def texts(count: int) -> list[str]:
     return [f"Note {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(12, 24))) + "." for i in range(count)]
 
 
-def raw(corpus: list[str], threads: int) -> float:
+def _load(threads: int):
     import torch
 
     from jobs.index.embedding import model_path
@@ -53,16 +57,54 @@ def raw(corpus: list[str], threads: int) -> float:
     torch.set_num_threads(threads)
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_path()), device="cpu")
-    model.encode(corpus[:64], batch_size=64)  # warm up
+    return SentenceTransformer(str(model_path()), device="cpu")
+
+
+def _encode(model, texts: list[str]) -> None:
+    model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+
+
+def raw(corpus: list[str], threads: int) -> float:
+    """One process, `threads` threads."""
+    model = _load(threads)
+    _encode(model, corpus[:64])  # warm up
     started = time.perf_counter()
-    model.encode(corpus, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+    _encode(model, corpus)
     return len(corpus) / (time.perf_counter() - started)
 
 
-def singles(db, tmp: Path, corpus: list[str], clients: int) -> float:
+def _raw_share(texts: list[str], ready, done) -> None:
+    model = _load(1)
+    _encode(model, texts[:64])
+    ready.wait()
+    _encode(model, texts)
+    done.put(time.perf_counter())
+
+
+def raw_processes(corpus: list[str], processes: int) -> float:
+    """`processes` processes on 1 thread each, each encoding its share; the clock runs from
+    when all are loaded and warm until the last one is done."""
+    context = multiprocessing.get_context("spawn")
+    ready, done = context.Barrier(processes + 1), context.Queue()
+    shares = [corpus[i::processes] for i in range(processes)]
+    workers = [context.Process(target=_raw_share, args=(share, ready, done)) for share in shares]
+    for worker in workers:
+        worker.start()
+    try:
+        ready.wait()
+        started = time.perf_counter()
+        ended = max(done.get(timeout=600) for _ in workers)
+        return len(corpus) / (ended - started)
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+
+
+def singles(db, tmp: Path, corpus: list[str], clients: int, backend: str) -> float:
     keys = ClientKeys(clients)
-    env = env_for(db, tmp, API_KEYS=keys.setting, EMBED_WORKERS=2, EMBED_THREADS=1)
+    env = env_for(db, tmp, API_KEYS=keys.setting, EMBED_WORKERS=2, EMBED_THREADS=1, EMBED_BACKEND=backend)
 
     def submit_and_wait(session: requests.Session, i: int) -> None:
         headers = keys.headers(session)
@@ -103,37 +145,40 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     corpus = texts(args.documents)
+    default = get_settings().embed_backend
+    singles_by_backend = {}
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
-        single_rate = singles(db, Path(tmp), corpus, args.clients)
-        db.flush()
+        for backend in dict.fromkeys(("torch", default)):
+            singles_by_backend[backend] = singles(db, Path(tmp), corpus, args.clients, backend)
+            db.flush()
         bulk_rate = bulk(db, Path(tmp), corpus)
-    # The raw model at its best thread count on this machine.
-    raw_rates = {threads: raw(corpus, threads) for threads in (1, 2)}
-    raw_threads = max(raw_rates, key=raw_rates.get)
-    raw_rate = raw_rates[raw_threads]
-    print(
-        f"embedding {args.documents} documents (2 threads in all for each service run; "
-        f"the service's EMBED_BACKEND: {get_settings().embed_backend}, the raw baseline: torch)"
-    )
-    for threads, rate in raw_rates.items():
-        print(f"  raw model.encode(batch_size=64), {threads} thread(s)  {rate:7.1f} docs/s")
-    print(
-        f"  {args.clients} clients, one document per POST       {single_rate:7.1f} docs/s   "
-        f"{single_rate / raw_rate:.2f}x raw (target >= 0.7x)"
-    )
-    print(
-        f"  POSTs of {Settings.max_documents} documents                  {bulk_rate:7.1f} docs/s   "
-        f"{bulk_rate / raw_rate:.2f}x raw (target >= 0.85x)"
-    )
-    baseline = f"raw encode(batch_size=64), 2 threads: {raw_rate:.1f} docs/s"
+    # The raw model at its best on 2 cores.
+    raw_rates = {"1 process x 2 threads": raw(corpus, 2), "2 processes x 1 thread": raw_processes(corpus, 2)}
+    raw_best = max(raw_rates, key=raw_rates.get)
+    raw_rate = raw_rates[raw_best]
+    print(f"embedding {args.documents} documents (2 threads in all for each run); raw: torch fp32")
+    for how, rate in raw_rates.items():
+        print(f"  raw model.encode(batch_size=64), {how:24s} {rate:7.1f} docs/s")
+    targets = {"torch": 0.7, default: 1.0}
+    for backend, rate in singles_by_backend.items():
+        label = f"{args.clients} clients, one document per POST, {backend}"
+        ratio = f"{rate / raw_rate:.2f}x raw (target >= {targets[backend]}x)"
+        print(f"  {label:52s} {rate:7.1f} docs/s   {ratio}")
+    label = f"POSTs of {Settings.max_documents} documents, {default}"
+    print(f"  {label:52s} {bulk_rate:7.1f} docs/s   {bulk_rate / raw_rate:.2f}x raw (target >= 0.9x)")
+    baseline = f"raw torch encode(batch_size=64), {raw_best}: {raw_rate:.1f} docs/s"
+    for backend, rate in singles_by_backend.items():
+        result(
+            "embed_single" if backend == "torch" else f"embed_single {backend}",
+            baseline=baseline,
+            ours=f"{rate:.1f} docs/s, EMBED_BACKEND={backend}",
+            ratio=round(rate / raw_rate, 2),
+        )
     result(
-        "embed_single",
+        "embed_bulk",
         baseline=baseline,
-        ours=f"{single_rate:.1f} docs/s",
-        ratio=round(single_rate / raw_rate, 2),
-    )
-    result(
-        "embed_bulk", baseline=baseline, ours=f"{bulk_rate:.1f} docs/s", ratio=round(bulk_rate / raw_rate, 2)
+        ours=f"{bulk_rate:.1f} docs/s, EMBED_BACKEND={default}",
+        ratio=round(bulk_rate / raw_rate, 2),
     )
 
 

@@ -36,7 +36,7 @@ BENCHMARKS = [
     (
         "bench.embed",
         ["--documents", "40", "--clients", "4"],
-        {"embed_single": (">=", 0.7), "embed_bulk": (">=", 0.85)},
+        {"embed_single": (">=", 0.7), "embed_single onnx": (">=", 1.0), "embed_bulk": (">=", 0.9)},
     ),
     (
         "bench.embed_backends",
