@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import redis
 import requests
 
 from bench.common import (
@@ -35,6 +37,7 @@ from bench.common import (
     service,
     wait_finished,
 )
+from bench.costs import Meter
 from jobs.settings import Settings, get_settings
 
 WORDS = [
@@ -102,7 +105,18 @@ def raw_processes(corpus: list[str], processes: int) -> float:
                 worker.kill()
 
 
-def singles(db, tmp: Path, corpus: list[str], clients: int, backend: str) -> float:
+def processes(web, kind: str, connection: redis.Redis) -> dict:
+    """The process trees whose CPU the run spends: the clients (this process), the web and
+    `kind` processes, and Redis when it runs on this machine."""
+    pool = next(p for p in psutil.Process().children() if "worker-pool" in " ".join(p.cmdline()))
+    found = {"client": psutil.Process, "web": lambda: psutil.Process(web.process.pid), kind: lambda: pool}
+    redis_pid = connection.info("server")["process_id"]
+    if psutil.pid_exists(redis_pid):
+        found["Redis"] = lambda: psutil.Process(redis_pid)
+    return found
+
+
+def singles(db, tmp: Path, corpus: list[str], clients: int, backend: str) -> tuple[float, dict[str, float]]:
     keys = ClientKeys(clients)
     env = env_for(db, tmp, API_KEYS=keys.setting, EMBED_WORKERS=2, EMBED_THREADS=1, EMBED_BACKEND=backend)
 
@@ -119,9 +133,12 @@ def singles(db, tmp: Path, corpus: list[str], clients: int, backend: str) -> flo
                 return
 
     with service(env, tmp, workers=2, kind="embedder") as web:
+        meter = Meter(db.client(), processes(web, "embedder", db.client()))
+        meter.start()
         started = time.perf_counter()
         run_clients(clients, len(corpus), submit_and_wait)
-        return len(corpus) / (time.perf_counter() - started)
+        rate = len(corpus) / (time.perf_counter() - started)
+        return rate, meter.stop(len(corpus))
 
 
 def bulk(db, tmp: Path, corpus: list[str]) -> float:
@@ -148,8 +165,11 @@ def main() -> None:
     default = get_settings().embed_backend
     singles_by_backend = {}
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
+        costs = {}
         for backend in dict.fromkeys(("torch", default)):
-            singles_by_backend[backend] = singles(db, Path(tmp), corpus, args.clients, backend)
+            singles_by_backend[backend], costs[backend] = singles(
+                db, Path(tmp), corpus, args.clients, backend
+            )
             db.flush()
         bulk_rate = bulk(db, Path(tmp), corpus)
     # The raw model at its best on 2 cores.
@@ -164,6 +184,10 @@ def main() -> None:
         label = f"{args.clients} clients, one document per POST, {backend}"
         ratio = f"{rate / raw_rate:.2f}x raw (target >= {targets[backend]}x)"
         print(f"  {label:52s} {rate:7.1f} docs/s   {ratio}")
+    print("  where a single-document run's time goes, per document:")
+    for backend, figures in costs.items():
+        parts = ", ".join(f"{name} {value:.1f}" for name, value in figures.items())
+        print(f"    {backend}: {parts}")
     label = f"POSTs of {Settings.max_documents} documents, {default}"
     print(f"  {label:52s} {bulk_rate:7.1f} docs/s   {bulk_rate / raw_rate:.2f}x raw (target >= 0.9x)")
     baseline = f"raw torch encode(batch_size=64), {raw_best}: {raw_rate:.1f} docs/s"
