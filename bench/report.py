@@ -25,7 +25,7 @@ from scripts.processes import ROOT
 
 # Module, its tiny arguments, and the targets its results are held to: (">=" or "<=", ratio).
 BENCHMARKS = [
-    ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0)}),
+    ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0), "e2e_log vs HTTP ceiling": (">=", 0.5)}),
     ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": (">=", 1.0)}),
     (
         "bench.costs",
@@ -43,7 +43,7 @@ BENCHMARKS = [
         ["--documents", "200", "--queries", "10", "--repeat", "1"],
         {"embed_backend onnx": (">=", 1.0), "embed_backend onnx-int8": (">=", 1.0)},
     ),
-    ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": ("<=", 2.0)}),
+    ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": ("<=", 1.5)}),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
 ]
@@ -95,7 +95,7 @@ def machine() -> str:
 
 
 def build(tiny: bool) -> str:
-    rows, sections = [], []
+    rows, sections, notes = [], [], []
     for module, tiny_args, targets in BENCHMARKS:
         args = tiny_args if tiny else []
         output = run(module, args)
@@ -109,6 +109,8 @@ def build(tiny: bool) -> str:
                 ceiling = figures.pop("ceiling", "")
                 ours = figures.pop("ours", "")
                 ratio = figures.pop("ratio", None)
+                if note := figures.pop("note", ""):
+                    notes.append(f"- {name}: {note}")
                 baselines = "<br>".join(part for part in (baseline, simple, ceiling) if part)
                 ratio_text = f"**{ratio}x**" if ratio is not None else ""
                 rows.append(
@@ -121,7 +123,9 @@ def build(tiny: bool) -> str:
         )
     table = "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n" + "\n".join(rows)
     size = "tiny sizes (a check that the report builds)" if tiny else "default sizes"
-    return f"{INTRO}\nMeasured {machine()}, at {size}.\n\n## Summary\n\n{table}\n\n" + "\n".join(sections)
+    noted = "\n\nWhat the measurements say about targets not met:\n\n" + "\n".join(notes) if notes else ""
+    summary = f"{INTRO}\nMeasured {machine()}, at {size}.\n\n## Summary\n\n{table}{noted}\n\n"
+    return summary + "\n".join(sections)
 
 
 def main() -> None:
