@@ -1,1 +1,1 @@
-"""The document index: the embedding model, documents in Redis, FAISS replicas and batching."""
+"""The document index: the embedding model, documents in Redis, FAISS replicas."""

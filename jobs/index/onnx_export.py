@@ -206,7 +206,7 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 def main() -> None:
-    from jobs.index.embedding import model_path
+    from jobs.index.model import model_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
