@@ -72,6 +72,11 @@ class Settings:
     embed_threads: int = 1
     # Texts per batch the encoder runs.
     embed_batch_size: int = 64
+    # With API_KEYS set: jobs of one key that may be queued or running at once in each process
+    # type (worker, embedder); the key's further jobs wait, `rate_limited`, for one to end.
+    # 0: one less than the live workers serving the job's queue, at least 1, so that no key can
+    # hold every worker.
+    key_max_active: int = 0
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32

@@ -23,7 +23,9 @@ from service.views.search import SearchBody
 bp = Blueprint("openapi", __name__)
 
 REF = "#/components/schemas/{model}"
-Status = Literal["queued", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"]
+Status = Literal[
+    "queued", "rate_limited", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"
+]
 
 
 class Progress(BaseModel):

@@ -16,6 +16,7 @@ from pydantic import create_model
 from rq import Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
+from rq.rate_limit import RateLimit
 
 from jobs import keys, metrics
 from jobs.engine.job import Job
@@ -75,8 +76,16 @@ def submit(
         meta["request_id"] = current_request_id()
     if job_type.describe:
         meta["view"] = job_type.describe(kwargs)
+    # With API keys, each key's share of each process type is capped (KEY_MAX_ACTIVE): RQ's
+    # concurrency limit holds the key's further jobs back, `rate_limited`, until one ends.
+    rate_limit = None
+    if settings.api_keys:
+        rate_limit = RateLimit(
+            f"{owner}:{job_type.family or 'general'}", state.active_cap.for_queue(queue.name)
+        )
     job = queue.create_job(
         job_type.path,
+        rate_limit=rate_limit,
         kwargs=kwargs,
         timeout=options.timeout or job_type.timeout_for(request),
         result_ttl=settings.result_ttl,
@@ -95,11 +104,19 @@ def submit(
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
         if options.delay:
             queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
+            promoted_at = None
+        elif job.has_rate_limit:
+            promoted_at = queue.enqueue_limited(job, pipeline=pipe)
         else:
             queue.enqueue_job(job, pipeline=pipe)
+            promoted_at = None
         _index(pipe, owner, job.id, settings)
         metrics.count(pipe, "accepted", type_name, options.queue)
-        pipe.execute()
+        results = pipe.execute()
+    if promoted_at is not None and job.id.encode() in results[promoted_at]:
+        job._status = JobStatus.QUEUED  # as the limiter wrote it
+    elif promoted_at is not None:
+        job.enqueued_at = None  # waiting for a slot of its key
     return Submission(job, created=True)
 
 

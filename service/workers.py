@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import suppress
 from datetime import UTC, datetime
 
 import redis
@@ -14,21 +16,50 @@ from jobs.times import parse_iso
 STALE_AFTER_SECONDS = 60
 
 
-def live_workers(connection: redis.Redis) -> list[str]:
-    """Keys of registered workers that have heartbeated lately and have not died."""
+def live_workers(connection: redis.Redis, queue: str | None = None) -> list[str]:
+    """Keys of registered workers that have heartbeated lately and have not died (and serve
+    `queue`, when given)."""
     names = sorted(key.decode() for key in connection.smembers(REDIS_WORKER_KEYS))
     if not names:
         return []
     with connection.pipeline(transaction=False) as pipe:
         for name in names:
-            pipe.hmget(name, "last_heartbeat", "death")
+            pipe.hmget(name, "last_heartbeat", "death", "queues")
         answers = pipe.execute()
     now = datetime.now(UTC)
     live = []
-    for name, (heartbeat, death) in zip(names, answers, strict=True):
+    for name, (heartbeat, death, queues) in zip(names, answers, strict=True):
         if heartbeat is None or death is not None:
+            continue
+        if queue is not None and queue not in (queues or b"").decode().split(","):
             continue
         beat = parse_iso(heartbeat.decode())
         if (now - beat).total_seconds() < STALE_AFTER_SECONDS:
             live.append(name)
     return live
+
+
+class ActiveCap:
+    """How many jobs of one key may be queued or running at once on a queue (KEY_MAX_ACTIVE).
+
+    Automatic (0): one less than the live workers serving the queue, at least 1, read from
+    Redis at most every REFRESH_SECONDS per queue and process.
+    """
+
+    REFRESH_SECONDS = 10.0
+
+    def __init__(self, connection: redis.Redis, configured: int) -> None:
+        self.connection = connection
+        self.configured = configured
+        self._known: dict[str, tuple[float, int]] = {}
+
+    def for_queue(self, queue: str) -> int:
+        if self.configured:
+            return self.configured
+        read_at, cap = self._known.get(queue, (float("-inf"), 1))
+        if time.monotonic() - read_at >= self.REFRESH_SECONDS:
+            # On a Redis error the last figure stays; the enqueue itself will answer 503.
+            with suppress(redis.RedisError):
+                cap = max(1, len(live_workers(self.connection, queue)) - 1)
+            self._known[queue] = (time.monotonic(), cap)
+        return cap

@@ -18,6 +18,7 @@ from rq.command import handle_command
 from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
+from rq.rate_limit import RateLimitRegistry
 from rq.registry import StartedJobRegistry
 from rq.worker.base import BaseWorker
 
@@ -193,6 +194,23 @@ TOUCHPOINTS = (
         "Worker.handle_payload(message) receives RQ's commands; parse_payload decodes them",
         "stop-job for any job of a batch the horse runs (RQ's handler only knows the first).",
         lambda: _source_mentions(BaseWorker.handle_payload, "parse_payload(message)"),
+    ),
+    Touchpoint(
+        "RQ's rate-limit scripts: KEYS allowed, rate_limited; ARGV concurrency, timestamp, "
+        "enqueued_at, queue prefix, job prefix (and the job id to release)",
+        "Per-key fair share (KEY_MAX_ACTIVE) runs RQ's own acquire and release scripts as EVAL "
+        "inside the submit and finish transactions (jobs.engine.queue.limiter_step), where RQ's "
+        "registered scripts would cost a SCRIPT EXISTS round trip each.",
+        lambda: (
+            _source_mentions(
+                RateLimitRegistry.acquire_and_enqueue,
+                "keys=[self.allowed_key, self.rate_limited_key]",
+                "concurrency,\n                timestamp,\n                utcformat(enqueued_at),",
+            )
+            and _source_mentions(RateLimitRegistry.release_and_enqueue, "job_id,\n            ],")
+            and _source_mentions(Queue._enqueue_rate_limited_job, "registry.add_to_rate_limited(job.id,")
+            and all(hasattr(Queue, name) for name in ("_enqueue_job", "get_redis_server_version"))
+        ),
     ),
     Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",

@@ -26,6 +26,7 @@ from rq.exceptions import AbandonedJobError, InvalidJobOperation
 from rq.executions import Execution
 from rq.job import JobStatus, Retry
 from rq.queue import Queue as RQQueue
+from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT, RateLimitRegistry, release_slot
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.utils import utcformat
@@ -46,7 +47,7 @@ from jobs.engine.horse import (
     resident_mb,
 )
 from jobs.engine.job import Job
-from jobs.engine.queue import STOPPING, EmbedQueue, Queue
+from jobs.engine.queue import STOPPING, EmbedQueue, Queue, limiter_step, ring
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -298,6 +299,26 @@ class Worker(ForkingWorker):
                 self._spawn_horse()
             return
 
+    def _release_slot_safely(self, job: Job) -> None:
+        """RQ frees the slot of the job's key (KEY_MAX_ACTIVE) and pushes the key's next waiting
+        job onto its queue; the queues are rung, so that no worker waits for its next poll."""
+        if not job.has_rate_limit:
+            return
+        try:
+            promoted = release_slot(job)
+        except Exception:
+            log.exception("could not free the slot of job %s", job.id)
+            return
+        if promoted:
+            self._ring_all()
+
+    def _ring_all(self) -> None:
+        """Ring this worker's queues: RQ's limiter pushed jobs onto one of them."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                ring(pipe, queue.name)
+            pipe.execute()
+
     def _heartbeat_all(self, running: list[tuple[Job, Execution]]) -> None:
         """RQ's `maintain_heartbeats` for every running job, in one round trip."""
         worker_ttl = self.job_monitoring_interval + 60
@@ -368,7 +389,11 @@ class Worker(ForkingWorker):
         job.get_meta(refresh=True)
         job.meta["error"] = errors.WORKER_SHUTDOWN
         with self.connection.pipeline() as pipe:
-            queue.enqueue_job(job, pipeline=pipe, at_front=True)  # first: it starts the transaction
+            if job.has_rate_limit:
+                # It keeps the slot of its key it holds (RQ's enqueue_job would refuse it here).
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            else:
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)  # first: it starts the transaction
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
         log.info("job %s put back at the front of %s", job.id, queue.name)
@@ -494,6 +519,7 @@ class Worker(ForkingWorker):
         whether any dependents are waiting, and those are enqueued right after it, through
         RQ. A dependent added later sees its dependency finished and is enqueued at once.
         """
+        released: list[int] = []
         with self.connection.pipeline() as pipe:
             for job, _ in running:
                 pipe.exists(job.dependents_key)
@@ -517,11 +543,20 @@ class Worker(ForkingWorker):
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
                 metrics.record_end(pipe, job, "finished")
-            waiting = pipe.execute()[: len(running)]
-        for (job, _), dependents in zip(running, waiting, strict=True):
+                if job.has_rate_limit:
+                    # Its key's slot (KEY_MAX_ACTIVE) is freed and the key's next waiting job
+                    # pushed onto its queue, in the same transaction (RQ's release_slot).
+                    released.append(len(pipe))
+                    registry = RateLimitRegistry.from_job(job)
+                    limiter_step(
+                        pipe, RELEASE_AND_ENQUEUE_SCRIPT, registry, job.rate_limit_concurrency, now(), job.id
+                    )
+            results = pipe.execute()
+        if any(results[index] for index in released):
+            self._ring_all()
+        for (job, _), dependents in zip(running, results[: len(running)], strict=True):
             if dependents:
                 self._enqueue_dependents_safely(queue, job)
-            self._release_slot_safely(job)
             job.send_webhooks(JobStatus.FINISHED)
             log.info("job %s finished in %.3f s", job.id, (job.ended_at - job.started_at).total_seconds())
 

@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 MAX_WAIT_SECONDS = 60
 # How long DELETE waits for a running job's worker to confirm that it stopped it.
 STOP_CONFIRM_SECONDS = 5
-CANCELABLE = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+CANCELABLE = frozenset({JobStatus.QUEUED, JobStatus.RATE_LIMITED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.STOPPED})
 
-Status = Literal["queued", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"]
+Status = Literal[
+    "queued", "rate_limited", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"
+]
 
 
 class ReadQuery(BaseModel):

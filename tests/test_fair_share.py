@@ -1,0 +1,100 @@
+"""A fair share per API key: no key can hold every worker (KEY_MAX_ACTIVE, RQ's RateLimit)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import WebService, start_workers, wait_until
+from tests.test_security import KEY_A, KEY_B, make_app
+
+A = {"Authorization": f"Bearer {KEY_A}"}
+B = {"Authorization": f"Bearer {KEY_B}"}
+
+
+def post(client, headers: dict, body: dict, type_name: str = "sleep") -> str:
+    response = client.post(f"/jobs/{type_name}", json=body, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["id"]
+
+
+def status(client, headers: dict, job_id: str) -> str:
+    return client.get(f"/jobs/{job_id}", headers=headers).get_json()["status"]
+
+
+def test_a_keys_jobs_beyond_its_share_wait_rate_limited(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="off", key_max_active=2).test_client()
+    ids = [post(client, A, {"seconds": 60}) for _ in range(4)]
+    assert [status(client, A, job_id) for job_id in ids] == [
+        "queued",
+        "queued",
+        "rate_limited",
+        "rate_limited",
+    ]
+    assert fake_redis.llen("rq:queue:default") == 2
+    # Another key has a share of its own, and a share is per process type.
+    assert status(client, B, post(client, B, {"seconds": 60})) == "queued"
+    embed = post(client, A, {"text": "a document"}, type_name="embed")
+    assert status(client, A, embed) == "queued"
+    # A waiting job can be canceled like a queued one.
+    assert client.delete(f"/jobs/{ids[3]}", headers=A).get_json()["status"] == "canceled"
+
+
+def test_without_api_keys_there_is_one_tenant_and_no_cap(fake_redis, tmp_path):
+    client = make_app(tmp_path, rate_limit="off", key_max_active=1).test_client()
+    ids = [post(client, {}, {"seconds": 60}) for _ in range(3)]
+    assert [status(client, {}, job_id) for job_id in ids] == ["queued"] * 3
+
+
+@pytest.fixture
+def keyed_web(env, proc_dir) -> Iterator[WebService]:
+    web = WebService(dict(env, API_KEYS=f"{KEY_A},{KEY_B}"), proc_dir)
+    yield web
+    web.kill()
+
+
+def test_one_key_filling_the_queues_cannot_hold_every_worker(keyed_web, env, proc_dir, real_redis):
+    pool = start_workers(env, proc_dir, count=2)
+    try:
+        wait_until(lambda: real_redis.scard("rq:workers") >= 2, what="two workers", process=pool)
+        http = keyed_web.http
+        hogs = []
+        for _ in range(4):
+            response = http.post(keyed_web.url("/jobs/hold"), json={"seconds": 300}, headers=A, timeout=30)
+            assert response.status_code == 202, response.text
+            hogs.append(response.json()["id"])
+
+        def statuses() -> list[str]:
+            return [
+                http.get(keyed_web.url(f"/jobs/{i}"), headers=A, timeout=30).json()["status"] for i in hogs
+            ]
+
+        wait_until(lambda: statuses()[0] == "started", what="key A's first job to start")
+        assert statuses()[1:] == ["rate_limited"] * 3  # two live workers: a key may hold one
+        response = http.post(keyed_web.url("/jobs/log"), json={"message": "key B"}, headers=B, timeout=30)
+        assert response.status_code == 202, response.text
+        ended = http.get(
+            keyed_web.url(response.headers["Location"]), params={"wait": 30}, headers=B, timeout=60
+        )
+        assert ended.json()["status"] == "finished", ended.text
+        view = ended.json()
+        assert view["started_at"] is not None
+        # Key B's jobs beyond its share wait, then move up one by one as each ends.
+        posted = [
+            http.post(keyed_web.url("/jobs/log"), json={"message": f"B {i}"}, headers=B, timeout=30)
+            for i in range(4)
+        ]
+        assert [r.json()["status"] for r in posted].count("rate_limited") >= 2
+        for response in posted:
+            view = http.get(
+                keyed_web.url(response.headers["Location"]), params={"wait": 30}, headers=B, timeout=60
+            )
+            assert view.json()["status"] == "finished", view.text
+        # Key A's next job moves up as soon as its running one ends.
+        stopped = http.delete(keyed_web.url(f"/jobs/{hogs[0]}"), headers=A, timeout=30)
+        assert stopped.json()["status"] in ("stopped", "started"), stopped.text
+        wait_until(lambda: statuses()[1] == "started", what="key A's second job to start")
+        assert statuses()[2:] == ["rate_limited"] * 2
+    finally:
+        pool.kill()
