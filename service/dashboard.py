@@ -3,6 +3,11 @@
 rq-dashboard's blueprint has no authentication and offers destructive actions, so every
 request to it passes `guard()` first. It also loads jobs with RQ's default (pickle)
 classes; pointing its module-level names at ours makes it read and write JSON jobs only.
+
+Without credentials the dashboard answers no one, unless DASHBOARD_OPEN=1 opens it to
+requests made on this machine to a loopback name. A loopback client alone is not enough:
+a reverse proxy on the same machine is a loopback client for every visitor, and a page on a
+rebound DNS name reaches 127.0.0.1 with its own name as Host (and a matching Origin).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hmac
 import html
 import ipaddress
 import json
+import logging
+import re
 from typing import Any
 
 import rq_dashboard
@@ -28,10 +35,18 @@ from jobs.settings import Settings
 from service.errors import ApiError, error_response
 from service.state import AppState
 
+log = logging.getLogger(__name__)
+
 BLUEPRINT = "rq_dashboard"
 URL_PREFIX = "/rq"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REALM = 'Basic realm="Afterward dashboard", charset="UTF-8"'
+# Host headers DASHBOARD_OPEN accepts: loopback names, with an optional port.
+LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+# Headers a proxy adds: a request carrying one was made on someone else's behalf.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+# No other site may frame the dashboard (its buttons would be clicked through a decoy).
+FRAME_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
 
 
 # Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
@@ -89,12 +104,25 @@ def init_dashboard(app: Flask, state: AppState) -> None:
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
 
     settings = state.settings
+    if not _has_credentials(settings) and settings.dashboard_open:
+        log.warning(
+            "DASHBOARD_OPEN=1 without DASHBOARD_USER/DASHBOARD_PASSWORD: the dashboard at %s/ "
+            "answers anyone on this machine. Set credentials before exposing the service.",
+            URL_PREFIX,
+        )
 
     @app.before_request
     def guard() -> None:
         if request.blueprint == BLUEPRINT:
             _authorize(settings)
             _refuse_cross_site()
+
+    @app.after_request
+    def refuse_framing(response: Response) -> Response:
+        if _is_dashboard_path(request.path):
+            for name, value in FRAME_HEADERS.items():
+                response.headers[name] = value
+        return response
 
     @app.after_request
     def escape_for_html(response: Response) -> Response:
@@ -112,8 +140,12 @@ def init_dashboard(app: Flask, state: AppState) -> None:
         return error_response(404, "No such job.")
 
 
+def _has_credentials(settings: Settings) -> bool:
+    return bool(settings.dashboard_user and settings.dashboard_password)
+
+
 def _authorize(settings: Settings) -> None:
-    if settings.dashboard_user and settings.dashboard_password:
+    if _has_credentials(settings):
         auth = request.authorization
         user = (auth.username or "") if auth else ""
         password = (auth.password or "") if auth else ""
@@ -128,10 +160,18 @@ def _authorize(settings: Settings) -> None:
                 headers={"WWW-Authenticate": REALM},
             )
         return
-    if not _is_loopback(request.remote_addr):
+    if not settings.dashboard_open:
         raise ApiError(
             403,
-            "The dashboard answers only local clients until DASHBOARD_USER and DASHBOARD_PASSWORD are set.",
+            "The dashboard is closed until DASHBOARD_USER and DASHBOARD_PASSWORD are set "
+            "(or, for local use only, DASHBOARD_OPEN=1).",
+            code="forbidden",
+        )
+    if not _is_local_request():
+        raise ApiError(
+            403,
+            "Without DASHBOARD_USER and DASHBOARD_PASSWORD the dashboard answers only requests "
+            "made on this machine to localhost, 127.0.0.1 or [::1].",
             code="forbidden",
         )
 
@@ -163,6 +203,19 @@ def _escaped(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _escaped(item) for key, item in value.items()}
     return value
+
+
+def _is_dashboard_path(path: str) -> bool:
+    return path == URL_PREFIX or path.startswith(URL_PREFIX + "/")
+
+
+def _is_local_request() -> bool:
+    """Made on this machine, to a loopback name, by no proxy (DASHBOARD_OPEN's only clients)."""
+    return (
+        _is_loopback(request.remote_addr)
+        and LOOPBACK_HOST.fullmatch(request.host) is not None
+        and not any(name in request.headers for name in FORWARDING_HEADERS)
+    )
 
 
 def _is_loopback(address: str | None) -> bool:
