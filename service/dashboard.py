@@ -24,7 +24,9 @@ import rq_dashboard
 import rq_dashboard.default_settings
 import rq_dashboard.web
 from flask import Flask, Response, request
-from rq.exceptions import NoSuchJobError
+from redis.exceptions import ResponseError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import parse_job_id, validate_job_id
 from rq.serializers import JSONSerializer
 
 from jobs.engine.errors import plain_message
@@ -32,7 +34,7 @@ from jobs.engine.job import Job
 from jobs.engine.queue import Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
-from service.errors import ApiError, error_response
+from service.errors import REDIS_RETRY_AFTER, ApiError, error_response
 from service.state import AppState
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Rea
 # No other site may frame the dashboard (its buttons would be clicked through a decoy).
 FRAME_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
 
+
+# What the dashboard's URLs may name; rq-dashboard answers 500 to anything else (see _check_arguments).
+INSTANCE = 0  # one Redis, the service's own
+REGISTRIES = ("queued", "started", "finished", "failed", "deferred", "scheduled", "canceled")
+ORDERS = ("asc", "dsc")
+MAX_PER_PAGE = 200  # the most the dashboard's own "jobs per page" field offers
+MAX_PAGE = 1_000_000  # keeps the list offsets within what Redis accepts
+# rq-dashboard's queues page catches a Redis outage and answers 200 with this body.
+CONNECTION_ERROR_PAGE = b"<h1>Connection Error</h1>"
 
 # Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
 UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers"})
@@ -86,7 +97,16 @@ def serialize_job(job: Any) -> dict[str, Any]:
 
 def requeue_job(job_id: str, connection: Any, serializer: Any = None) -> Job:
     """rq's requeue_job, with our job class (JSON, registered functions only)."""
-    return Job.fetch(job_id, connection=connection).requeue()
+    job = Job.fetch(job_id, connection=connection)
+    try:
+        return job.requeue()
+    except InvalidJobOperation:
+        status = job.get_status(refresh=False)
+        raise ApiError(
+            409,
+            f"Only failed jobs can be requeued; this one is {getattr(status, 'value', status)}.",
+            code="conflict",
+        ) from None
 
 
 def init_dashboard(app: Flask, state: AppState) -> None:
@@ -103,6 +123,17 @@ def init_dashboard(app: Flask, state: AppState) -> None:
     app.redis_conn = state.redis  # type: ignore[attr-defined]
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
 
+    def compact_queue(queue_name: str) -> Any:
+        """rq-dashboard's compact, but an empty queue has nothing to compact (not a 500)."""
+        try:
+            Queue(queue_name, connection=state.redis).compact()
+        except ResponseError as error:
+            if "no such key" not in str(error).lower():  # RENAME of a queue no job is in
+                raise
+        return {"status": "OK"}, {"Cache-Control": "no-store"}
+
+    app.view_functions[f"{BLUEPRINT}.compact_queue"] = compact_queue
+
     settings = state.settings
     if not _has_credentials(settings) and settings.dashboard_open:
         log.warning(
@@ -116,6 +147,7 @@ def init_dashboard(app: Flask, state: AppState) -> None:
         if request.blueprint == BLUEPRINT:
             _authorize(settings)
             _refuse_cross_site()
+            _check_arguments(state.queues)
 
     @app.after_request
     def refuse_framing(response: Response) -> Response:
@@ -133,6 +165,20 @@ def init_dashboard(app: Flask, state: AppState) -> None:
                 job = Job.fetch(data["id"], connection=state.redis)
                 data["exc_info"] = error_summary(job, data["exc_info"])
             response.set_data(json.dumps(_escaped(data)))
+        return response
+
+    @app.after_request
+    def redis_down(response: Response) -> Response:
+        if (
+            request.endpoint == f"{BLUEPRINT}.queues_overview"
+            and response.get_data() == CONNECTION_ERROR_PAGE
+        ):
+            return error_response(
+                503,
+                "The job store is unreachable; try again shortly.",
+                code="redis_unavailable",
+                headers={"Retry-After": str(REDIS_RETRY_AFTER)},
+            )
         return response
 
     @app.errorhandler(NoSuchJobError)
@@ -193,6 +239,34 @@ def _refuse_cross_site() -> None:
         allowed = True  # not a browser: nothing was sent on anyone's behalf
     if not allowed:
         raise ApiError(403, "Cross-site requests cannot change anything here.", code="cross_site_refused")
+
+
+def _check_arguments(queues: dict[str, Any]) -> None:
+    """404 for what the dashboard's URLs name but does not exist, before rq-dashboard sees it.
+
+    rq-dashboard answers 500 to these: an instance other than 0, an unknown registry, a page
+    or page size that is not a positive number (or is too large for Redis), a job id RQ
+    refuses. Unknown queues are refused too: the dashboard would show or empty nothing.
+    """
+    args = request.view_args or {}
+    if args.get("instance_number", INSTANCE) != INSTANCE:
+        raise ApiError(404, f"No such dashboard instance; there is one, number {INSTANCE}.")
+    queue = args.get("queue_name")
+    if queue is not None and queue not in queues:
+        raise ApiError(404, f"No such queue; the queues are {', '.join(queues)}.")
+    if args.get("registry_name", REGISTRIES[0]) not in REGISTRIES:
+        raise ApiError(404, f"No such registry; the registries are {', '.join(REGISTRIES)}.")
+    if args.get("order", ORDERS[0]) not in ORDERS:
+        raise ApiError(404, f"No such order; use {' or '.join(ORDERS)}.")
+    for name, most in (("per_page", MAX_PER_PAGE), ("page", MAX_PAGE)):
+        value = str(args.get(name, 1))
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= most):
+            raise ApiError(404, f"No such page: {name} must be a whole number from 1 to {most}.")
+    if "job_id" in args:
+        try:
+            validate_job_id(parse_job_id(args["job_id"]))
+        except ValueError:
+            raise ApiError(404, "No such job.") from None
 
 
 def _escaped(value: Any) -> Any:
