@@ -27,6 +27,9 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
     rate_limit: str = "6000 per minute"
+    # Failed authentications (API key or dashboard password) one client address may make, in
+    # the `limits` notation; past it, every attempt from there answers 429 until the window ends.
+    auth_failure_limit: str = "20 per minute"
     # Basic-auth credentials of the dashboard at /rq/; unset: it answers no one (but DASHBOARD_OPEN).
     dashboard_user: str = ""
     dashboard_password: str = ""

@@ -35,6 +35,7 @@ from jobs.engine.queue import Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
 from service.errors import REDIS_RETRY_AFTER, ApiError, error_response
+from service.security import count_failed_authentication, refuse_blocked_client
 from service.state import AppState
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def _has_credentials(settings: Settings) -> bool:
 
 def _authorize(settings: Settings) -> None:
     if _has_credentials(settings):
+        refuse_blocked_client()
         auth = request.authorization
         user = (auth.username or "") if auth else ""
         password = (auth.password or "") if auth else ""
@@ -199,6 +201,7 @@ def _authorize(settings: Settings) -> None:
         user_ok = hmac.compare_digest(user.encode(), settings.dashboard_user.encode())
         password_ok = hmac.compare_digest(password.encode(), settings.dashboard_password.encode())
         if not (user_ok and password_ok):
+            count_failed_authentication()
             raise ApiError(
                 401,
                 "The dashboard needs a user name and password.",

@@ -11,6 +11,7 @@ from rq.job import JobStatus
 
 from jobs.engine.errors import describe_exception
 from jobs.engine.job import Job
+from jobs.settings import Settings
 from service import create_app
 from tests.test_api import assert_error
 
@@ -105,6 +106,84 @@ def test_rate_limit_per_key_with_retry_after(fake_redis, tmp_path):
     assert_error(client.post("/jobs/log", json={"message": "x"}, headers=A), 429)
     assert client.get("/jobs", headers=B).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------ failed authentications
+
+ATTACKER, OTHER = {"REMOTE_ADDR": "203.0.113.9"}, {"REMOTE_ADDR": "198.51.100.7"}
+
+
+def test_failed_api_keys_are_limited_per_address(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+    for n in range(3):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer guess-{n}"}, environ_base=ATTACKER), 401
+        )
+    response = client.get("/jobs", headers={"Authorization": "Bearer guess-3"}, environ_base=ATTACKER)
+    assert "failed authentications" in assert_error(response, 429, "too_many_requests")["message"]
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    # Blocked means blocked: the right key from there would otherwise tell the guesser so.
+    for headers in (A, {}):
+        assert_error(client.get("/jobs", headers=headers, environ_base=ATTACKER), 429)
+    assert_error(client.get("/metrics", headers=A, environ_base=ATTACKER), 429)
+    # Another address is not affected, nor are the probes.
+    assert client.get("/jobs", headers=A, environ_base=OTHER).status_code == 200
+    assert client.get("/healthz", environ_base=ATTACKER).status_code == 200
+
+
+def test_requests_without_credentials_are_not_counted_as_failures(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+    for _ in range(10):
+        assert_error(client.get("/jobs", environ_base=ATTACKER), 401)
+    assert client.get("/jobs", headers=A, environ_base=ATTACKER).status_code == 200
+
+
+def test_failed_dashboard_logins_are_limited_per_address(fake_redis, tmp_path):
+    client = make_app(
+        tmp_path, dashboard_user="ops", dashboard_password="s3cret", auth_failure_limit="3 per minute"
+    ).test_client()
+    for n in range(3):
+        assert_error(client.get("/rq/", headers=basic("ops", f"guess-{n}"), environ_base=ATTACKER), 401)
+    response = client.get("/rq/", headers=basic("ops", "guess-3"), environ_base=ATTACKER)
+    assert_error(response, 429, "too_many_requests")
+    assert response.headers["Retry-After"] and response.headers["X-Frame-Options"] == "DENY"
+    assert_error(client.get("/rq/", headers=basic("ops", "s3cret"), environ_base=ATTACKER), 429)
+    assert client.get("/rq/", headers=basic("ops", "s3cret"), environ_base=OTHER).status_code == 200
+
+
+def test_failed_authentications_count_across_web_processes(fake_redis, tmp_path):
+    # Two apps on one Redis: two web processes. Failures on one count on the other.
+    first, second = (
+        make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+        for _ in range(2)
+    )
+    for n in range(3):
+        assert_error(first.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401)
+    assert_error(second.get("/jobs", headers={"Authorization": "Bearer 3"}, environ_base=ATTACKER), 429)
+    assert_error(second.get("/jobs", headers=A, environ_base=ATTACKER), 429)
+
+
+def test_failed_authentication_limit_can_be_switched_off(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="off").test_client()
+    for n in range(30):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401
+        )
+    assert client.get("/jobs", headers=A, environ_base=ATTACKER).status_code == 200
+
+
+def test_failed_authentications_without_redis_are_still_401(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="1 per minute").test_client()
+    fake_redis.connection_pool.connection_kwargs["server"].connected = False
+    for n in range(3):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401
+        )
+
+
+def test_the_default_failed_authentication_limit():
+    assert Settings.from_env({}).auth_failure_limit == "20 per minute"
+    assert Settings.from_env({"AUTH_FAILURE_LIMIT": "5 per second"}).auth_failure_limit == "5 per second"
 
 
 # ------------------------------------------------------------------ the dashboard's guard
