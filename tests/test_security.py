@@ -85,6 +85,40 @@ def test_idempotency_keys_are_per_api_key(keyed):
     assert a["id"] != b["id"]
 
 
+# Routes that answer without a key when API_KEYS is set (the README's list). The spec and its
+# docs page are public on purpose: shapes, no data; Swagger UI loads the spec before a key is
+# entered. Flask's own /static serves nothing here (the app has no static folder).
+KEYLESS_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/docs/",
+    "/docs/<path:path>",
+    "/static/<path:filename>",
+}
+
+
+def test_only_the_documented_routes_answer_without_a_key(keyed):
+    app = keyed.application
+    keyless = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("rq_dashboard."):
+            continue  # its own credentials: tests/test_dashboard_trust.py
+        path = rule.rule
+        for name in rule.arguments:
+            path = path.replace(f"<{name}>", "x").replace(f"<path:{name}>", "x")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            response = keyed.open(path, method=method, json={} if method == "POST" else None)
+            if response.status_code != 401:
+                keyless.add(rule.rule)
+            response.close()
+    assert keyless == KEYLESS_ROUTES
+    spec = keyed.get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert KEY_A not in json.dumps(spec) and "redis://" not in json.dumps(spec)
+    assert "/openapi.json" in keyed.get("/docs/").get_data(as_text=True)
+
+
 def test_an_open_api_says_so_loudly_at_boot(fake_redis, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         make_app(tmp_path)
