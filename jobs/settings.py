@@ -27,9 +27,15 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
     rate_limit: str = "6000 per minute"
-    # Basic-auth credentials of the dashboard at /rq/; unset: it answers loopback clients only.
+    # Failed authentications (API key or dashboard password) one client address may make, in
+    # the `limits` notation; past it, every attempt from there answers 429 until the window ends.
+    auth_failure_limit: str = "20 per minute"
+    # Basic-auth credentials of the dashboard at /rq/; unset: it answers no one (but DASHBOARD_OPEN).
     dashboard_user: str = ""
     dashboard_password: str = ""
+    # 1, for local use: without credentials the dashboard answers requests made on this machine
+    # to localhost (loopback client and a loopback Host), nothing else.
+    dashboard_open: int = 0
     # Web process: address, processes (the Heroku convention) and threads per process.
     host: str = "0.0.0.0"
     port: int = 5000

@@ -62,6 +62,9 @@ def main() -> int:
     env.setdefault("WORKERS", "2")
     env.setdefault("LOG_FILE", str(ROOT / "var" / "log" / "jobs.log"))
     env.setdefault("SHUTDOWN_GRACE", str(SHUTDOWN_GRACE))
+    if env["HOST"] in ("127.0.0.1", "localhost", "::1"):
+        # The dashboard opens for this machine's browser; served beyond loopback, it needs a password.
+        env.setdefault("DASHBOARD_OPEN", "1")
     if int(env["SHUTDOWN_GRACE"]) >= HONCHO_KILL_WAIT - 1:
         print(
             f"run: SHUTDOWN_GRACE={env['SHUTDOWN_GRACE']} is too long under honcho, which kills every "

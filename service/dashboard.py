@@ -3,6 +3,11 @@
 rq-dashboard's blueprint has no authentication and offers destructive actions, so every
 request to it passes `guard()` first. It also loads jobs with RQ's default (pickle)
 classes; pointing its module-level names at ours makes it read and write JSON jobs only.
+
+Without credentials the dashboard answers no one, unless DASHBOARD_OPEN=1 opens it to
+requests made on this machine to a loopback name. A loopback client alone is not enough:
+a reverse proxy on the same machine is a loopback client for every visitor, and a page on a
+rebound DNS name reaches 127.0.0.1 with its own name as Host (and a matching Origin).
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import hmac
 import html
 import ipaddress
 import json
+import logging
+import re
 from typing import Any
 
 import rq_dashboard
 import rq_dashboard.default_settings
 import rq_dashboard.web
 from flask import Flask, Response, request
-from rq.exceptions import NoSuchJobError
+from redis.exceptions import ResponseError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import parse_job_id, validate_job_id
 from rq.serializers import JSONSerializer
 
 from jobs.engine.errors import plain_message
@@ -25,14 +34,32 @@ from jobs.engine.job import Job
 from jobs.engine.queue import Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
-from service.errors import ApiError, error_response
+from service.errors import REDIS_RETRY_AFTER, ApiError, error_response
+from service.security import count_failed_authentication, refuse_blocked_client
 from service.state import AppState
+
+log = logging.getLogger(__name__)
 
 BLUEPRINT = "rq_dashboard"
 URL_PREFIX = "/rq"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REALM = 'Basic realm="Afterward dashboard", charset="UTF-8"'
+# Host headers DASHBOARD_OPEN accepts: loopback names, with an optional port.
+LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+# Headers a proxy adds: a request carrying one was made on someone else's behalf.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+# No other site may frame the dashboard (its buttons would be clicked through a decoy).
+FRAME_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
 
+
+# What the dashboard's URLs may name; rq-dashboard answers 500 to anything else (see _check_arguments).
+INSTANCE = 0  # one Redis, the service's own
+REGISTRIES = ("queued", "started", "finished", "failed", "deferred", "scheduled", "canceled")
+ORDERS = ("asc", "dsc")
+MAX_PER_PAGE = 200  # the most the dashboard's own "jobs per page" field offers
+MAX_PAGE = 1_000_000  # keeps the list offsets within what Redis accepts
+# rq-dashboard's queues page catches a Redis outage and answers 200 with this body.
+CONNECTION_ERROR_PAGE = b"<h1>Connection Error</h1>"
 
 # Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
 UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers"})
@@ -71,7 +98,16 @@ def serialize_job(job: Any) -> dict[str, Any]:
 
 def requeue_job(job_id: str, connection: Any, serializer: Any = None) -> Job:
     """rq's requeue_job, with our job class (JSON, registered functions only)."""
-    return Job.fetch(job_id, connection=connection).requeue()
+    job = Job.fetch(job_id, connection=connection)
+    try:
+        return job.requeue()
+    except InvalidJobOperation:
+        status = job.get_status(refresh=False)
+        raise ApiError(
+            409,
+            f"Only failed jobs can be requeued; this one is {getattr(status, 'value', status)}.",
+            code="conflict",
+        ) from None
 
 
 def init_dashboard(app: Flask, state: AppState) -> None:
@@ -88,13 +124,38 @@ def init_dashboard(app: Flask, state: AppState) -> None:
     app.redis_conn = state.redis  # type: ignore[attr-defined]
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
 
+    def compact_queue(queue_name: str) -> Any:
+        """rq-dashboard's compact, but an empty queue has nothing to compact (not a 500)."""
+        try:
+            Queue(queue_name, connection=state.redis).compact()
+        except ResponseError as error:
+            if "no such key" not in str(error).lower():  # RENAME of a queue no job is in
+                raise
+        return {"status": "OK"}, {"Cache-Control": "no-store"}
+
+    app.view_functions[f"{BLUEPRINT}.compact_queue"] = compact_queue
+
     settings = state.settings
+    if not _has_credentials(settings) and settings.dashboard_open:
+        log.warning(
+            "DASHBOARD_OPEN=1 without DASHBOARD_USER/DASHBOARD_PASSWORD: the dashboard at %s/ "
+            "answers anyone on this machine. Set credentials before exposing the service.",
+            URL_PREFIX,
+        )
 
     @app.before_request
     def guard() -> None:
         if request.blueprint == BLUEPRINT:
             _authorize(settings)
             _refuse_cross_site()
+            _check_arguments(state.queues)
+
+    @app.after_request
+    def refuse_framing(response: Response) -> Response:
+        if _is_dashboard_path(request.path):
+            for name, value in FRAME_HEADERS.items():
+                response.headers[name] = value
+        return response
 
     @app.after_request
     def escape_for_html(response: Response) -> Response:
@@ -107,13 +168,32 @@ def init_dashboard(app: Flask, state: AppState) -> None:
             response.set_data(json.dumps(_escaped(data)))
         return response
 
+    @app.after_request
+    def redis_down(response: Response) -> Response:
+        if (
+            request.endpoint == f"{BLUEPRINT}.queues_overview"
+            and response.get_data() == CONNECTION_ERROR_PAGE
+        ):
+            return error_response(
+                503,
+                "The job store is unreachable; try again shortly.",
+                code="redis_unavailable",
+                headers={"Retry-After": str(REDIS_RETRY_AFTER)},
+            )
+        return response
+
     @app.errorhandler(NoSuchJobError)
     def no_such_job(error: NoSuchJobError) -> Any:
         return error_response(404, "No such job.")
 
 
+def _has_credentials(settings: Settings) -> bool:
+    return bool(settings.dashboard_user and settings.dashboard_password)
+
+
 def _authorize(settings: Settings) -> None:
-    if settings.dashboard_user and settings.dashboard_password:
+    if _has_credentials(settings):
+        refuse_blocked_client()
         auth = request.authorization
         user = (auth.username or "") if auth else ""
         password = (auth.password or "") if auth else ""
@@ -121,6 +201,7 @@ def _authorize(settings: Settings) -> None:
         user_ok = hmac.compare_digest(user.encode(), settings.dashboard_user.encode())
         password_ok = hmac.compare_digest(password.encode(), settings.dashboard_password.encode())
         if not (user_ok and password_ok):
+            count_failed_authentication()
             raise ApiError(
                 401,
                 "The dashboard needs a user name and password.",
@@ -128,10 +209,18 @@ def _authorize(settings: Settings) -> None:
                 headers={"WWW-Authenticate": REALM},
             )
         return
-    if not _is_loopback(request.remote_addr):
+    if not settings.dashboard_open:
         raise ApiError(
             403,
-            "The dashboard answers only local clients until DASHBOARD_USER and DASHBOARD_PASSWORD are set.",
+            "The dashboard is closed until DASHBOARD_USER and DASHBOARD_PASSWORD are set "
+            "(or, for local use only, DASHBOARD_OPEN=1).",
+            code="forbidden",
+        )
+    if not _is_local_request():
+        raise ApiError(
+            403,
+            "Without DASHBOARD_USER and DASHBOARD_PASSWORD the dashboard answers only requests "
+            "made on this machine to localhost, 127.0.0.1 or [::1].",
             code="forbidden",
         )
 
@@ -155,6 +244,34 @@ def _refuse_cross_site() -> None:
         raise ApiError(403, "Cross-site requests cannot change anything here.", code="cross_site_refused")
 
 
+def _check_arguments(queues: dict[str, Any]) -> None:
+    """404 for what the dashboard's URLs name but does not exist, before rq-dashboard sees it.
+
+    rq-dashboard answers 500 to these: an instance other than 0, an unknown registry, a page
+    or page size that is not a positive number (or is too large for Redis), a job id RQ
+    refuses. Unknown queues are refused too: the dashboard would show or empty nothing.
+    """
+    args = request.view_args or {}
+    if args.get("instance_number", INSTANCE) != INSTANCE:
+        raise ApiError(404, f"No such dashboard instance; there is one, number {INSTANCE}.")
+    queue = args.get("queue_name")
+    if queue is not None and queue not in queues:
+        raise ApiError(404, f"No such queue; the queues are {', '.join(queues)}.")
+    if args.get("registry_name", REGISTRIES[0]) not in REGISTRIES:
+        raise ApiError(404, f"No such registry; the registries are {', '.join(REGISTRIES)}.")
+    if args.get("order", ORDERS[0]) not in ORDERS:
+        raise ApiError(404, f"No such order; use {' or '.join(ORDERS)}.")
+    for name, most in (("per_page", MAX_PER_PAGE), ("page", MAX_PAGE)):
+        value = str(args.get(name, 1))
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= most):
+            raise ApiError(404, f"No such page: {name} must be a whole number from 1 to {most}.")
+    if "job_id" in args:
+        try:
+            validate_job_id(parse_job_id(args["job_id"]))
+        except ValueError:
+            raise ApiError(404, "No such job.") from None
+
+
 def _escaped(value: Any) -> Any:
     if isinstance(value, str):
         return html.escape(value)
@@ -163,6 +280,19 @@ def _escaped(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _escaped(item) for key, item in value.items()}
     return value
+
+
+def _is_dashboard_path(path: str) -> bool:
+    return path == URL_PREFIX or path.startswith(URL_PREFIX + "/")
+
+
+def _is_local_request() -> bool:
+    """Made on this machine, to a loopback name, by no proxy (DASHBOARD_OPEN's only clients)."""
+    return (
+        _is_loopback(request.remote_addr)
+        and LOOPBACK_HOST.fullmatch(request.host) is not None
+        and not any(name in request.headers for name in FORWARDING_HEADERS)
+    )
 
 
 def _is_loopback(address: str | None) -> bool:

@@ -28,6 +28,13 @@ from service.workers import live_workers
 bp = Blueprint("metrics", __name__)
 EXTENSION = "afterward-metrics"
 
+# Label values for requests outside what the app serves. Anyone can send any method to any
+# path; each new label value would be a new series for as long as the process lives, so
+# everything unknown shares one value.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED_ROUTE = "unmatched"
+
 HTTP_REQUESTS = Counter(
     "afterward_http_requests",
     "HTTP requests answered, by route, method and status.",
@@ -123,13 +130,24 @@ def init_metrics(app: Flask, state: AppState) -> None:
 
     @app.after_request
     def record(response: Response) -> Response:
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route, method = request_labels()
         if "started" in g:
-            HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - g.started)
-        HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+            HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - g.started)
+        HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
         return response
 
     app.extensions[EXTENSION] = collector
+
+
+def request_labels() -> tuple[str, str]:
+    """The route and method labels of this request, from a fixed set whatever the client sent.
+
+    A request no route answers (an unknown path, or a method the route does not take) has no
+    url_rule: its path never becomes a label.
+    """
+    route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+    method = request.method if request.method in KNOWN_METHODS else OTHER_METHOD
+    return route, method
 
 
 @bp.get("/metrics")

@@ -3,6 +3,10 @@
 Request bodies come from the same pydantic models the views validate with (each job type's
 input plus the common options, the search models); answers from the response models below.
 `/docs` serves Swagger UI (bundled by flask-swagger-ui, nothing loaded from the network).
+
+Both answer without an API key, on purpose: the spec describes shapes (routes, job types,
+limits) and holds no job, document, key or Redis detail, a client needs it before it has a
+key, and Swagger UI must load it before anyone can enter a key under "Authorize".
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ Redis, shared by every web process. A hit is two commands (INCR, EXPIRE) that ne
 and no transaction, so a view that talks to Redis anyway sends them in its own first round
 trip (`folds_rate_limit`); other routes send them on their own before the view runs.
 `limits` (the library under Flask-Limiter) parses RATE_LIMIT.
+
+Failed authentications (a wrong API key, a wrong dashboard password) are counted per client
+address the same way, but only when they happen, so a valid request costs no extra round
+trip. Past AUTH_FAILURE_LIMIT, every attempt from that address, right or wrong, answers 429
+until the window ends: refusing only the wrong ones would tell a guesser which one was right.
+The process that sees the limit crossed remembers the address; another web process learns
+it at that address's next failure there, so a guesser gets at most one more guess per
+process in a window.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,10 +70,17 @@ def init_security(app: Flask, state: AppState) -> None:
             "Set API_KEYS before exposing the service."
         )
 
+    failure_limit = (
+        None if settings.auth_failure_limit.lower() in OFF else parse_limit(settings.auth_failure_limit)
+    )
+    if failure_limit is not None:
+        app.extensions[AUTH_FAILURES] = AuthFailureLimiter(failure_limit, state.redis)
+
     @app.before_request
     def authenticate() -> None:
         if request.blueprint not in KEYED_BLUEPRINTS or not api_keys:
             return
+        refuse_blocked_client()
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         presented = token.strip().encode()
@@ -74,6 +90,7 @@ def init_security(app: Flask, state: AppState) -> None:
             if hmac.compare_digest(presented, key):
                 matched = key
         if scheme.lower() != "bearer" or matched is None:
+            count_failed_authentication()
             raise ApiError(
                 401,
                 "Send a valid API key as 'Authorization: Bearer <key>'.",
@@ -105,6 +122,7 @@ def init_security(app: Flask, state: AppState) -> None:
 
 
 RATE_LIMITER = "afterward-rate-limiter"
+AUTH_FAILURES = "afterward-auth-failures"
 
 
 class RateLimiter:
@@ -143,6 +161,70 @@ class RateLimiter:
             ends = self.queue(pipe, who)
             count, _ = pipe.execute()
         self.check(count, ends)
+
+
+class AuthFailureLimiter:
+    """Failed authentications per client address, counted in Redis; blocked addresses remembered here."""
+
+    def __init__(self, limit: RateLimitItem, connection: redis.Redis) -> None:
+        self.counter = RateLimiter(limit, connection)
+        self.blocked: dict[str, float] = {}  # address -> when its window ends
+        self.lock = threading.Lock()  # gthread: requests of one process share this
+
+    def refuse_if_blocked(self, address: str) -> None:
+        with self.lock:
+            ends = self.blocked.get(address, 0.0)
+        if ends > time.time():
+            raise self.refusal(ends)
+
+    def failed(self, address: str) -> None:
+        """Count one failure of `address`; 429 (and remember it) when that is past the limit."""
+        try:
+            with self.counter.connection.pipeline(transaction=False) as pipe:
+                ends = self.counter.queue(pipe, AUTH_FAILURE_PREFIX + address)
+                count, _ = pipe.execute()
+        except RedisError:
+            return  # Redis down: answer 401 as usual rather than lock everyone out
+        if count <= self.counter.limit.amount:
+            return
+        now = time.time()
+        with self.lock:
+            # Only addresses blocked in the current window are kept.
+            for other in [other for other, until in self.blocked.items() if until <= now]:
+                del self.blocked[other]
+            self.blocked[address] = ends
+        raise self.refusal(ends)
+
+    def refusal(self, ends: float) -> ApiError:
+        return ApiError(
+            429,
+            f"Too many failed authentications from this address: the limit is {self.counter.limit}. "
+            "Retry after the time in Retry-After.",
+            code="too_many_requests",
+            headers={"Retry-After": str(max(1, math.ceil(ends - time.time())))},
+        )
+
+
+# Failure counters share the rate limiter's keys, under a name no API key owner can have.
+AUTH_FAILURE_PREFIX = "auth-failures:"
+
+
+def refuse_blocked_client() -> None:
+    """429 when this request's address is past its failed-authentication limit (checked first)."""
+    limiter: AuthFailureLimiter | None = current_app.extensions.get(AUTH_FAILURES)
+    if limiter is not None:
+        limiter.refuse_if_blocked(request.remote_addr or "unknown")
+
+
+def count_failed_authentication() -> None:
+    """Count a failed attempt of this request's address, if it sent credentials; 429 past the limit.
+
+    A request without an Authorization header is not a guess (a browser asks for the
+    dashboard without credentials first, to learn that it needs some) and is not counted.
+    """
+    limiter: AuthFailureLimiter | None = current_app.extensions.get(AUTH_FAILURES)
+    if limiter is not None and "Authorization" in request.headers:
+        limiter.failed(request.remote_addr or "unknown")
 
 
 def folds_rate_limit(when: Callable[[], bool] = lambda: True) -> Callable:

@@ -161,7 +161,8 @@ def web(session_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     Long polls re-read their job only once a minute here, so they depend on the end events
     (tests/test_integration.py checks that they wake on them).
     """
-    env = dict(session_env, WEB_CONCURRENCY="2", LONG_POLL_RECHECK="60")
+    # DASHBOARD_OPEN: tests act as an operator on this machine would (requeue from /rq/).
+    env = dict(session_env, WEB_CONCURRENCY="2", LONG_POLL_RECHECK="60", DASHBOARD_OPEN="1")
     service = WebService(env, tmp_path_factory.mktemp("web"))
     yield service
     service.stop()

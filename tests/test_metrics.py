@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs import metrics
 from jobs.engine.job import Job
 from service import create_app
+from service.metrics import KNOWN_METHODS
 from tests.test_api import assert_error
 
 
@@ -71,3 +72,27 @@ def test_metrics_need_a_key_when_the_api_does(fake_redis, tmp_path):
     ).test_client()
     assert_error(client.get("/metrics"), 401, "unauthorized")
     assert "afterward_queue_depth" in scrape(client, {"Authorization": "Bearer k"})
+
+
+def series(client) -> int:
+    return sum(len(family.samples) for family in scrape(client).values())
+
+
+def test_invented_methods_and_paths_add_no_series(client):
+    # `XQZW / HTTP/1.1` needs no key; each new label value would be a series for good.
+    def junk(n: int) -> None:
+        for path in ("/", "/jobs", f"/no/such/path/{n}", f"/jobs/{n}/nope"):
+            client.open(path, method=f"XQZW{n}")
+            client.get(f"/made-up-{n}")
+            client.open(f"/made-up-{n}", method="PROPFIND")
+
+    junk(0)  # the first ones may create the shared "other"/"unmatched" series
+    before = series(client)
+    for n in range(1, 20):
+        junk(n)
+    assert series(client) == before
+    samples = [s for s in scrape(client)["afterward_http_requests"].samples if s.name.endswith("_total")]
+    assert {s.labels["method"] for s in samples} <= KNOWN_METHODS | {"other"}
+    assert not any("made-up" in s.labels["route"] or "no/such" in s.labels["route"] for s in samples)
+    invented = [s for s in samples if s.labels["route"] == "unmatched" and s.labels["method"] == "other"]
+    assert sum(s.value for s in invented) >= 19 * 4

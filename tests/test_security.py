@@ -11,6 +11,7 @@ from rq.job import JobStatus
 
 from jobs.engine.errors import describe_exception
 from jobs.engine.job import Job
+from jobs.settings import Settings
 from service import create_app
 from tests.test_api import assert_error
 
@@ -84,6 +85,40 @@ def test_idempotency_keys_are_per_api_key(keyed):
     assert a["id"] != b["id"]
 
 
+# Routes that answer without a key when API_KEYS is set (the README's list). The spec and its
+# docs page are public on purpose: shapes, no data; Swagger UI loads the spec before a key is
+# entered. Flask's own /static serves nothing here (the app has no static folder).
+KEYLESS_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/docs/",
+    "/docs/<path:path>",
+    "/static/<path:filename>",
+}
+
+
+def test_only_the_documented_routes_answer_without_a_key(keyed):
+    app = keyed.application
+    keyless = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("rq_dashboard."):
+            continue  # its own credentials: tests/test_dashboard_trust.py
+        path = rule.rule
+        for name in rule.arguments:
+            path = path.replace(f"<{name}>", "x").replace(f"<path:{name}>", "x")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            response = keyed.open(path, method=method, json={} if method == "POST" else None)
+            if response.status_code != 401:
+                keyless.add(rule.rule)
+            response.close()
+    assert keyless == KEYLESS_ROUTES
+    spec = keyed.get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert KEY_A not in json.dumps(spec) and "redis://" not in json.dumps(spec)
+    assert "/openapi.json" in keyed.get("/docs/").get_data(as_text=True)
+
+
 def test_an_open_api_says_so_loudly_at_boot(fake_redis, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         make_app(tmp_path)
@@ -105,6 +140,84 @@ def test_rate_limit_per_key_with_retry_after(fake_redis, tmp_path):
     assert_error(client.post("/jobs/log", json={"message": "x"}, headers=A), 429)
     assert client.get("/jobs", headers=B).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------ failed authentications
+
+ATTACKER, OTHER = {"REMOTE_ADDR": "203.0.113.9"}, {"REMOTE_ADDR": "198.51.100.7"}
+
+
+def test_failed_api_keys_are_limited_per_address(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+    for n in range(3):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer guess-{n}"}, environ_base=ATTACKER), 401
+        )
+    response = client.get("/jobs", headers={"Authorization": "Bearer guess-3"}, environ_base=ATTACKER)
+    assert "failed authentications" in assert_error(response, 429, "too_many_requests")["message"]
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    # Blocked means blocked: the right key from there would otherwise tell the guesser so.
+    for headers in (A, {}):
+        assert_error(client.get("/jobs", headers=headers, environ_base=ATTACKER), 429)
+    assert_error(client.get("/metrics", headers=A, environ_base=ATTACKER), 429)
+    # Another address is not affected, nor are the probes.
+    assert client.get("/jobs", headers=A, environ_base=OTHER).status_code == 200
+    assert client.get("/healthz", environ_base=ATTACKER).status_code == 200
+
+
+def test_requests_without_credentials_are_not_counted_as_failures(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+    for _ in range(10):
+        assert_error(client.get("/jobs", environ_base=ATTACKER), 401)
+    assert client.get("/jobs", headers=A, environ_base=ATTACKER).status_code == 200
+
+
+def test_failed_dashboard_logins_are_limited_per_address(fake_redis, tmp_path):
+    client = make_app(
+        tmp_path, dashboard_user="ops", dashboard_password="s3cret", auth_failure_limit="3 per minute"
+    ).test_client()
+    for n in range(3):
+        assert_error(client.get("/rq/", headers=basic("ops", f"guess-{n}"), environ_base=ATTACKER), 401)
+    response = client.get("/rq/", headers=basic("ops", "guess-3"), environ_base=ATTACKER)
+    assert_error(response, 429, "too_many_requests")
+    assert response.headers["Retry-After"] and response.headers["X-Frame-Options"] == "DENY"
+    assert_error(client.get("/rq/", headers=basic("ops", "s3cret"), environ_base=ATTACKER), 429)
+    assert client.get("/rq/", headers=basic("ops", "s3cret"), environ_base=OTHER).status_code == 200
+
+
+def test_failed_authentications_count_across_web_processes(fake_redis, tmp_path):
+    # Two apps on one Redis: two web processes. Failures on one count on the other.
+    first, second = (
+        make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="3 per minute").test_client()
+        for _ in range(2)
+    )
+    for n in range(3):
+        assert_error(first.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401)
+    assert_error(second.get("/jobs", headers={"Authorization": "Bearer 3"}, environ_base=ATTACKER), 429)
+    assert_error(second.get("/jobs", headers=A, environ_base=ATTACKER), 429)
+
+
+def test_failed_authentication_limit_can_be_switched_off(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="off").test_client()
+    for n in range(30):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401
+        )
+    assert client.get("/jobs", headers=A, environ_base=ATTACKER).status_code == 200
+
+
+def test_failed_authentications_without_redis_are_still_401(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,), auth_failure_limit="1 per minute").test_client()
+    fake_redis.connection_pool.connection_kwargs["server"].connected = False
+    for n in range(3):
+        assert_error(
+            client.get("/jobs", headers={"Authorization": f"Bearer {n}"}, environ_base=ATTACKER), 401
+        )
+
+
+def test_the_default_failed_authentication_limit():
+    assert Settings.from_env({}).auth_failure_limit == "20 per minute"
+    assert Settings.from_env({"AUTH_FAILURE_LIMIT": "5 per second"}).auth_failure_limit == "5 per second"
 
 
 # ------------------------------------------------------------------ the dashboard's guard
@@ -133,13 +246,12 @@ def test_dashboard_opens_with_its_credentials(guarded):
     assert "redis://" not in response.get_data(as_text=True)
 
 
-def test_dashboard_without_credentials_answers_loopback_only(fake_redis, tmp_path):
+def test_dashboard_without_credentials_answers_no_one(fake_redis, tmp_path):
+    # Not even a loopback client: a reverse proxy on this machine is one for every visitor.
     client = make_app(tmp_path).test_client()
-    assert client.get("/rq/").status_code == 200
-    remote = client.get("/rq/", environ_base={"REMOTE_ADDR": "203.0.113.9"})
-    error = assert_error(remote, 403, "forbidden")
-    assert "DASHBOARD_USER" in error["message"]
-    assert client.get("/rq/", environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
+    for remote in ("127.0.0.1", "::1", "203.0.113.9"):
+        error = assert_error(client.get("/rq/", environ_base={"REMOTE_ADDR": remote}), 403, "forbidden")
+        assert "DASHBOARD_USER" in error["message"] and "DASHBOARD_OPEN" in error["message"]
 
 
 def failed_job(client, headers=None):
