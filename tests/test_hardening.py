@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import socket
 
 import pytest
+from gunicorn.http.errors import InvalidChunkSize, NoMoreData
 
+from service.body import MAX_JSON_DEPTH
 from tests.test_api import assert_error
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
@@ -53,3 +58,126 @@ def test_a_request_id_with_a_trailing_newline_is_replaced(client):
     response = client.get("/healthz", environ_overrides={"HTTP_X_REQUEST_ID": "abc\n"})
     assert response.status_code == 200
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+# ---------------------------------------------------------------- nesting depth
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 300, 500, 989, 5000])
+def test_metadata_nested_too_deep_is_422(client, fake_redis, depth):
+    # The shorthand body is level 1, its metadata level 2.
+    response = post_raw(client, "/jobs/embed", '{"text": "hi", "metadata": ' + nested(depth) + "}")
+    error = assert_error(response, 422, "validation_failed")
+    assert f"{MAX_JSON_DEPTH} levels" in error["message"]
+    [detail] = error["details"]
+    assert detail["type"] == "too_deep"
+    # Where it is when Python's parser could still read it (a few hundred levels).
+    if depth < 500:
+        assert detail["field"].startswith("metadata.a.a")
+    assert not fake_redis.keys("rq:*")
+
+
+def test_nesting_up_to_the_limit_is_accepted(client):
+    response = post_raw(
+        client, "/jobs/embed", '{"text": "hi", "metadata": ' + nested(MAX_JSON_DEPTH - 1) + "}"
+    )
+    assert response.status_code == 202, response.get_data(as_text=True)
+
+
+def test_a_search_filter_nested_too_deep_is_422(client):
+    response = post_raw(client, "/search", '{"query": "q", "filter": ' + nested(400) + "}")
+    error = assert_error(response, 422, "validation_failed")
+    assert error["details"][0]["field"].startswith("filter.a")
+
+
+def test_a_deep_array_is_422_too(client):
+    response = post_raw(client, "/jobs/log", '{"message": "x", "level": ' + "[" * 40 + "]" * 40 + "}")
+    error = assert_error(response, 422, "validation_failed")
+    # The body is level 1, `level` level 2: the path names the first array past the limit.
+    assert error["details"][0]["field"] == "level" + ".0" * (MAX_JSON_DEPTH - 1)
+
+
+# ---------------------------------------------------------------- bodies the server cannot read
+
+
+class _BrokenChunks(io.RawIOBase):
+    """wsgi.input as gunicorn's chunked reader behaves on a malformed body."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [InvalidChunkSize(b"zz"), NoMoreData(b"")])
+def test_a_malformed_chunked_body_is_a_json_400(client, fake_redis, error):
+    response = client.post(
+        "/jobs/log",
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": _BrokenChunks(error), "wsgi.input_terminated": True},
+    )
+    error_body = assert_error(response, 400, "bad_request")
+    assert "chunked" in error_body["message"]
+    assert not fake_redis.keys("rq:*")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        b"zz\r\n{}\r\n0\r\n\r\n",  # a chunk size that is not hexadecimal
+        b"2\r\n{}XX0\r\n\r\n",  # a chunk without its CRLF
+        b"10\r\n{}\r\n0\r\n\r\n",  # a chunk shorter than its size, then the connection closes
+    ],
+)
+def test_a_malformed_chunked_body_through_gunicorn_is_a_json_400(web, real_redis, chunks):
+    head = (
+        b"POST /jobs/log HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", web.port), timeout=30) as sock:
+        sock.sendall(head + chunks)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 400"), received[:300]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"application/json" in headers.lower()
+    assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+# ---------------------------------------------------------------- duplicate keys
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "key"),
+    [
+        ("/jobs/log", '{"message": "a", "message": "b"}', "message"),
+        ("/jobs/log", '{"message": "a", "queue": "low", "queue": "high"}', "queue"),
+        ("/jobs/embed", '{"text": "x", "metadata": {"lang": "en", "lang": "fr"}}', "lang"),
+        ("/jobs/embed", '{"documents": [{"id": "a", "text": "x", "text": "y"}]}', "text"),
+        ("/search", '{"query": "q", "k": 1, "k": 50}', "k"),
+        ("/search", '{"query": "q", "filter": {"topic": "a", "topic": "b"}}', "topic"),
+    ],
+)
+def test_a_duplicate_key_is_refused_naming_it(client, fake_redis, path, raw, key):
+    error = assert_error(post_raw(client, path, raw), 400, "invalid_json")
+    assert repr(key) in error["message"]
+    assert error["details"] == {"duplicate_key": key}
+    assert not fake_redis.keys("rq:*")
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [("/jobs/{id}?wait=0&wait=60", "wait"), ("/jobs?limit=1&limit=200", "limit"), ("/search?q=a&q=b", "q")],
+)
+def test_a_repeated_query_parameter_is_refused_naming_it(client, path, name):
+    job = client.post("/jobs/sleep", json={"seconds": 1}).get_json()
+    error = assert_error(client.get(path.format(id=job["id"])), 422, "validation_failed")
+    assert [detail["field"] for detail in error["details"]] == [name]

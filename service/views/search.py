@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs.index.store import DocumentStore
 from jobs.types.embed import DOCUMENT_ID
 from jobs.types.schema import limits, within
-from service.body import read_json_object, validate
+from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.state import get_state
 
@@ -58,7 +58,7 @@ class SearchBody(_Query):
 
 @bp.get("/search")
 def search_get() -> Response:
-    params = validate(SearchParams, request.args.to_dict(), context={"settings": get_state().settings})
+    params = validate(SearchParams, query_args(), context={"settings": get_state().settings})
     return _search(params.q, params.k, None)
 
 
