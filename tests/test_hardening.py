@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import socket
+import time
 
 import pytest
 from gunicorn.http.errors import InvalidChunkSize, NoMoreData
 
+from jobs.logs import UNSAFE_CODEPOINTS, formatter
+from jobs.types.log import write_log
 from service.body import MAX_JSON_DEPTH
 from tests.test_api import assert_error
 
@@ -150,6 +154,54 @@ def test_a_malformed_chunked_body_through_gunicorn_is_a_json_400(web, real_redis
     headers, _, body = rest.partition(b"\r\n\r\n")
     assert b"application/json" in headers.lower()
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+# ---------------------------------------------------------------- what reaches logs
+
+
+# What must never reach a log unescaped: DEL, C1 controls (U+009B is a terminal's CSI),
+# line separators and bidirectional overrides and isolates.
+HOSTILE = "a\x7fb\x85c\x9b[31md\u202ee\u2066f\u2069g\u2028h\u2029i"
+UNSAFE = re.compile("[" + "".join(map(chr, UNSAFE_CODEPOINTS)) + "]")
+
+
+def test_the_log_job_escapes_terminal_controls_and_bidi_overrides(tmp_path, monkeypatch, capfdbinary):
+    log_file = tmp_path / "jobs.log"
+    monkeypatch.setenv("LOG_FILE", str(log_file))
+    write_log(HOSTILE, "warning")
+    line = log_file.read_text("utf-8")
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert not UNSAFE.search(line), ascii(line)
+    assert "\\u009b" in line and "\\u202e" in line and "\\u007f" in line
+    assert json.loads(line)["message"] == HOSTILE  # escaped, not altered
+    assert capfdbinary.readouterr().out.decode() == line
+
+
+def test_structured_logs_escape_request_data():
+    # The same formatter writes the app's events and gunicorn's access lines (request paths).
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, "GET %s 404", (HOSTILE,), None)
+    record.request_id = None
+    record.job_id = None
+    line = formatter().format(record)
+    assert not UNSAFE.search(line), ascii(line)
+    assert json.loads(line)["message"] == f"GET {HOSTILE} 404"
+
+
+@pytest.mark.integration
+def test_a_hostile_request_path_reaches_the_web_log_escaped(web, real_redis):
+    # Percent-encoded, the way a client sends it; the app decodes it, and its 404 is logged.
+    marker = f"hostile-{time.monotonic_ns()}"
+    encoded = "".join(f"%{byte:02X}" for byte in HOSTILE.encode())
+    response = web.http.get(web.url(f"/documents/{marker}{encoded}"))
+    assert response.status_code == 404
+    deadline = time.monotonic() + 30
+    while marker not in web.process.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [line for line in web.process.output().splitlines() if marker in line]
+    assert lines
+    for line in lines:
+        assert not UNSAFE.search(line), ascii(line)
+        json.loads(line)
 
 
 # ---------------------------------------------------------------- duplicate keys
