@@ -12,8 +12,10 @@ import time
 import pytest
 from gunicorn.http.errors import InvalidChunkSize, NoMoreData
 
+import scripts.run
 from jobs.logs import UNSAFE_CODEPOINTS, formatter
 from jobs.types.log import write_log
+from scripts.run import redacted
 from service.body import MAX_JSON_DEPTH
 from tests.test_api import assert_error
 
@@ -202,6 +204,45 @@ def test_a_hostile_request_path_reaches_the_web_log_escaped(web, real_redis):
     for line in lines:
         assert not UNSAFE.search(line), ascii(line)
         json.loads(line)
+
+
+# ---------------------------------------------------------------- make run and REDIS_URL
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@cache.internal:6380/2", "redis://:***@cache.internal:6380/2"),
+        ("rediss://default:s3cret@cache.internal:6380", "rediss://default:***@cache.internal:6380"),
+        ("redis://user:s3c:ret@host", "redis://user:***@host"),
+        # Unencoded / ? # @ in a password: a URL parser leaves part of it outside the password.
+        ("redis://:s3c/ret@host:6379", "redis://:***@host:6379"),
+        ("redis://:s3c?ret@host", "redis://:***@host"),
+        ("redis://:s3c#ret@host", "redis://:***@host"),
+        ("redis://:s3c@ret@host", "redis://:***@host"),
+        ("redis://host:6379/0?password=s3cret&db=1", "redis://host:6379/0?password=***&db=1"),
+        ("unix:///tmp/redis.sock?PASSWORD=s3cret", "unix:///tmp/redis.sock?PASSWORD=***"),
+        ("s3cret", "(not shown: not a redis://, rediss:// or unix:// URL)"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+    ],
+)
+def test_redacted_never_shows_a_password(url, shown):
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize("url", ["redis://:s3c/ret@host:6379", "redis://:s3c?ret@host", "s3cret"])
+def test_make_run_stops_on_an_unusable_redis_url_without_printing_it(url, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("nothing may start on an unusable REDIS_URL")
+
+    monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setattr(scripts.run.subprocess, "run", must_not_run)
+    monkeypatch.setattr(scripts.run.subprocess, "Popen", must_not_run)
+    monkeypatch.setattr(scripts.run, "choose_redis", must_not_run)
+    assert scripts.run.main() == 2
+    out, err = capsys.readouterr()
+    assert "REDIS_URL" in err and "percent-encoded" in err
+    assert "s3c" not in out + err
 
 
 # ---------------------------------------------------------------- duplicate keys
