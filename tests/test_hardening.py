@@ -9,10 +9,13 @@ import re
 import socket
 import time
 
+import numpy as np
 import pytest
 from gunicorn.http.errors import InvalidChunkSize, NoMoreData
 
 import scripts.run
+from jobs import keys
+from jobs.index.store import DocumentStore
 from jobs.logs import UNSAFE_CODEPOINTS, formatter
 from jobs.types.log import write_log
 from scripts.run import redacted
@@ -243,6 +246,76 @@ def test_make_run_stops_on_an_unusable_redis_url_without_printing_it(url, monkey
     out, err = capsys.readouterr()
     assert "REDIS_URL" in err and "percent-encoded" in err
     assert "s3c" not in out + err
+
+
+# ---------------------------------------------------------------- deleted documents
+
+
+def put(store: DocumentStore, doc_id: str, revision: int) -> str:
+    [outcome] = store.upsert(
+        [{"id": doc_id, "text": doc_id}], np.ones((1, 4), np.float32), revision, model="m"
+    )
+    return outcome
+
+
+def test_a_delete_is_remembered_within_its_window(fake_redis):
+    store = DocumentStore(fake_redis)
+    accepted = time.time_ns()
+    assert put(store, "gone", accepted) == "indexed"
+    assert store.delete("gone")
+    # The delete frees the integer id at once; the tombstone stays for the window.
+    assert fake_redis.hget(keys.INDEX_INT_IDS, "gone") is None
+    assert fake_redis.hexists(keys.INDEX_REVISIONS, "gone")
+    assert fake_redis.zscore(keys.INDEX_TOMBSTONES, "gone") is not None
+    assert put(store, "other", time.time_ns()) == "indexed"
+    assert fake_redis.hexists(keys.INDEX_REVISIONS, "gone")
+    # A write accepted before the delete, arriving after it, cannot bring it back.
+    assert put(store, "gone", accepted) == "superseded"
+    assert store.get("gone") is None
+
+
+def test_deleted_ids_are_forgotten_after_the_window_and_stale_writes_still_lose(fake_redis):
+    store = DocumentStore(fake_redis, tombstone_seconds=0.05)
+    accepted = time.time_ns()
+    for doc_id in ("a", "b", "c"):
+        assert put(store, doc_id, accepted) == "indexed"
+    for doc_id in ("a", "b"):
+        assert store.delete(doc_id)
+    time.sleep(0.1)
+    # The next write forgets the old tombstones: nothing of "a" or "b" is left.
+    assert put(store, "c", time.time_ns()) == "indexed"
+    for doc_id in ("a", "b"):
+        assert not fake_redis.hexists(keys.INDEX_REVISIONS, doc_id)
+        assert not fake_redis.hexists(keys.INDEX_INT_IDS, doc_id)
+    assert fake_redis.zcard(keys.INDEX_TOMBSTONES) == 0
+    assert fake_redis.hlen(keys.INDEX_REVISIONS) == 1
+    # A write accepted before the forgotten deletes still cannot bring a document back...
+    assert put(store, "a", accepted) == "superseded"
+    assert store.get("a") is None
+    # ...and a request accepted after them writes as usual.
+    assert put(store, "a", time.time_ns()) == "indexed"
+    assert store.get("a").text == "a"
+
+
+def test_deletes_alone_forget_old_tombstones_too(fake_redis):
+    store = DocumentStore(fake_redis, tombstone_seconds=0.05)
+    for doc_id in ("a", "b"):
+        put(store, doc_id, time.time_ns())
+    store.delete("a")
+    time.sleep(0.1)
+    store.delete("b")
+    assert not fake_redis.hexists(keys.INDEX_REVISIONS, "a")
+    assert fake_redis.hexists(keys.INDEX_REVISIONS, "b")
+    assert [m.decode() for m in fake_redis.zrange(keys.INDEX_TOMBSTONES, 0, -1)] == ["b"]
+
+
+def test_writing_a_deleted_id_again_clears_its_tombstone(fake_redis):
+    store = DocumentStore(fake_redis)
+    put(store, "a", time.time_ns())
+    store.delete("a")
+    assert put(store, "a", time.time_ns()) == "indexed"
+    assert fake_redis.zcard(keys.INDEX_TOMBSTONES) == 0
+    assert fake_redis.hget(keys.INDEX_INT_IDS, "a") is not None
 
 
 # ---------------------------------------------------------------- duplicate keys
