@@ -49,8 +49,11 @@ def doorbell(queue: str) -> str:
 
 _DOCUMENT = PREFIX + "doc:{id}"
 # id -> revision of its latest upsert or delete (a stale retry cannot undo a newer change).
+# A deleted id's entry is its tombstone, forgotten after a while (jobs/index/store.py).
 INDEX_REVISIONS = PREFIX + "index:revisions"
-# id -> the integer id FAISS knows the document by; kept for the life of the index.
+# Deleted ids scored by their delete's revision: which tombstones are old enough to forget.
+INDEX_TOMBSTONES = PREFIX + "index:tombstones"
+# id -> the integer id FAISS knows the document by, while the document exists.
 INDEX_INT_IDS = PREFIX + "index:int-ids"
 INDEX_NEXT_INT_ID = PREFIX + "index:next-int-id"
 # Every upsert and delete, in order: op, id, int id, vector, metadata, version.
@@ -58,7 +61,7 @@ INDEX_CHANGES = PREFIX + "index:changes"
 # Number of changes applied so far: the index version.
 INDEX_VERSION = PREFIX + "index:version"
 INDEX_COUNT = PREFIX + "index:count"
-# Model name and vector size the index was built with.
+# Model name and vector size the index was built with; the newest forgotten delete's revision.
 INDEX_CONFIG = PREFIX + "index:config"
 # The latest snapshot of a replica (FAISS index bytes in chunks, documents, stream position).
 INDEX_SNAPSHOT = PREFIX + "index:snapshot"

@@ -15,6 +15,23 @@ from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
+# Characters json.dumps leaves as they are when it keeps non-ASCII text readable, but that a
+# terminal or a line reader acts on: DEL and the C1 controls (U+009B starts an escape
+# sequence in some terminals, U+0085 is a line break to some readers), the Unicode line and
+# paragraph separators, and the bidirectional embeddings, overrides and isolates that make
+# a line display differently from what it says. Escaped as \uXXXX, so text round-trips.
+UNSAFE_CODEPOINTS = (0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_ESCAPES = str.maketrans({code: f"\\u{code:04x}" for code in UNSAFE_CODEPOINTS})
+
+
+def escape_unsafe(encoded_json: str) -> str:
+    """JSON text with every UNSAFE_CODEPOINTS character escaped; the decoded value is the same.
+
+    Only for JSON text (these characters are never JSON syntax, so they occur only inside strings).
+    """
+    return encoded_json.translate(_ESCAPES)
+
+
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
 
@@ -31,8 +48,15 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class SafeJsonFormatter(JsonFormatter):
+    """One JSON line per event, with terminal controls escaped (request paths, messages)."""
+
+    def jsonify_log_record(self, log_data) -> str:
+        return escape_unsafe(super().jsonify_log_record(log_data))
+
+
 def formatter() -> JsonFormatter:
-    return JsonFormatter(
+    return SafeJsonFormatter(
         FIELDS + " %(request_id)s %(job_id)s",
         rename_fields=RENAMED,
         datefmt="%Y-%m-%dT%H:%M:%S%z",

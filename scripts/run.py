@@ -8,14 +8,16 @@ worker processes first (workers finish or give back their jobs), then Redis.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from redis.connection import parse_url  # noqa: E402
 
 from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
 
@@ -28,13 +30,39 @@ HONCHO_KILL_WAIT = 5
 SHUTDOWN_GRACE = 2
 
 
+# A `password=` query parameter, which redis-py accepts as well as the user part.
+_PASSWORD_PARAMETER = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
+
+
 def redacted(url: str) -> str:
-    """`url` without its password, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """`url` without its password, for printing, even when the URL is malformed.
+
+    Not parsed as a URL: a password holding an unencoded `/`, `?`, `#` or `@` would leave part
+    of itself outside what a parser calls the password. Everything between `://` and the last
+    `@` is the user part; its password (after the first `:`) is hidden, as is a `password=`
+    parameter.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "(not shown: not a redis://, rediss:// or unix:// URL)"
+    userinfo, at, location = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{location}"
+    return f"{scheme}://" + _PASSWORD_PARAMETER.sub(r"\1***", rest)
+
+
+def url_problem(url: str) -> str | None:
+    """Why redis-py cannot use `url`, in words that quote nothing of it; None when it can."""
+    try:
+        parse_url(url)
+    except ValueError:
+        # Not the error's own message: it can quote part of a password (as a "port").
+        return (
+            "redis-py cannot use it (it must start with redis://, rediss:// or unix://, and a "
+            "password holding / ? # or @ must be percent-encoded, e.g. / as %2F)"
+        )
+    return None
 
 
 def choose_redis(env: dict[str, str], local: str, data_dir: Path) -> tuple[EmbeddedRedis | None, str]:
@@ -76,6 +104,12 @@ def main() -> int:
     # The Procfile names `gunicorn` and `rq`: the ones installed next to this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
 
+    given = env.get("REDIS_URL")
+    problem = url_problem(given) if given else None
+    if problem:
+        # Stop here: every process would fail on it, and some of their errors quote the URL's parts.
+        print(f"run: REDIS_URL ({redacted(given)}) is unusable: {problem}.", file=sys.stderr, flush=True)
+        return 2
     embedded, message = choose_redis(env, LOCAL_REDIS, ROOT / "var" / "redis")
     print(f"run: {message}", flush=True)
     print(f"run: API on http://{env['HOST']}:{env['PORT']}", flush=True)

@@ -17,8 +17,9 @@ from service.requests import log_job
 from service.security import check_request, count_request
 from service.state import AppState
 
-# Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job.
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job. Always
+# `fullmatch`: `$` would also match before a trailing newline.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 # `job_view`'s default: the job's result has not been read yet.
 UNREAD: Any = object()
@@ -26,7 +27,7 @@ UNREAD: Any = object()
 
 def load_job(state: AppState, job_id: str, owner: str) -> Job:
     """The job `job_id` if it exists and belongs to `owner`; otherwise 404."""
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise _not_found()
     try:
         job = Job.fetch(job_id, connection=state.redis)
@@ -72,7 +73,7 @@ def load_with_result(
 
 def check_job_id(job_id: str) -> None:
     """404 for what cannot be a job id, before anything is asked of Redis."""
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise _not_found()
 
 

@@ -11,7 +11,8 @@ from jobs import logs
 
 HEADER = "X-Request-ID"
 # What a client-chosen request id may look like; anything else is replaced, not echoed.
-ACCEPTABLE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Always `fullmatch`: `$` would also match before a trailing newline.
+ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def current_request_id() -> str | None:
@@ -22,7 +23,7 @@ def init_request_ids(app: Flask) -> None:
     @app.before_request
     def assign() -> None:
         given = request.headers.get(HEADER, "")
-        g.request_id = given if ACCEPTABLE.match(given) else uuid.uuid4().hex
+        g.request_id = given if ACCEPTABLE.fullmatch(given) else uuid.uuid4().hex
         g.log_token = logs.request_id.set(g.request_id)
 
     @app.after_request

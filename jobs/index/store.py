@@ -5,6 +5,15 @@ made by a Lua script that, in one atomic step, updates the hash and appends the 
 the `INDEX_CHANGES` stream, which search replicas replay. Writes are idempotent and ordered
 by revision, the time their request was accepted: a retried job rewrites nothing it already
 wrote, and can never undo a change accepted after it.
+
+A delete leaves a tombstone (the id's revision, kept in `INDEX_REVISIONS` after the document
+is gone) so that a write accepted before the delete but run after it cannot bring the
+document back. Tombstones are forgotten TOMBSTONE_SECONDS after their delete, by the writes
+that follow (a few per write, in the same script), so deleted ids do not pile up forever.
+The store then remembers one number, the newest forgotten delete's revision (the horizon):
+a write to an id it has no record of, from a request accepted before the horizon, may be
+the stale write of a forgotten delete, so it is refused ('superseded') like any stale
+write. Only requests accepted more than TOMBSTONE_SECONDS before they run can meet that.
 """
 
 from __future__ import annotations
@@ -24,7 +33,31 @@ from jobs.times import iso
 if TYPE_CHECKING:
     import numpy as np
 
-_UPSERT = """
+# How long a delete is remembered by id: longer than a job can wait to run under the default
+# settings (MAX_DELAY, 7 days, then a day of retries; RESULT_TTL lets a failed job be retried
+# by hand for a day). A write older than that meets the horizon instead (see above).
+TOMBSTONE_SECONDS = 8 * 24 * 3600
+# Tombstones one write forgets at most, to keep every script short.
+FORGET_PER_WRITE = 100
+
+# Forget tombstones older than `cutoff`; the horizon moves up to the newest forgotten one.
+_FORGET = """
+local function forget_tombstones(revisions, tombstones, config, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', tombstones, '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, {limit})
+  if #old == 0 then return end
+  local horizon = tonumber(redis.call('HGET', config, 'tombstone_horizon') or '0')
+  for j = 1, #old, 2 do
+    redis.call('HDEL', revisions, old[j])
+    redis.call('ZREM', tombstones, old[j])
+    horizon = math.max(horizon, tonumber(old[j + 1]))
+  end
+  redis.call('HSET', config, 'tombstone_horizon', string.format('%.0f', horizon))
+end
+""".replace("{limit}", str(FORGET_PER_WRITE))
+
+_UPSERT = (
+    _FORGET
+    + """
 local model, dims = ARGV[1], ARGV[2]
 local built_with = redis.call('HGET', KEYS[7], 'model')
 if built_with then
@@ -34,14 +67,19 @@ if built_with then
 else
   redis.call('HSET', KEYS[7], 'model', model, 'dimensions', dims, 'epoch', ARGV[4])
 end
+forget_tombstones(KEYS[1], KEYS[8], KEYS[7], ARGV[5])
+local horizon = tonumber(redis.call('HGET', KEYS[7], 'tombstone_horizon') or '-1')
 local outcome = {}
-for i = 8, #KEYS do
-  local at = 4 + (i - 8) * 5
+for i = 9, #KEYS do
+  local at = 5 + (i - 9) * 5
   local id, text, metadata, vector = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   local revision = tonumber(ARGV[at + 5])
   local current = tonumber(redis.call('HGET', KEYS[1], id) or '-1')
   local exists = redis.call('EXISTS', KEYS[i]) == 1
   if revision < current then
+    outcome[#outcome + 1] = 'superseded'
+  elseif current < 0 and revision <= horizon then
+    -- No record of the id, and accepted before a delete that is forgotten: maybe of this id.
     outcome[#outcome + 1] = 'superseded'
   elseif revision == current and exists then
     outcome[#outcome + 1] = 'indexed'
@@ -55,6 +93,7 @@ for i = 8, #KEYS do
     redis.call('HSET', KEYS[i], 'id', id, 'text', text, 'metadata', metadata, 'vector', vector,
                'revision', ARGV[at + 5], 'int_id', int_id, 'updated_at', ARGV[3])
     redis.call('HSET', KEYS[1], id, ARGV[at + 5])
+    redis.call('ZREM', KEYS[8], id)
     local version = redis.call('INCR', KEYS[5])
     redis.call('XADD', KEYS[4], '*', 'op', 'upsert', 'id', id, 'int_id', int_id,
                'vector', vector, 'metadata', metadata, 'version', version)
@@ -63,17 +102,25 @@ for i = 8, #KEYS do
 end
 return outcome
 """
+)
 
-_DELETE = """
+_DELETE = (
+    _FORGET
+    + """
+forget_tombstones(KEYS[1], KEYS[7], KEYS[8], ARGV[3])
 if redis.call('EXISTS', KEYS[6]) == 0 then return 0 end
 local int_id = redis.call('HGET', KEYS[6], 'int_id')
 redis.call('DEL', KEYS[6])
 redis.call('DECR', KEYS[5])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+-- A document written again later gets a new integer id: replicas remove this one now.
+redis.call('HDEL', KEYS[2], ARGV[1])
 local version = redis.call('INCR', KEYS[4])
 redis.call('XADD', KEYS[3], '*', 'op', 'delete', 'id', ARGV[1], 'int_id', int_id, 'version', version)
 return 1
 """
+)
 
 
 class IndexMismatchError(Exception):
@@ -102,8 +149,9 @@ def new_revision() -> int:
 
 
 class DocumentStore:
-    def __init__(self, connection: redis.Redis) -> None:
+    def __init__(self, connection: redis.Redis, tombstone_seconds: float = TOMBSTONE_SECONDS) -> None:
         self.connection = connection
+        self.tombstone_seconds = tombstone_seconds
         self._upsert = connection.register_script(_UPSERT)
         self._delete = connection.register_script(_DELETE)
 
@@ -115,7 +163,7 @@ class DocumentStore:
         `revision` is every document's, or one per document (documents of several requests).
         """
         revisions = revision if isinstance(revision, list) else [revision] * len(documents)
-        args: list[Any] = [model, vectors.shape[1], time.time(), uuid.uuid4().hex]
+        args: list[Any] = [model, vectors.shape[1], time.time(), uuid.uuid4().hex, self._forget_before()]
         for document, vector, rev in zip(documents, vectors, revisions, strict=True):
             metadata = json.dumps(document.get("metadata") or {}, separators=(",", ":"), sort_keys=True)
             args += [document["id"], document["text"], metadata, vector.tobytes(), rev]
@@ -127,6 +175,7 @@ class DocumentStore:
             keys.INDEX_VERSION,
             keys.INDEX_COUNT,
             keys.INDEX_CONFIG,
+            keys.INDEX_TOMBSTONES,
         ]
         try:
             outcome = self._upsert(keys=fixed + [keys.document(d["id"]) for d in documents], args=args)
@@ -147,10 +196,16 @@ class DocumentStore:
                 keys.INDEX_VERSION,
                 keys.INDEX_COUNT,
                 keys.document(doc_id),
+                keys.INDEX_TOMBSTONES,
+                keys.INDEX_CONFIG,
             ],
-            args=[doc_id, revision],
+            args=[doc_id, revision, self._forget_before()],
         )
         return bool(removed)
+
+    def _forget_before(self) -> int:
+        """The revision before which tombstones are forgotten now."""
+        return new_revision() - int(self.tombstone_seconds * 1_000_000_000)
 
     def get(self, doc_id: str) -> Document | None:
         text, metadata, updated_at = self.connection.hmget(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -14,7 +15,12 @@ from jobs.connection import connect
 from jobs.types.progress import report_progress
 from jobs.types.schema import JobInput, limits, within
 
-DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,256}$"
+# A document id, whole. Python code must `fullmatch` DOCUMENT_ID (with `re.match`, `$` also
+# matches before a trailing newline); the anchored pattern is for pydantic's Rust regex and
+# the OpenAPI spec, where `$` is the end of the text.
+DOCUMENT_ID_CHARS = r"[A-Za-z0-9._:-]{1,256}"
+DOCUMENT_ID_PATTERN = rf"^{DOCUMENT_ID_CHARS}$"
+DOCUMENT_ID = re.compile(DOCUMENT_ID_CHARS)
 
 
 class DocumentInput(JobInput):

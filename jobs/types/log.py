@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from rq import get_current_job
 
+from jobs.logs import escape_unsafe
 from jobs.settings import get_settings
 from jobs.times import iso, now
 from jobs.types.schema import JobInput, limits, within
@@ -41,15 +42,14 @@ def write_log(message: str, level: str = "info") -> dict:
     return {"logged_at": record["time"], "level": level, "characters": len(message)}
 
 
-# Characters some line readers (Python's str.splitlines among them) treat as line breaks,
-# which json.dumps leaves alone when it keeps non-ASCII text readable.
-_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
 def encode_line(record: dict) -> str:
-    """One JSON object on one line, whatever the text inside: no message can forge a line."""
-    # json.dumps escapes \n, \r and every other control character below U+0020.
-    return json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS)
+    """One JSON object on one line, whatever the text inside: no message can forge a line.
+
+    Nor drive a terminal: json.dumps escapes \\n, \\r and every control character below
+    U+0020; DEL, the C1 controls, Unicode line separators and bidirectional overrides are
+    escaped too (jobs.logs.escape_unsafe).
+    """
+    return escape_unsafe(json.dumps(record, ensure_ascii=False))
 
 
 def _append(path: str, line: bytes) -> None:

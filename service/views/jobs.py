@@ -17,7 +17,7 @@ from rq.results import Result
 from jobs import keys
 from jobs.engine.job import Job
 from jobs.types.schema import Queue
-from service.body import read_json_object, validate
+from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.jobview import (
     UNREAD,
@@ -88,7 +88,7 @@ def create_job(type_name: str) -> Response:
 @folds_rate_limit()
 def read_job(job_id: str) -> Response:
     state = get_state()
-    query = validate(ReadQuery, request.args.to_dict())
+    query = validate(ReadQuery, query_args())
     if query.wait > 0:
         job, latest = _read_until_end(job_id, query.wait)
     else:
@@ -99,7 +99,7 @@ def read_job(job_id: str) -> Response:
 @bp.get("/jobs")
 def list_jobs() -> Response:
     state = get_state()
-    query = validate(ListQuery, request.args.to_dict())
+    query = validate(ListQuery, query_args())
     found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit)
     return jsonify(jobs=[job_view(job) for job in found])
 

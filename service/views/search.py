@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs.index.store import DocumentStore
-from jobs.types.embed import DOCUMENT_ID_PATTERN
+from jobs.types.embed import DOCUMENT_ID
 from jobs.types.schema import limits, within
-from service.body import read_json_object, validate
+from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.state import get_state
 
 bp = Blueprint("search", __name__)
-
-_DOCUMENT_ID = re.compile(DOCUMENT_ID_PATTERN)
 
 
 class _Query(BaseModel):
@@ -61,7 +58,7 @@ class SearchBody(_Query):
 
 @bp.get("/search")
 def search_get() -> Response:
-    params = validate(SearchParams, request.args.to_dict(), context={"settings": get_state().settings})
+    params = validate(SearchParams, query_args(), context={"settings": get_state().settings})
     return _search(params.q, params.k, None)
 
 
@@ -86,7 +83,7 @@ def _search(query: str, k: int, where: dict[str, Any] | None) -> Response:
 
 @bp.get("/documents/<doc_id>")
 def read_document(doc_id: str) -> Response:
-    document = DocumentStore(get_state().redis).get(doc_id) if _DOCUMENT_ID.match(doc_id) else None
+    document = DocumentStore(get_state().redis).get(doc_id) if DOCUMENT_ID.fullmatch(doc_id) else None
     if document is None:
         raise ApiError(404, "No such document.")
     return jsonify(document.to_json())
@@ -94,7 +91,7 @@ def read_document(doc_id: str) -> Response:
 
 @bp.delete("/documents/<doc_id>")
 def delete_document(doc_id: str) -> Response:
-    if not _DOCUMENT_ID.match(doc_id) or not DocumentStore(get_state().redis).delete(doc_id):
+    if not DOCUMENT_ID.fullmatch(doc_id) or not DocumentStore(get_state().redis).delete(doc_id):
         raise ApiError(404, "No such document.")
     return jsonify(id=doc_id, deleted=True)
 
