@@ -11,6 +11,9 @@ JOB_EVENTS_CHANNEL = PREFIX + "job-events"
 
 # Sorted set of job ids by creation time (score), per owner: the `GET /jobs` listing.
 _RECENT_JOBS = PREFIX + "jobs:recent:{owner}"
+# Each API key's waiting jobs and their sizes (jobs.quota).
+_WAITING = PREFIX + "quota:waiting:{owner}"
+_WAITING_SIZES = PREFIX + "quota:waiting-bytes:{owner}"
 
 # Remembered idempotency keys, per owner and key digest.
 _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
@@ -27,6 +30,14 @@ JOB_ATTEMPTS_FIELD = "afterward_attempts"
 
 def recent_jobs(owner: str) -> str:
     return _RECENT_JOBS.format(owner=owner)
+
+
+def waiting(owner: str) -> str:
+    return _WAITING.format(owner=owner)
+
+
+def waiting_sizes(owner: str) -> str:
+    return _WAITING_SIZES.format(owner=owner)
 
 
 def rate_limit(who: str, seconds: int, window: int) -> str:

@@ -83,6 +83,10 @@ class Settings:
     # 0: one less than the live workers serving the job's queue, at least 1, so that no key can
     # hold every worker.
     key_max_active: int = 0
+    # With API_KEYS set: jobs one key may have waiting (queued, rate-limited, scheduled) at
+    # once, and megabytes of their request bodies; beyond either, submissions answer 429.
+    key_max_waiting: int = 10_000
+    key_max_waiting_mb: int = 256
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32

@@ -12,13 +12,14 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
+from flask import request
 from pydantic import create_model
 from rq import Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.rate_limit import RateLimit
 
-from jobs import keys, metrics
+from jobs import keys, metrics, quota
 from jobs.engine.job import Job
 from jobs.families import queue_name
 from jobs.settings import Settings
@@ -76,6 +77,8 @@ def submit(
         meta["request_id"] = current_request_id()
     if job_type.describe:
         meta["view"] = job_type.describe(kwargs)
+    if settings.api_keys:
+        meta[quota.META_FIELD] = 1
     # With API keys, each key's share of each process type is capped (KEY_MAX_ACTIVE): RQ's
     # concurrency limit holds the key's further jobs back, `rate_limited`, until one ends.
     rate_limit = None
@@ -94,12 +97,29 @@ def submit(
         meta=meta,
         status=JobStatus.SCHEDULED if options.delay else JobStatus.QUEUED,
         retry=Retry(max=retries, interval=backoff_intervals(settings, retries)) if retries else None,
+        # A scheduled job that never ran is gone this long after it was accepted.
+        ttl=settings.max_delay + settings.result_ttl if options.delay else None,
     )
+    # With API keys, the job takes its place in its key's share of Redis first (jobs.quota),
+    # in the round trip of the request's rate-limit hit and idempotency claim.
+    reserve = _reservation(settings, owner, job.id) if settings.api_keys else None
     if idempotency_key is not None:
         key = keys.idempotency(owner, idempotency_key)
-        earlier = _claim(state, key, job.id, fingerprint)
+        earlier = _claim(state, key, job.id, fingerprint, reserve)
         if earlier is not None:
             return Submission(earlier, created=False)
+    elif reserve is not None:
+        with state.redis.pipeline(transaction=False) as pipe:
+            count_request(pipe)
+            reserve.reserve(pipe)
+            results = pipe.execute()
+        try:
+            (admitted,) = check_request(results)
+        except ApiError:  # over the rate limit: the place it took is freed
+            if int(results[-1][0]):
+                _release(state, reserve)
+            raise
+        _check_admitted(admitted, settings)
 
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
         if options.delay:
@@ -120,7 +140,53 @@ def submit(
     return Submission(job, created=True)
 
 
-def _claim(state: AppState, key: str, job_id: str, fingerprint: str) -> Job | None:
+@dataclass
+class _Place:
+    """A job's place in its key's share of Redis (jobs.quota), reserved in a given pipeline."""
+
+    settings: Settings
+    owner: str
+    job_id: str
+    size: int
+    at: float
+
+    def reserve(self, pipe: Any) -> None:
+        quota.reserve(
+            pipe,
+            self.owner,
+            self.job_id,
+            self.size,
+            now=self.at,
+            lapses_at=self.at + self.settings.max_delay + self.settings.result_ttl,
+            jobs=self.settings.key_max_waiting,
+            size_limit=self.settings.key_max_waiting_mb * 2**20,
+        )
+
+    def release(self, pipe: Any) -> None:
+        quota.release(pipe, self.owner, self.job_id)
+
+
+def _reservation(settings: Settings, owner: str, job_id: str) -> _Place:
+    size = request.content_length or len(request.get_data(cache=True))
+    return _Place(settings, owner, job_id, size, time.time())
+
+
+def _check_admitted(answer: list, settings: Settings) -> None:
+    admitted, waiting, size = (int(value) for value in answer)
+    if not admitted:
+        raise ApiError(
+            429,
+            f"This API key already has {waiting} jobs ({size / 2**20:.1f} MB of requests) waiting; "
+            f"the limits are {settings.key_max_waiting} jobs and {settings.key_max_waiting_mb} MB. "
+            "Submit more as these start.",
+            code="quota_exceeded",
+            details={"jobs_waiting": waiting, "bytes_waiting": size},
+        )
+
+
+def _claim(
+    state: AppState, key: str, job_id: str, fingerprint: str, place: _Place | None = None
+) -> Job | None:
     """Claim an idempotency key for `job_id`, or return the job an earlier request created.
 
     The key is claimed (SET NX) before the job is enqueued, so a repeat arriving meanwhile
@@ -133,14 +199,49 @@ def _claim(state: AppState, key: str, job_id: str, fingerprint: str) -> Job | No
     with state.redis.pipeline(transaction=False) as pipe:
         count_request(pipe)
         pipe.set(key, record, nx=True, ex=ttl)
+        if place is not None:
+            place.reserve(pipe)
         results = pipe.execute()
     try:
-        (claimed,) = check_request(results)
+        claimed, *admitted = check_request(results)
+        if admitted and claimed:  # a repeat is answered whatever the key's share holds
+            _check_admitted(admitted[0], state.settings)
     except ApiError:
-        if results[-1]:  # refused: the key protects nothing, a later repeat must not wait for it
+        claimed_now = results[-2] if place is not None else results[-1]
+        if claimed_now:  # refused: the key protects nothing, a later repeat must not wait for it
             state.redis.delete(key)
+        if place is not None and int(results[-1][0]):  # over the rate limit: the place is freed
+            _release(state, place)
         raise
-    while not claimed:
+    if claimed:
+        return None
+    admitted_now = place is not None and int(results[-1][0])
+    try:
+        earlier = _repeat_of(state, key, record, fingerprint)
+    except ApiError:
+        if admitted_now:
+            _release(state, place)
+        raise
+    if earlier is not None and admitted_now:  # a repeat takes no place of its own
+        _release(state, place)
+    elif earlier is None and place is not None and not admitted_now:
+        # The key was claimed anew (its earlier job is gone): a new job after all, refused.
+        state.redis.delete(key)
+        _check_admitted(results[-1], state.settings)
+    return earlier
+
+
+def _release(state: AppState, place: _Place | None) -> None:
+    if place is not None:
+        with state.redis.pipeline(transaction=False) as pipe:
+            place.release(pipe)
+            pipe.execute()
+
+
+def _repeat_of(state: AppState, key: str, record: str, fingerprint: str) -> Job | None:
+    """The job of the earlier request that claimed `key`; None once `key` is claimed anew."""
+    ttl = state.settings.idempotency_ttl
+    while True:
         remembered = state.redis.get(key)
         if remembered is not None:
             earlier = json.loads(remembered)
@@ -164,8 +265,8 @@ def _claim(state: AppState, key: str, job_id: str, fingerprint: str) -> Job | No
                 # The earlier job never appeared, or has expired: the key protects nothing now.
                 state.redis.delete(key)
         # Free again (expired or taken over): claim it anew.
-        claimed = state.redis.set(key, record, nx=True, ex=ttl)
-    return None
+        if state.redis.set(key, record, nx=True, ex=ttl):
+            return None
 
 
 def backoff_intervals(settings: Settings, retries: int) -> list[int]:

@@ -32,7 +32,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
-from jobs import keys, logs, metrics
+from jobs import keys, logs, metrics, quota
 from jobs.connection import warn_if_evicting
 from jobs.engine import errors
 from jobs.engine.horse import (
@@ -190,6 +190,8 @@ class Worker(ForkingWorker):
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 pipe.persist(job.key)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                if job.meta.get(quota.META_FIELD):  # no longer waiting: its key's share frees its place
+                    quota.release(pipe, job.meta.get("owner", ""), job.id)
                 running.append((job, execution))
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             if self._beat_due():

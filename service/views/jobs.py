@@ -14,7 +14,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
 from rq.results import Result
 
-from jobs import keys
+from jobs import keys, quota
 from jobs.engine.job import Job
 from jobs.types.schema import Queue
 from service.body import query_args, read_json_object, validate
@@ -60,9 +60,10 @@ class ListQuery(BaseModel):
 
 
 @bp.post("/jobs/<type_name>")
-# With an Idempotency-Key, the hit goes with the key's claim; without one it is counted before
-# the body is even read, as on other routes: there is no round trip to share.
-@folds_rate_limit(when=lambda: "Idempotency-Key" in request.headers)
+# With an Idempotency-Key or API keys, the hit goes with the key's claim or the job's place in
+# its key's share (jobs.quota); otherwise it is counted before the body is even read, as on
+# other routes: there is no round trip to share.
+@folds_rate_limit(when=lambda: "Idempotency-Key" in request.headers or bool(get_state().settings.api_keys))
 def create_job(type_name: str) -> Response:
     state = get_state()
     job_type = state.job_types.get(type_name)
@@ -116,8 +117,12 @@ def cancel_job(job_id: str) -> Response:
     if status in CANCELABLE:
         with suppress(InvalidJobOperation):  # canceled meanwhile by another request
             job.cancel()
-        state.redis.expire(job.key, state.settings.result_ttl)
-        state.redis.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+        with state.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(job.key, state.settings.result_ttl)
+            pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
+            if job.meta.get(quota.META_FIELD):
+                quota.release(pipe, current_owner(), job.id)
+            pipe.execute()
         job = load_job(state, job_id, current_owner())
         if job.get_status(refresh=False) == JobStatus.CANCELED:
             return jsonify(job_view(job))
