@@ -17,8 +17,14 @@ workers = _settings.web_concurrency
 
 # Threads per process: a long poll (`?wait=`) holds a thread, not a process, and the app
 # lets only LONG_POLL_SLOTS of them wait at once, so other requests always find a thread.
-worker_class = "gthread"
+# The worker is gunicorn's gthread reading each request whole on its event loop before a
+# thread takes it, so clients that send half a request and go quiet hold no thread
+# (webserver/worker.py; bench.slow_clients measures it).
+worker_class = "webserver.worker.BufferingWorker"
 threads = _settings.web_threads
+# Open connections per process (idle, kept alive, or still sending): past it, a process
+# stops accepting until one closes. Each unfinished request costs its buffered bytes only.
+worker_connections = 2000
 
 # A long poll lasts up to 60 s; the worker must not be killed for it.
 timeout = 90

@@ -24,7 +24,7 @@ from tests.support import DEADLINE, ROOT, Process, WebService, base_env, procfil
 
 pytestmark = pytest.mark.integration
 
-SHIPPED = ["service", "jobs", "scripts", "tests", "Procfile", "gunicorn.conf.py"]
+SHIPPED = ["service", "webserver", "jobs", "scripts", "tests", "Procfile", "gunicorn.conf.py"]
 
 
 class Host:
