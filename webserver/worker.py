@@ -187,8 +187,11 @@ class BufferingWorker(ThreadWorker):
         except OSError:
             return None
         if data is not None:
-            if not data:  # the client closed: serve what it sent, if that is a request
-                return True if conn.received and request_complete(conn.received) is not False else None
+            if not data:
+                # The client closed its side: serve what it sent if that is a request, or at
+                # least a whole head (the app then answers a cut-off body with a JSON 400).
+                whole = request_complete(conn.received) is not False or b"\r\n\r\n" in conn.received
+                return True if conn.received and whole else None
             conn.received += data
         return request_complete(conn.received) is not False
 
