@@ -32,6 +32,11 @@ def recent_jobs(owner: str) -> str:
     return _RECENT_JOBS.format(owner=owner)
 
 
+def search_spent(owner: str, window: int) -> str:
+    """Search cost units `owner` spent in the minute `window` (minutes since the epoch)."""
+    return f"{PREFIX}quota:search:{owner}:{window}"
+
+
 def waiting(owner: str) -> str:
     return _WAITING.format(owner=owner)
 

@@ -87,6 +87,9 @@ class Settings:
     # once, and megabytes of their request bodies; beyond either, submissions answer 429.
     key_max_waiting: int = 10_000
     key_max_waiting_mb: int = 256
+    # With API_KEYS set: search cost units one key may spend a minute (0: no budget). A search
+    # costs 1, plus 1 per 500 characters of query, plus 1 per 25 results asked for (k).
+    search_budget: int = 600
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32

@@ -139,3 +139,21 @@ def test_a_scheduled_job_that_never_runs_expires(fake_redis, tmp_path):
     assert 3600 < fake_redis.ttl(f"rq:job:{job_id}") <= 3600 + 600
     queued = post(client, {}, {"seconds": 1})
     assert fake_redis.ttl(f"rq:job:{queued}") == -1  # a queued job waits for its worker
+
+
+def test_a_key_spends_its_search_budget_and_no_more(fake_redis, tmp_path, monkeypatch):
+    app = make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="off", search_budget=30)
+    searched = []
+    monkeypatch.setattr(
+        app.extensions["afterward"].search, "search", lambda q, k, w: searched.append(k) or []
+    )
+    client = app.test_client()
+    heavy = {"query": "x" * 10_000, "k": 100}  # costs 1 + 20 + 4
+    assert client.post("/search", json=heavy, headers=A).status_code == 200
+    refused = client.post("/search", json=heavy, headers=A)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "search_budget_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61
+    assert client.get("/search", query_string={"q": "short"}, headers=A).status_code == 200  # 25 + 1 + 1
+    assert client.get("/search", query_string={"q": "short"}, headers=B).status_code == 200
+    assert searched == [100, 10, 10]

@@ -8,11 +8,13 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from jobs import keys
 from jobs.index.store import DocumentStore
 from jobs.types.embed import DOCUMENT_ID
 from jobs.types.schema import limits, within
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
+from service.security import current_owner
 from service.state import get_state
 
 bp = Blueprint("search", __name__)
@@ -68,8 +70,38 @@ def search_post() -> Response:
     return _search(body.query, body.k, body.filter)
 
 
+def search_cost(query: str, k: int) -> int:
+    """What a search costs of its key's budget (SEARCH_BUDGET): the model's work grows with the
+    query's length, the reads with k."""
+    return 1 + len(query) // 500 + k // 25
+
+
+def _charge(state: Any, owner: str, cost: int) -> None:
+    """Spend `cost` of the key's search budget for this minute; 429 once it is spent."""
+    budget = state.settings.search_budget
+    if not budget or not state.settings.api_keys:
+        return
+    now = time.time()
+    window = int(now // 60)
+    with state.redis.pipeline(transaction=False) as pipe:
+        pipe.incrby(keys.search_spent(owner, window), cost)
+        pipe.expire(keys.search_spent(owner, window), 120)
+        spent, _ = pipe.execute()
+    if spent > budget:
+        state.redis.decrby(keys.search_spent(owner, window), cost)  # a refused search costs nothing
+        raise ApiError(
+            429,
+            f"This API key has spent its search budget for this minute ({budget} units; a search "
+            "costs 1, plus 1 per 500 characters of query and 1 per 25 results). Retry after the "
+            "time in Retry-After.",
+            code="search_budget_exceeded",
+            headers={"Retry-After": str(max(1, int((window + 1) * 60 - now) + 1))},
+        )
+
+
 def _search(query: str, k: int, where: dict[str, Any] | None) -> Response:
     state = get_state()
+    _charge(state, current_owner(), search_cost(query, k))
     started = time.perf_counter()
     hits = state.search.search(query, k, where)
     documents = DocumentStore(state.redis).get_many([doc_id for doc_id, _ in hits])
