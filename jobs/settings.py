@@ -99,6 +99,7 @@ class Settings:
     max_documents: int = 256
     max_text_chars: int = 10_000
     max_metadata_bytes: int = 2048
+    max_metadata_fields: int = 32
     max_query_chars: int = 2000
     max_k: int = 100
     # A search replica writes a snapshot of the index after this many changes since the last one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -212,3 +213,39 @@ def test_embed_many_encodes_once_and_keeps_each_jobs_revision(fake_redis, monkey
     ]
     assert store.get("shared").text == "newest"
     assert fake_redis.hget(keys.document("b"), "revision") == b"6"
+
+
+def test_a_replica_holds_metadata_compactly(store, replica):
+    # One request's worth of documents with their metadata at its limits (2 KB, 32 fields)
+    # must not cost a web process more than a few times the metadata itself.
+    import tracemalloc
+    import uuid
+
+    docs = [
+        {
+            "id": f"m{i}",
+            "text": f"text {i}",
+            "metadata": {f"field{f}": uuid.uuid4().hex * 1 + "x" * 26 for f in range(32)},
+        }
+        for i in range(256)
+    ]
+    raw = sum(len(json.dumps(d["metadata"], separators=(",", ":"))) for d in docs)
+    put(store, docs, revision=1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        replica.sync()
+        held = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * raw, (held, raw)
+    field, value = next(iter(docs[7]["metadata"].items()))
+    assert [doc_id for doc_id, _ in replica.search(encode(["text 7"])[0], 3, {field: value})] == ["m7"]
+
+
+def test_a_document_may_have_only_so_many_metadata_fields(client):
+    from tests.test_api import post
+
+    response = post(client, "embed", {"text": "x", "metadata": {f"f{i}": i for i in range(33)}})
+    assert response.status_code == 422
+    assert "33 fields" in json.dumps(response.get_json())

@@ -36,6 +36,17 @@ def filter_key(field: str, value: Any) -> str:
     return field + "\0" + json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _compact(metadata: dict[str, Any]) -> bytes:
+    """Metadata as the store writes it (jobs.index.store): compact JSON, keys sorted."""
+    return json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _as_set(posting: int | set[int] | None) -> set[int]:
+    if posting is None:
+        return set()
+    return posting if isinstance(posting, set) else {posting}
+
+
 class Replica:
     def __init__(self, connection: redis.Redis, dimensions: int, threads: int = 1) -> None:
         faiss.omp_set_num_threads(threads)
@@ -51,8 +62,11 @@ class Replica:
     def _reset(self) -> None:
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
         self.doc_ids: dict[int, str] = {}
-        self.metadata: dict[int, dict[str, Any]] = {}
-        self.postings: dict[str, set[int]] = {}
+        # Metadata as the compact JSON the store wrote, and an inverted index of its field
+        # values for filters: a value one document has maps to its id alone, not to a set.
+        # (A dict and a set per field of every document made 2 KB of metadata cost ~35 KB.)
+        self.metadata: dict[int, bytes] = {}
+        self.postings: dict[str, int | set[int]] = {}
         self.position = "0-0"
         self.version = 0
         self.epoch: bytes | None = None
@@ -60,18 +74,37 @@ class Replica:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def metadata_of(self, int_id: int) -> dict[str, Any]:
+        raw = self.metadata.get(int_id)
+        return json.loads(raw) if raw else {}
+
     def _forget(self, int_id: int) -> None:
-        for field, value in self.metadata.pop(int_id, {}).items():
-            posting = self.postings.get(filter_key(field, value))
-            if posting is not None:
+        for field, value in self.metadata_of(int_id).items():
+            key = filter_key(field, value)
+            posting = self.postings.get(key)
+            if posting == int_id:
+                del self.postings[key]
+            elif isinstance(posting, set):
                 posting.discard(int_id)
+                if len(posting) == 1:
+                    self.postings[key] = next(iter(posting))
+        self.metadata.pop(int_id, None)
         self.doc_ids.pop(int_id, None)
 
-    def _remember(self, int_id: int, doc_id: str, metadata: dict[str, Any]) -> None:
+    def _remember(self, int_id: int, doc_id: str, metadata: bytes) -> None:
         self.doc_ids[int_id] = doc_id
+        if metadata in (b"", b"{}"):
+            return
         self.metadata[int_id] = metadata
-        for field, value in metadata.items():
-            self.postings.setdefault(filter_key(field, value), set()).add(int_id)
+        for field, value in json.loads(metadata).items():
+            key = filter_key(field, value)
+            posting = self.postings.get(key)
+            if posting is None:
+                self.postings[key] = int_id
+            elif isinstance(posting, set):
+                posting.add(int_id)
+            elif posting != int_id:
+                self.postings[key] = {posting, int_id}
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Apply stream entries in order; consecutive upserts go to FAISS as one batch."""
@@ -95,7 +128,7 @@ class Replica:
             if fields[b"op"] == b"upsert":
                 pending_ids.append(int_id)
                 pending_vectors.append(fields[b"vector"])
-                self._remember(int_id, fields[b"id"].decode(), json.loads(fields[b"metadata"]))
+                self._remember(int_id, fields[b"id"].decode(), fields[b"metadata"])
         flush()
         if entries:
             self.position = entries[-1][0].decode()
@@ -129,7 +162,7 @@ class Replica:
             raise ValueError(f"snapshot has {index.d} dimensions, the model {self.dimensions}")
         self.index = index
         for int_id, (doc_id, metadata) in json.loads(snapshot[b"documents"]).items():
-            self._remember(int(int_id), doc_id, metadata)
+            self._remember(int(int_id), doc_id, _compact(metadata))
         self.position = snapshot[b"position"].decode()
         self.version = int(snapshot[b"version"])
 
@@ -184,7 +217,7 @@ class Replica:
             ]
 
     def _matching(self, where: dict[str, Any]) -> set[int]:
-        sets = [self.postings.get(filter_key(field, value), set()) for field, value in where.items()]
+        sets = [_as_set(self.postings.get(filter_key(field, value))) for field, value in where.items()]
         sets.sort(key=len)
         result = set(sets[0])
         for other in sets[1:]:
@@ -206,8 +239,7 @@ class Replica:
             with self._lock:
                 blob = faiss.serialize_index(self.index).tobytes()
                 documents = {
-                    str(int_id): [doc_id, self.metadata.get(int_id, {})]
-                    for int_id, doc_id in self.doc_ids.items()
+                    str(int_id): [doc_id, self.metadata_of(int_id)] for int_id, doc_id in self.doc_ids.items()
                 }
                 position, version, epoch = self.position, self.version, self.epoch
             chunks = [blob[i : i + SNAPSHOT_CHUNK] for i in range(0, len(blob), SNAPSHOT_CHUNK)] or [b""]

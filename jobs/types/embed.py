@@ -48,6 +48,11 @@ class DocumentInput(JobInput):
         size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
         if size > limit:
             raise ValueError(f"metadata is {size} bytes as JSON; the limit is {limit}")
+        # Every field is indexed for filters in every web process: their number is bounded too.
+        if len(metadata) > limits(info).max_metadata_fields:
+            raise ValueError(
+                f"metadata has {len(metadata)} fields; the limit is {limits(info).max_metadata_fields}"
+            )
         return metadata
 
 
