@@ -119,6 +119,36 @@ class IndexInfo(BaseModel):
     replica: ReplicaInfo
 
 
+class QueueWorker(BaseModel):
+    name: str
+    state: str
+    last_heartbeat: str
+    current_jobs: list[str] = Field(description="The jobs it runs that belong to the caller's key.")
+
+
+class QueueCounts(BaseModel):
+    queued: int
+    started: int
+    scheduled: int
+    deferred: int
+    failed: int
+    finished: int
+
+
+class QueueInfo(BaseModel):
+    name: str
+    process_type: Literal["worker", "embedder"]
+    counts: QueueCounts = Field(description="Jobs by state, of every key.")
+    oldest_queued_seconds: float | None = Field(
+        description="Age of the oldest queued job; null when none is."
+    )
+    workers: list[QueueWorker] = Field(description="Live workers serving the queue.")
+
+
+class QueueList(BaseModel):
+    queues: list[QueueInfo]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
@@ -136,7 +166,18 @@ def build(state: AppState) -> dict[str, Any]:
         for name, job_type in sorted(state.job_types.items())
     }
     models: list[type[BaseModel]] = [*requests.values(), SearchBody]
-    responses = [JobView, JobList, Error, SearchAnswer, DocumentView, Deleted, IndexInfo, Health, Ready]
+    responses = [
+        JobView,
+        JobList,
+        Error,
+        SearchAnswer,
+        DocumentView,
+        Deleted,
+        IndexInfo,
+        QueueList,
+        Health,
+        Ready,
+    ]
     _, schemas = models_json_schema(
         [(model, "validation") for model in models] + [(model, "serialization") for model in responses],
         ref_template=REF,
@@ -219,6 +260,10 @@ def build(state: AppState) -> dict[str, Any]:
     paths["/index"] = {
         "get": _operation("The index: size, model, version", {"200": _json("IndexInfo", "The index.")},
                           secured=True, tag="search")
+    }  # fmt: skip
+    paths["/queues"] = {
+        "get": _operation("Every queue: jobs by state, its oldest queued job's age, the workers serving it",
+                          {"200": _json("QueueList", "The queues.")}, secured=True, tag="operations")
     }  # fmt: skip
     paths["/healthz"] = {"get": _operation("Liveness", {"200": _json("Health", "Up.")}, tag="operations")}
     paths["/readyz"] = {
