@@ -26,17 +26,19 @@ def live_workers(connection: redis.Redis, queue: str | None = None) -> list[str]
         for name in names:
             pipe.hmget(name, "last_heartbeat", "death", "queues")
         answers = pipe.execute()
-    now = datetime.now(UTC)
-    live = []
-    for name, (heartbeat, death, queues) in zip(names, answers, strict=True):
-        if heartbeat is None or death is not None:
-            continue
-        if queue is not None and queue not in (queues or b"").decode().split(","):
-            continue
-        beat = parse_iso(heartbeat.decode())
-        if (now - beat).total_seconds() < STALE_AFTER_SECONDS:
-            live.append(name)
-    return live
+    return [
+        name
+        for name, (heartbeat, death, queues) in zip(names, answers, strict=True)
+        if is_live(heartbeat, death) and (queue is None or queue in (queues or b"").decode().split(","))
+    ]
+
+
+def is_live(last_heartbeat: bytes | None, death: bytes | None) -> bool:
+    """A worker hash's `last_heartbeat` and `death` fields: has it heartbeated lately, alive?"""
+    if last_heartbeat is None or death is not None:
+        return False
+    beat = parse_iso(last_heartbeat.decode())
+    return (datetime.now(UTC) - beat).total_seconds() < STALE_AFTER_SECONDS
 
 
 class ActiveCap:

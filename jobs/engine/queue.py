@@ -225,36 +225,6 @@ class EmbedQueue(Queue):
     # Stop adding jobs to a batch once their data (mostly their texts) passes this size.
     BATCH_BYTES = 256 * 1024
 
-    def enqueue_limited(self, job: Job, pipeline: Any) -> int:
-        """Enqueue a job with a concurrency limit (RQ's `RateLimit`) inside `pipeline`, a
-        transaction; returns the index of the result that lists the jobs it promoted.
-
-        RQ's `_enqueue_rate_limited_job`, with two differences: RQ's `enqueue_job` refuses a
-        pipeline for such jobs (a save of the job afterwards would undo its promotion; here
-        nothing else writes the job), and RQ's limiter script runs as EVAL, not as a
-        registered script, which would cost the pipeline a SCRIPT EXISTS round trip. The
-        doorbell is rung in any case: the limiter pushes a promoted job itself.
-        """
-        job.redis_server_version = self.get_redis_server_version()
-        job.origin = self.name
-        if job.timeout is None:
-            job.timeout = self._default_timeout
-        job._status = JobStatus.RATE_LIMITED
-        registry = RateLimitRegistry.from_job(job)
-        pipeline.sadd(self.redis_queues_keys, self.key)
-        registry.register(job.rate_limit_concurrency, pipeline)
-        job.save(pipeline=pipeline)
-        job.cleanup(ttl=job.ttl, pipeline=pipeline)
-        # Waiting jobs are promoted lowest score first: RQ scores them in whole seconds, which
-        # would order the jobs of one second by id; to the microsecond they keep their order.
-        registry.add_to_rate_limited(job.id, pipeline, timestamp=time.time())
-        promoted_at = len(pipeline)
-        enqueued_at = rq_now()
-        limiter_step(pipeline, ACQUIRE_AND_ENQUEUE_SCRIPT, registry, job.rate_limit_concurrency, enqueued_at)
-        job.enqueued_at = enqueued_at  # if it is promoted; the hash was written without it
-        ring(pipeline, self.name)
-        return promoted_at
-
     @classmethod
     def batch_limits(cls) -> tuple[int, int]:
         return max(1, get_settings().embed_batch_jobs), cls.BATCH_BYTES

@@ -7,6 +7,9 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
+from rq import Worker
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+from rq.job import Job
 from rq.registry import (
     DeferredJobRegistry,
     FailedJobRegistry,
@@ -20,7 +23,7 @@ from jobs.families import EMBED, GENERAL, family_queues
 from jobs.times import parse_iso
 from service.security import current_owner
 from service.state import get_state
-from service.workers import STALE_AFTER_SECONDS
+from service.workers import is_live
 
 bp = Blueprint("queues", __name__)
 
@@ -53,18 +56,19 @@ def list_queues() -> Response:
     worker_keys = sorted(key.decode() for key in answers.pop())
     per_queue = len(REGISTRIES) + 2
     oldest_ids = [answers[i * per_queue + 1] for i in range(len(queues))]
+    waiting = [job_id.decode() for job_id in oldest_ids if job_id]
     with connection.pipeline(transaction=False) as pipe:
-        for job_id in oldest_ids:
-            if job_id:
-                pipe.hget(f"rq:job:{job_id.decode()}", "enqueued_at")
-            else:
-                pipe.echo("")
+        for job_id in waiting:
+            pipe.hget(Job.key_for(job_id), "enqueued_at")
         for key in worker_keys:
             pipe.hmget(key, "state", "last_heartbeat", "death", "queues")
-            pipe.smembers(f"{key}:executions")
+            pipe.smembers(
+                WORKER_EXECUTIONS_KEY_TEMPLATE.format(key.removeprefix(Worker.redis_worker_namespace_prefix))
+            )
         more = pipe.execute()
-    enqueued = more[: len(queues)]
-    workers = _live_workers(worker_keys, more[len(queues) :])
+    enqueued_at = dict(zip(waiting, more[: len(waiting)], strict=True))
+    enqueued = [enqueued_at.get(job_id.decode()) if job_id else None for job_id in oldest_ids]
+    workers = _live_workers(worker_keys, more[len(waiting) :])
     owned = _owned_jobs(connection, {job for worker in workers for job in worker["jobs"]})
     now = time.time()
     listing = []
@@ -104,14 +108,11 @@ def _live_workers(keys: list[str], answers: list[Any]) -> list[dict[str, Any]]:
     live = []
     for index, key in enumerate(keys):
         (worker_state, heartbeat, death, queues), executions = answers[2 * index], answers[2 * index + 1]
-        if heartbeat is None or death is not None:
-            continue
-        beat = parse_iso(heartbeat.decode())
-        if time.time() - beat.timestamp() >= STALE_AFTER_SECONDS:
+        if not is_live(heartbeat, death):
             continue
         live.append(
             {
-                "name": key.removeprefix("rq:worker:"),
+                "name": key.removeprefix(Worker.redis_worker_namespace_prefix),
                 "state": (worker_state or b"").decode(),
                 "last_heartbeat": heartbeat.decode(),
                 "queues": (queues or b"").decode().split(","),
@@ -128,7 +129,7 @@ def _owned_jobs(connection: Any, job_ids: set[str]) -> set[str]:
     ordered = sorted(job_ids)
     with connection.pipeline(transaction=False) as pipe:
         for job_id in ordered:
-            pipe.hget(f"rq:job:{job_id}", "meta")
+            pipe.hget(Job.key_for(job_id), "meta")
         metas = pipe.execute()
     owner = current_owner()
     return {
