@@ -1,4 +1,4 @@
-"""Reading jobs back: the job view clients see, lookups by id, and the recent-jobs listing."""
+"""Reading jobs back: lookups by id and the recent-jobs listing (the view itself: jobs.view)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import re
 from typing import Any
 
 from rq.exceptions import NoSuchJobError
-from rq.job import JobStatus
 from rq.results import Result
 
 from jobs import keys
-from jobs.engine.job import TERMINAL_STATUSES, Job
-from jobs.times import iso
+from jobs.engine.job import Job
+from jobs.view import UNREAD
 from service.errors import ApiError
 from service.requests import log_job
 from service.security import check_request, count_request
@@ -20,9 +19,6 @@ from service.state import AppState
 # Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job. Always
 # `fullmatch`: `$` would also match before a trailing newline.
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-
-# `job_view`'s default: the job's result has not been read yet.
-UNREAD: Any = object()
 
 
 def load_job(state: AppState, job_id: str, owner: str) -> Job:
@@ -75,40 +71,6 @@ def check_job_id(job_id: str) -> None:
     """404 for what cannot be a job id, before anything is asked of Redis."""
     if not JOB_ID.fullmatch(job_id):
         raise _not_found()
-
-
-def job_view(job: Job, latest: Result | None = UNREAD) -> dict[str, Any]:
-    """The JSON body of `GET /jobs/<id>`; `latest` is the job's latest result, when already read."""
-    status = job.get_status(refresh=False)
-    meta = job.meta
-    return {
-        "id": job.id,
-        "type": meta.get("type"),
-        "status": status.value,
-        "queue": meta.get("queue", job.origin),
-        "progress": meta.get("progress"),
-        "result": _return_value(job, latest) if status == JobStatus.FINISHED else None,
-        # The latest failed attempt's error, until the job finishes.
-        "error": meta.get("error") if status != JobStatus.FINISHED else None,
-        "attempts": job.attempts,
-        "retries_left": job.retries_left or 0,
-        "created_at": iso(job.created_at),
-        "enqueued_at": iso(job.enqueued_at),
-        "started_at": iso(job.started_at),
-        "ended_at": iso(job.ended_at),
-        # Fields particular to the job type (e.g. an embed job's document ids).
-        **meta.get("view", {}),
-    }
-
-
-def _return_value(job: Job, latest: Result | None) -> Any:
-    if latest is UNREAD:
-        return job.return_value()
-    return latest.return_value if latest is not None and latest.type == Result.Type.SUCCESSFUL else None
-
-
-def is_terminal(job: Job) -> bool:
-    return job.get_status(refresh=False) in TERMINAL_STATUSES
 
 
 def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | None, limit: int) -> list[Job]:

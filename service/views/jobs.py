@@ -19,15 +19,8 @@ from jobs.engine.job import Job
 from jobs.types.schema import Queue
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
-from service.jobview import (
-    UNREAD,
-    check_job_id,
-    is_terminal,
-    job_view,
-    load_job,
-    load_with_result,
-    recent_jobs,
-)
+from jobs.view import UNREAD, is_terminal, job_view
+from service.jobview import check_job_id, load_job, load_with_result, recent_jobs
 from service.requests import log_job
 from service.security import current_owner, folds_rate_limit
 from service.state import get_state
