@@ -17,9 +17,9 @@ from rq.results import Result
 from jobs import keys, quota
 from jobs.engine.job import Job
 from jobs.types.schema import Queue
+from jobs.view import UNREAD, is_terminal, job_view
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
-from jobs.view import UNREAD, is_terminal, job_view
 from service.jobview import check_job_id, load_job, load_with_result, recent_jobs
 from service.requests import log_job
 from service.security import current_owner, folds_rate_limit
