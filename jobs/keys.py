@@ -24,6 +24,9 @@ _DOORBELL = PREFIX + "doorbell:{queue}"
 # The rate limiter's counter of one client (API key owner or address) in one fixed window.
 _RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
+# Jobs with a completion webhook, by when a courier should look at them next (jobs.callbacks).
+CALLBACKS = PREFIX + "callbacks"
+
 # Field RQ's job hash is extended with: how many times a worker started the job.
 JOB_ATTEMPTS_FIELD = "afterward_attempts"
 

@@ -93,6 +93,18 @@ class Settings:
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32
+    # Completion webhooks (a job's `callback_url`): every delivery is signed with this secret
+    # (HMAC-SHA256); unset, jobs with a callback_url are refused.
+    callback_secret: str = ""
+    # Host names, addresses or networks (CIDR) a callback may reach although they are not
+    # public (loopback, private, link-local), comma-separated; checked after DNS resolution.
+    callback_allowed_hosts: tuple[str, ...] = ()
+    # Seconds one delivery attempt may take to connect and to be answered.
+    callback_timeout: int = 10
+    # A delivery that keeps failing is retried, with back-off, this long after the job's end.
+    callback_retry_for: int = 6 * 3600
+    # Deliveries one worker process makes at once.
+    callback_concurrency: int = 4
     # Limits on job inputs and search requests.
     max_log_chars: int = 10_000
     max_sleep_seconds: int = 3600

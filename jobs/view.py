@@ -33,6 +33,8 @@ def job_view(job: Job, latest: Result | None = UNREAD) -> dict[str, Any]:
         "enqueued_at": iso(job.enqueued_at),
         "started_at": iso(job.started_at),
         "ended_at": iso(job.ended_at),
+        # The completion webhook, when the job has a callback_url (jobs.callbacks).
+        "callback": _callback(job.callback),
         # Fields particular to the job type (e.g. an embed job's document ids).
         **meta.get("view", {}),
     }
@@ -42,6 +44,12 @@ def _return_value(job: Job, latest: Result | None) -> Any:
     if latest is UNREAD:
         return job.return_value()
     return latest.return_value if latest is not None and latest.type == Result.Type.SUCCESSFUL else None
+
+
+def _callback(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {name: state.get(name) for name in ("url", "status", "attempts", "last_error", "delivered_at")}
 
 
 def is_terminal(job: Job) -> bool:

@@ -44,8 +44,24 @@ class JobError(BaseModel):
     message: str
 
 
+class CallbackState(BaseModel):
+    """A job's completion webhook and how its delivery went."""
+
+    url: str
+    status: Literal["pending", "retrying", "delivered", "failed", "refused"] = Field(
+        description=(
+            "pending: the job has not ended, or its end is about to be sent; retrying: an attempt "
+            "failed and another follows; delivered: a 2xx answer; failed: CALLBACK_RETRY_FOR "
+            "passed without one; refused: the host resolved to an address that is not allowed."
+        )
+    )
+    attempts: int = Field(ge=0, description="Attempts to deliver the job's latest end.")
+    last_error: str | None
+    delivered_at: str | None = Field(json_schema_extra={"format": "date-time"})
+
+
 class JobView(BaseModel):
-    """A job as `GET /jobs/<id>` shows it."""
+    """A job as `GET /jobs/<id>` shows it (and as a completion webhook receives it)."""
 
     id: str
     type: str | None
@@ -60,6 +76,9 @@ class JobView(BaseModel):
     enqueued_at: str | None
     started_at: str | None
     ended_at: str | None
+    callback: CallbackState | None = Field(
+        description="The completion webhook, when the job has a callback_url."
+    )
     document_ids: list[str] | None = Field(
         default=None, description="Embed jobs: the ids of their documents."
     )

@@ -19,7 +19,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.rate_limit import RateLimit
 
-from jobs import keys, metrics, quota
+from jobs import callbacks, keys, metrics, quota
 from jobs.engine.job import Job
 from jobs.families import queue_name
 from jobs.settings import Settings
@@ -66,6 +66,8 @@ def submit(
     # The request model subclasses the type's input and JobOptions: it is both.
     options: JobOptions = request  # type: ignore[assignment]
     fields = request.model_dump(mode="json", exclude=set(OPTION_FIELDS))
+    if options.callback_url is not None:
+        _check_callback(options.callback_url, settings)
     # Computed before `prepare`, which may add ids or stamps that differ on every call.
     fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
     kwargs = job_type.prepare(fields) if job_type.prepare else fields
@@ -130,6 +132,8 @@ def submit(
         else:
             queue.enqueue_job(job, pipeline=pipe)
             promoted_at = None
+        if options.callback_url is not None:
+            callbacks.register(pipe, job, options.callback_url)
         _index(pipe, owner, job.id, settings)
         metrics.count(pipe, "accepted", type_name, options.queue)
         results = pipe.execute()
@@ -267,6 +271,32 @@ def _repeat_of(state: AppState, key: str, record: str, fingerprint: str) -> Job 
         # Free again (expired or taken over): claim it anew.
         if state.redis.set(key, record, nx=True, ex=ttl):
             return None
+
+
+def _check_callback(url: str, settings: Settings) -> None:
+    if not settings.callback_secret:
+        raise ApiError(
+            422,
+            "This server sends no completion webhooks: CALLBACK_SECRET is not set, and a callback "
+            "is never sent unsigned. Poll the job instead, or ask the operator to set it.",
+            code="callbacks_disabled",
+            details=[
+                {
+                    "field": "callback_url",
+                    "message": "CALLBACK_SECRET is not set",
+                    "type": "callbacks_disabled",
+                }
+            ],
+        )
+    try:
+        callbacks.check_at_submit(url, settings)
+    except callbacks.CallbackRefused as error:
+        raise ApiError(
+            422,
+            f"The callback_url is refused: {error}.",
+            code="callback_url_refused",
+            details=[{"field": "callback_url", "message": str(error), "type": "callback_url_refused"}],
+        ) from None
 
 
 def backoff_intervals(settings: Settings, retries: int) -> list[int]:

@@ -151,6 +151,9 @@ def session_env(test_db: TestDatabase, tmp_path_factory: pytest.TempPathFactory)
         JOB_MONITORING_INTERVAL=1,
         TIMEOUT_GRACE=2,
         SEARCH_WARMUP=0,
+        # Completion webhooks reach the tests' receivers on 127.0.0.1 (tests/test_webhooks.py).
+        CALLBACK_SECRET="test-callback-secret",
+        CALLBACK_ALLOWED_HOSTS="127.0.0.1",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from redis.client import Pipeline
@@ -17,6 +18,9 @@ TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.C
 
 # The job hash fields that name a function RQ would import and call besides the job's own.
 CALLBACK_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name")
+
+# The job hash field holding its completion webhook's URL and delivery state (jobs.callbacks).
+CALLBACK_FIELD = "afterward_callback"
 
 # Job functions by their dotted paths before jobs/ was split into types, engine and index:
 # a job queued before an upgrade still runs after it.
@@ -45,6 +49,8 @@ class Job(RQJob):
         super().__init__(id, connection=connection, serializer=JSONSerializer)
         self.attempts = 0
         self.callback_names: dict[str, str] = {}
+        # The completion webhook's URL and delivery state, when the job has one.
+        self.callback: dict[str, Any] | None = None
         # The hash the job was restored from, when a worker's dequeue read it.
         self.hash: dict[bytes, bytes] = {}
         # The jobs a worker took off the queue together with this one (jobs.engine.queue).
@@ -112,6 +118,8 @@ class Job(RQJob):
             for field in CALLBACK_FIELDS
             if (name := _field(raw_data, field))
         }
+        callback = _field(raw_data, CALLBACK_FIELD)
+        self.callback = json.loads(callback) if callback else None
 
 
 def _field(raw_data: Any, name: str) -> Any:

@@ -32,7 +32,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
-from jobs import keys, logs, metrics, quota
+from jobs import callbacks, keys, logs, metrics, quota
+from jobs.callbacks import Courier
 from jobs.connection import warn_if_evicting
 from jobs.engine import errors
 from jobs.engine.horse import (
@@ -93,6 +94,7 @@ class Worker(ForkingWorker):
         self._running_ids: frozenset[str] = frozenset()
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
+        self._courier: Courier | None = None
         # When the worker's hash was last kept alive, and until when (time.monotonic()).
         self._beat_at = self._beat_until = float("-inf")
         self._suspension_checked_at = float("-inf")
@@ -110,6 +112,9 @@ class Worker(ForkingWorker):
         # The worker's main thread now runs the work loop: signals reach it through the pipe.
         signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         super().bootstrap(*args, **kwargs)
+        # Completion webhooks go out from beside the work loop, never from it (jobs.callbacks).
+        self._courier = Courier(self.connection, self.settings)
+        self._courier.start()
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -545,6 +550,7 @@ class Worker(ForkingWorker):
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
                 metrics.record_end(pipe, job, "finished")
+                callbacks.due(pipe, job)
                 if job.has_rate_limit:
                     # Its key's slot (KEY_MAX_ACTIVE) is freed and the key's next waiting job
                     # pushed onto its queue, in the same transaction (RQ's release_slot).
@@ -556,6 +562,8 @@ class Worker(ForkingWorker):
             results = pipe.execute()
         if any(results[index] for index in released):
             self._ring_all()
+        if any(job.callback is not None for job, _ in running):
+            self._courier_wake()
         for (job, _), dependents in zip(running, results[: len(running)], strict=True):
             if dependents:
                 self._enqueue_dependents_safely(queue, job)
@@ -588,6 +596,9 @@ class Worker(ForkingWorker):
     def teardown(self) -> None:
         if not self._in_horse:
             self._stopping()
+            if self._courier is not None:
+                self._courier.stop()
+                self._courier = None
             if self._horse is not None:
                 self._horse.close()
                 self._horse = None
@@ -675,15 +686,25 @@ class Worker(ForkingWorker):
         return True
 
     def _announce(self, job: Job, event: str | None = None) -> None:
-        """Wake whoever long-polls this job and, for an attempt's end, count it (one round trip)."""
+        """Wake whoever long-polls this job and, for an attempt's end, count it and make its
+        completion webhook due (one round trip)."""
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
                 if event is not None:
                     metrics.record_end(pipe, job, event)
+                if event in ("finished", "failed", "stopped"):
+                    callbacks.due(pipe, job)
                 pipe.execute()
-        except Exception:  # waiters fall back to polling; metrics are not worth failing a job for
+        except Exception:  # waiters fall back to polling, webhooks to the courier's rounds
             log.warning("could not announce the end of job %s", job.id, exc_info=True)
+        else:
+            if event in ("finished", "failed", "stopped") and job.callback is not None:
+                self._courier_wake()
+
+    def _courier_wake(self) -> None:
+        if self._courier is not None:
+            self._courier.wake()
 
 
 class EmbedWorker(Worker):

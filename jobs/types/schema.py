@@ -38,6 +38,14 @@ class JobOptions(JobInput):
     delay: float = Field(
         default=0, ge=0, description="Seconds to wait before the job may run (it is `scheduled` until then)."
     )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description=(
+            "An http(s) URL the job view is POSTed to, signed, when the job ends (finished, failed, "
+            "stopped or canceled); needs CALLBACK_SECRET on the server. See the README, webhooks."
+        ),
+    )
 
 
 OPTION_FIELDS = frozenset(JobOptions.model_fields)

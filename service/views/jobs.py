@@ -14,7 +14,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
 from rq.results import Result
 
-from jobs import keys, quota
+from jobs import callbacks, keys, quota
 from jobs.engine.job import Job
 from jobs.types.schema import Queue
 from jobs.view import UNREAD, is_terminal, job_view
@@ -115,6 +115,7 @@ def cancel_job(job_id: str) -> Response:
             pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
             if job.meta.get(quota.META_FIELD):
                 quota.release(pipe, current_owner(), job.id)
+            callbacks.due(pipe, job)
             pipe.execute()
         job = load_job(state, job_id, current_owner())
         if job.get_status(refresh=False) == JobStatus.CANCELED:
@@ -136,7 +137,10 @@ def retry_job(job_id: str) -> Response:
     job.meta.pop("progress", None)
     job.meta.pop("error", None)
     job.retries_left = job.meta.get("retries") or None
-    job.save(include_result=False)
+    with state.redis.pipeline() as pipe:
+        job.save(pipeline=pipe, include_result=False)
+        callbacks.reset(pipe, job)
+        pipe.execute()
     try:
         job.requeue()
     except InvalidJobOperation:

@@ -1,0 +1,476 @@
+"""Completion webhooks: when a job with a `callback_url` ends, its job view is POSTed there.
+
+- **Where.** Each worker process runs a `Courier`: a few threads beside the work loop, so a
+  slow or dead receiver never holds up a job. Which job ends are due lives in Redis (the
+  CALLBACKS sorted set: job id -> when to look next), so any worker's courier may deliver
+  any job's callback, and none is lost when a worker stops or dies mid-delivery.
+- **When.** The end of a job (finished, failed, stopped, canceled) makes its entry due at
+  once, in the transaction or round trip that records the end. Every job with a callback
+  is also looked at now and then while it has not ended, so an end recorded by a path
+  that does not say so (a dashboard action, a crash) is still delivered, only later.
+- **At least once.** A courier leases an entry (moves it LEASE seconds ahead) while it
+  delivers; a courier that dies mid-delivery leaves it to be taken again. An answer other
+  than 2xx, a timeout or a connection error is retried with back-off until CALLBACK_RETRY_FOR
+  seconds after the job's end; then its status is `failed`. Receivers deduplicate on the
+  `Afterward-Delivery` header: the same for every delivery of one end of one job.
+- **Signed.** `Afterward-Signature: sha256=<hex>` is the HMAC-SHA256, under CALLBACK_SECRET,
+  of `<Afterward-Timestamp>.<body>`; a receiver recomputes it and refuses old timestamps.
+- **Safe.** Only http and https URLs. The host's addresses are resolved and checked when the
+  job is submitted and again at every delivery, and the request goes to the address that
+  was checked: no loopback, private, link-local or otherwise non-public address unless its
+  host name or address is in CALLBACK_ALLOWED_HOSTS (names, addresses or networks).
+
+RQ 3's own `Webhook` does not fit: it fires for `finished` and `failed` only, from the
+worker's work loop (a slow receiver holds the worker up to its timeout), once, unsigned,
+to any address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import urllib3
+from rq.results import Result
+
+from jobs import keys
+from jobs.engine.job import CALLBACK_FIELD, Job
+from jobs.settings import Settings
+from jobs.times import iso, now
+from jobs.view import is_terminal, job_view
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+# Seconds a courier holds an entry while it delivers; longer than any one attempt.
+LEASE = 120
+# Seconds between a courier's looks at the due entries when nothing wakes it.
+POLL = 1.0
+# An unended job's entry is looked at again after its age, within these bounds (seconds).
+RECHECK_MIN, RECHECK_MAX = 30, 300
+# First retry after this many seconds, doubling, at most MAX_BACKOFF.
+BACKOFF, MAX_BACKOFF = 1, 600
+# Bytes of a receiver's answer that are read (and dropped).
+MAX_ANSWER_BYTES = 64 * 1024
+# How long a submission waits for the callback host's addresses before accepting it unchecked
+# (it is checked again at every delivery).
+SUBMIT_RESOLVE_SECONDS = 2
+
+PENDING, RETRYING, DELIVERED, FAILED, REFUSED = "pending", "retrying", "delivered", "failed", "refused"
+FINAL = frozenset({DELIVERED, FAILED, REFUSED})
+
+# Take up to ARGV[3] entries due at ARGV[1], leasing each until ARGV[2].
+_TAKE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return due
+"""
+# Record a delivery's state on the job, if the job still exists, and reschedule (ARGV[3]) or
+# drop (ARGV[3] == '') its entry.
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if ARGV[3] == '' then redis.call('ZREM', KEYS[2], ARGV[4])
+else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4]) end
+"""
+
+
+class CallbackRefused(ValueError):
+    """A callback URL that may not be called: its scheme, form or addresses."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """CALLBACK_ALLOWED_HOSTS: host names, addresses and networks that may be non-public."""
+
+    names: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> Allowed:
+        names: set[str] = set()
+        networks = []
+        for entry in entries:
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                names.add(entry.lower().rstrip("."))
+        return cls(frozenset(names), tuple(networks))
+
+    def admits(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if _public(address) or host.lower().rstrip(".") in self.names:
+            return True
+        return any(address in network for network in self.networks)
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a callback goes: the URL's parts and the checked address to connect to."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        return name if self.port == default else f"{name}:{self.port}"
+
+
+def parse_url(url: str) -> Target:
+    """The parts of a callback URL, or CallbackRefused saying what is wrong with it."""
+    if len(url) > MAX_URL_LENGTH:
+        raise CallbackRefused(f"a callback URL may be at most {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise CallbackRefused(f"not a valid URL ({error})") from None
+    if parts.scheme not in ("http", "https"):
+        raise CallbackRefused("only http and https callback URLs are allowed")
+    if not parts.hostname:
+        raise CallbackRefused("the callback URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise CallbackRefused(
+            "a callback URL may not carry a user name or password; check the signature instead"
+        )
+    if any(ch.isspace() for ch in url):
+        raise CallbackRefused("a callback URL may not contain spaces")
+    path = parts.path or "/"
+    if parts.query:
+        path = f"{path}?{parts.query}"
+    return Target(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), path)
+
+
+def resolve(target: Target, allowed: Allowed) -> str:
+    """The address to connect to, after checking every address the host resolves to.
+
+    CallbackRefused for a non-public address not allowed; OSError when the name does not resolve.
+    """
+    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+    for address in addresses:
+        if not allowed.admits(target.host, address):
+            raise CallbackRefused(
+                f"{target.host} resolves to {address}, which is not a public address and is not "
+                "in CALLBACK_ALLOWED_HOSTS"
+            )
+    return str(addresses[0])
+
+
+def check_at_submit(url: str, settings: Settings) -> None:
+    """Refuse a callback URL whose form or addresses are not allowed (CallbackRefused).
+
+    A host that does not resolve, or not within SUBMIT_RESOLVE_SECONDS, is accepted: every
+    delivery checks it again.
+    """
+    target = parse_url(url)
+    allowed = Allowed.parse(settings.callback_allowed_hosts)
+    refused: list[CallbackRefused] = []
+
+    def check() -> None:
+        try:
+            resolve(target, allowed)
+        except CallbackRefused as error:
+            refused.append(error)
+        except OSError:
+            pass
+
+    # A thread of its own: name resolution has no timeout of its own.
+    resolver = threading.Thread(target=check, name="callback-resolve", daemon=True)
+    resolver.start()
+    resolver.join(SUBMIT_RESOLVE_SECONDS)
+    if refused:
+        raise refused[0]
+
+
+# ---------------------------------------------------------------------- the job's side
+
+
+def initial_state(url: str) -> dict[str, Any]:
+    return {"url": url, "status": PENDING, "attempts": 0, "last_error": None, "delivered_at": None}
+
+
+def register(pipe: Any, job: Job, url: str) -> None:
+    """Give a new job its callback (in the transaction that creates the job)."""
+    job.callback = initial_state(url)
+    pipe.hset(job.key, CALLBACK_FIELD, json.dumps(job.callback))
+    pipe.zadd(keys.CALLBACKS, {job.id: time.time() + RECHECK_MIN})
+
+
+def due(pipe: Any, job: Job) -> None:
+    """The job has ended: its callback is due now (in the pipeline that records the end)."""
+    if job.callback is not None:
+        pipe.zadd(keys.CALLBACKS, {job.id: 0})
+
+
+def reset(pipe: Any, job: Job) -> None:
+    """The job runs again (a retry or a requeue): its next end is delivered afresh."""
+    if job.callback is not None:
+        job.callback = initial_state(job.callback["url"])
+        pipe.hset(job.key, CALLBACK_FIELD, json.dumps(job.callback))
+        pipe.zadd(keys.CALLBACKS, {job.id: time.time() + RECHECK_MIN})
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The `Afterward-Signature` header's value for a body sent at `timestamp`."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+# ---------------------------------------------------------------------- delivering
+
+
+class Courier:
+    """Delivers due callbacks from one process, on `CALLBACK_CONCURRENCY` threads."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.allowed = Allowed.parse(settings.callback_allowed_hosts)
+        self._take = connection.register_script(_TAKE)
+        self._record = connection.register_script(_RECORD)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.concurrency = max(1, settings.callback_concurrency)
+        self._busy = threading.Semaphore(self.concurrency)
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._unreachable = False
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="callback")
+        self._thread = threading.Thread(target=self._loop, name="callback-courier", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, wait: float = 2.0) -> None:
+        """Stop taking entries; deliveries under way get `wait` seconds (a lease covers the rest)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(wait)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                taken = self.take_due()
+            except redis.RedisError as error:
+                if not self._unreachable:
+                    log.warning("callbacks: Redis unreachable (%s); trying again", error)
+                self._unreachable = True
+                self._stop.wait(POLL * 5)
+                continue
+            if self._unreachable:
+                log.info("callbacks: Redis reachable again")
+                self._unreachable = False
+            if not taken:
+                self._wake.wait(POLL)
+                self._wake.clear()
+
+    def take_due(self) -> int:
+        """Start delivering what is due, as many as there are free threads; how many were taken."""
+        free = 0
+        while self._busy.acquire(blocking=False):
+            free += 1
+        if not free:
+            self._wake.wait(POLL)  # every thread is busy: wait for one to finish
+            self._wake.clear()
+            return 0
+        at = time.time()
+        taken = [i.decode() for i in self._take(keys=[keys.CALLBACKS], args=[at, at + LEASE, free])]
+        for _ in range(free - len(taken)):
+            self._busy.release()
+        for job_id in taken:
+            self._pool.submit(self._deliver_one, job_id)
+        return len(taken)
+
+    def _deliver_one(self, job_id: str) -> None:
+        try:
+            self.deliver(job_id)
+        except Exception:  # the lease brings it back
+            log.exception("callback of job %s: delivery broke off", job_id)
+        finally:
+            self._busy.release()
+            self._wake.set()
+
+    def deliver(self, job_id: str) -> None:
+        """Look at one leased entry: deliver the job's end, or look again later."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hgetall(Job.key_for(job_id))
+            pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+            fields, latest = pipe.execute()
+        if not fields:  # expired or deleted: nothing to tell anyone
+            self.connection.zrem(keys.CALLBACKS, job_id)
+            return
+        job = Job(job_id, connection=self.connection)
+        job.restore(fields)
+        state = job.callback
+        if state is None:
+            self.connection.zrem(keys.CALLBACKS, job_id)
+            return
+        if not is_terminal(job):
+            age = time.time() - job.created_at.timestamp() if job.created_at else RECHECK_MIN
+            self._save(job, state, time.time() + min(max(age, RECHECK_MIN), RECHECK_MAX))
+            return
+        end = _end_of(job)
+        if state["status"] in FINAL and state.get("end") == end:
+            self.connection.zrem(keys.CALLBACKS, job_id)
+            return
+        if state.get("end") != end:  # a new end (the job ran again): counted afresh
+            state.update(initial_state(state["url"]), end=end)
+        state["attempts"] += 1
+        result = None
+        if latest:
+            result_id, payload = latest[0]
+            result = Result.restore(
+                job_id, result_id.decode(), payload, self.connection, serializer=job.serializer
+            )
+        body = json.dumps(job_view(job, result), separators=(",", ":")).encode()
+        try:
+            self.post(state["url"], body, job, end)
+        except CallbackRefused as error:
+            state.update(status=REFUSED, last_error=str(error))
+            log.warning("callback of job %s refused: %s", job_id, error)
+            self._save(job, state, None)
+            return
+        except _Undelivered as error:
+            state["last_error"] = str(error)
+            ended = job.ended_at.timestamp() if job.ended_at else time.time()
+            wait = _backoff(state["attempts"])
+            if time.time() + wait > ended + self.settings.callback_retry_for:
+                state["status"] = FAILED
+                log.warning(
+                    "callback of job %s failed for good after %d attempts: %s",
+                    job_id,
+                    state["attempts"],
+                    error,
+                )
+                self._save(job, state, None)
+            else:
+                state["status"] = RETRYING
+                log.info(
+                    "callback of job %s: %s; attempt %d again in %.0f s",
+                    job_id,
+                    error,
+                    state["attempts"] + 1,
+                    wait,
+                )
+                self._save(job, state, time.time() + wait)
+            return
+        state.update(status=DELIVERED, last_error=None, delivered_at=iso(now()))
+        log.info("callback of job %s delivered (%s)", job_id, job.get_status(refresh=False).value)
+        self._save(job, state, None)
+
+    def post(self, url: str, body: bytes, job: Job, end: str) -> None:
+        """One delivery attempt: CallbackRefused, _Undelivered, or delivered (2xx)."""
+        target = parse_url(url)
+        try:
+            address = resolve(target, self.allowed)
+        except OSError as error:
+            raise _Undelivered(f"cannot resolve {target.host}: {error.strerror or error}") from None
+        timestamp = str(int(time.time()))
+        headers = {
+            "Host": target.host_header,
+            "Content-Type": "application/json",
+            "User-Agent": "Afterward-Webhook/1",
+            "Afterward-Event": f"job.{job.get_status(refresh=False).value}",
+            "Afterward-Delivery": f"{job.id}.{end}",
+            "Afterward-Timestamp": timestamp,
+            "Afterward-Signature": signature(self.settings.callback_secret, timestamp, body),
+        }
+        timeout = urllib3.Timeout(
+            connect=min(5, self.settings.callback_timeout), read=self.settings.callback_timeout
+        )
+        if target.scheme == "https":
+            pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+                address,
+                target.port,
+                timeout=timeout,
+                retries=False,
+                maxsize=1,
+                server_hostname=target.host,
+                assert_hostname=target.host,
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False, maxsize=1)
+        try:
+            answer = pool.urlopen(
+                "POST",
+                target.path,
+                body=body,
+                headers=headers,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+            )
+            answer.read(MAX_ANSWER_BYTES)
+            answer.release_conn()
+        except urllib3.exceptions.NewConnectionError as error:  # a subclass of the timeout below
+            raise _Undelivered(_reason(error)) from None
+        except urllib3.exceptions.TimeoutError:
+            raise _Undelivered(f"no answer within {self.settings.callback_timeout} s") from None
+        except urllib3.exceptions.HTTPError as error:
+            raise _Undelivered(_reason(error)) from None
+        finally:
+            pool.close()
+        if not 200 <= answer.status < 300:
+            raise _Undelivered(f"the receiver answered HTTP {answer.status}")
+
+    def _save(self, job: Job, state: dict[str, Any], next_at: float | None) -> None:
+        job.callback = state
+        self._record(
+            keys=[job.key, keys.CALLBACKS],
+            args=[CALLBACK_FIELD, json.dumps(state), "" if next_at is None else next_at, job.id],
+        )
+
+
+class _Undelivered(Exception):
+    """An attempt that failed in a way worth retrying."""
+
+
+def _end_of(job: Job) -> str:
+    """Names one end of one job: the same for every delivery of it, new when the job runs again."""
+    status = job.get_status(refresh=False)
+    ended = job.ended_at.timestamp() if job.ended_at else 0
+    return f"{status.value}-{job.attempts}-{ended:.3f}"
+
+
+def _backoff(attempts: int) -> float:
+    wait = min(BACKOFF * 2 ** (attempts - 1), MAX_BACKOFF)
+    return wait * random.uniform(0.8, 1.2)
+
+
+def _reason(error: Exception) -> str:
+    cause = error
+    while cause.__context__ is not None and not isinstance(cause, ConnectionRefusedError):
+        cause = cause.__context__
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    return str(getattr(error, "reason", None) or error)
