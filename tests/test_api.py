@@ -26,6 +26,7 @@ VIEW_FIELDS = {
     "enqueued_at",
     "started_at",
     "ended_at",
+    "callback",
 }
 
 
