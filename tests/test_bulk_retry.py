@@ -118,3 +118,15 @@ def test_a_dashboard_requeue_clears_error_and_progress(web, workers, real_redis)
     view = web.job(ids[1])
     assert view["status"] == "queued"
     assert view["error"] is None and view["progress"] is None
+
+
+def test_stopped_jobs_are_retried_when_asked_for(web, workers):
+    workers(count=1)
+    job_id = web.post_job("sleep", {"seconds": 60}).json()["id"]
+    web.wait_for_status(job_id, {"started"})
+    web.http.delete(web.url(f"/jobs/{job_id}"), timeout=30)
+    web.wait_for_status(job_id, {"stopped"})
+    assert requests.post(web.url("/jobs/retry"), json={}, timeout=30).json()["retried"] == 0  # failed only
+    answer = requests.post(web.url("/jobs/retry"), json={"status": "stopped"}, timeout=30)
+    assert answer.status_code == 202 and answer.json()["job_ids"] == [job_id]
+    assert web.job(job_id)["status"] in {"queued", "started"}
