@@ -25,7 +25,7 @@ import rq_dashboard.default_settings
 import rq_dashboard.web
 from flask import Flask, Response, request
 from redis.exceptions import ResponseError
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import parse_job_id, validate_job_id
 from rq.serializers import JSONSerializer
 
@@ -35,6 +35,7 @@ from jobs.engine.queue import Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
 from service.errors import REDIS_RETRY_AFTER, ApiError, error_response
+from service.retry import NotRetryable, retry
 from service.security import count_failed_authentication, refuse_blocked_client
 from service.state import AppState
 
@@ -97,15 +98,17 @@ def serialize_job(job: Any) -> dict[str, Any]:
 
 
 def requeue_job(job_id: str, connection: Any, serializer: Any = None) -> Job:
-    """rq's requeue_job, with our job class (JSON, registered functions only)."""
+    """rq's requeue_job, with our job class (JSON, registered functions only), resetting the job
+    as `POST /jobs/<id>/retry` does (its old error and progress go). Both of rq-dashboard's
+    requeue routes, one job and a whole queue's failed jobs, call this module-level name."""
     job = Job.fetch(job_id, connection=connection)
     try:
-        return job.requeue()
-    except InvalidJobOperation:
+        return retry(job)
+    except NotRetryable:
         status = job.get_status(refresh=False)
         raise ApiError(
             409,
-            f"Only failed jobs can be requeued; this one is {getattr(status, 'value', status)}.",
+            f"Only failed or stopped jobs can be requeued; this one is {getattr(status, 'value', status)}.",
             code="conflict",
         ) from None
 

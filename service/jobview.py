@@ -72,7 +72,14 @@ def check_job_id(job_id: str) -> None:
         raise _not_found()
 
 
-def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | None, limit: int) -> list[Job]:
+def recent_jobs(
+    state: AppState,
+    owner: str,
+    status: str | None,
+    queue: str | None,
+    limit: int,
+    type_name: str | None = None,
+) -> list[Job]:
     """Newest first, filtered; reads the recent-jobs index a page at a time."""
     index = keys.recent_jobs(owner)
     found: list[Job] = []
@@ -89,6 +96,8 @@ def recent_jobs(state: AppState, owner: str, status: str | None, queue: str | No
             if status and job.get_status(refresh=False).value != status:
                 continue
             if queue and job.meta.get("queue", job.origin) != queue:
+                continue
+            if type_name and job.meta.get("type") != type_name:
                 continue
             found.append(job)
             if len(found) == limit:

@@ -21,7 +21,7 @@ from pydantic.json_schema import models_json_schema
 from jobs.families import PRIORITIES
 from service.state import AppState, get_state
 from service.submit import request_model
-from service.views.jobs import MAX_WAIT_SECONDS, ListQuery
+from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery
 from service.views.search import SearchBody
 
 bp = Blueprint("openapi", __name__)
@@ -184,10 +184,11 @@ def build(state: AppState) -> dict[str, Any]:
         name: request_model(name, job_type, settings.max_job_timeout, settings.max_delay)
         for name, job_type in sorted(state.job_types.items())
     }
-    models: list[type[BaseModel]] = [*requests.values(), SearchBody]
+    models: list[type[BaseModel]] = [*requests.values(), SearchBody, BulkRetry]
     responses = [
         JobView,
         JobList,
+        BulkRetried,
         Error,
         SearchAnswer,
         DocumentView,
@@ -237,6 +238,16 @@ def build(state: AppState) -> dict[str, Any]:
         "post": _operation("Run a failed or stopped job again", {"202": _json("JobView", "Queued again.")},
                            parameters=[job_id], secured=True, tag="jobs")
     }  # fmt: skip
+    paths["/jobs/retry"] = {
+        "post": _operation(
+            "Run the caller's failed (or stopped) jobs again, filtered by type, queue and end time",
+            {"202": _json("BulkRetried", "Queued again: how many, their ids, and whether more match."),
+             "200": _json("BulkRetried", "No job matched: nothing was queued.")},
+            body="BulkRetry",
+            secured=True,
+            tag="jobs",
+        )
+    }  # fmt: skip
     list_fields = ListQuery.model_json_schema()["properties"]
     statuses = {"type": "string", "enum": list(Status.__args__)}
     query_text = {"type": "string", "minLength": 1, "maxLength": settings.max_query_chars}
@@ -247,6 +258,8 @@ def build(state: AppState) -> dict[str, Any]:
             parameters=[
                 _query("status", statuses, "Only jobs in this status."),
                 _query("queue", {"type": "string", "enum": list(PRIORITIES)}, "Only jobs of this queue."),
+                _query("type", {"type": "string", "minLength": 1, "maxLength": MAX_TYPE_NAME},
+                       "Only jobs of this type."),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": list_fields["limit"]["maximum"]},
                        "How many (default 50)."),
             ],

@@ -2,15 +2,23 @@
 
     afterward submit sleep --seconds 5 --wait        # a progress bar until it ends
     afterward submit log --message "hello" --level warning
+    afterward submit log --help                       # the type's fields, from the server
     afterward status <id>
     afterward cancel <id>
+    afterward jobs --status failed --type log         # a table of recent jobs
+    afterward retry <id>                              # run a failed or stopped job again
+    afterward retry --failed --type sleep --since 2026-11-29T08:00:00Z
+    afterward queues                                  # jobs by state and workers, per queue
     afterward search "a kitten in the sun" -k 3
     afterward index notes/*.txt                       # one document per file
     afterward index --lines sentences.txt             # one document per line
+    afterward document <id>
+    afterward delete-document <id>
 
-The service is AFTERWARD_URL (default http://127.0.0.1:5000), the key AFTERWARD_API_KEY.
-A submit's fields are `--name value` pairs; a value that reads as JSON (3, true, [1]) is
-sent as such, any other as text.
+The service is --url or AFTERWARD_URL (default http://127.0.0.1:5000), the key --api-key or
+AFTERWARD_API_KEY; both options go before or after the command. A submit's fields are
+`--name value` pairs, typed by the job type's schema (`--message 42` is the text "42").
+Exit codes: 0 done, 1 the service refused the request, 2 a usage error or no service reached.
 """
 
 from __future__ import annotations
@@ -19,105 +27,435 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from afterward_client.client import AfterwardError, Client
+from afterward_client.client import AfterwardError, Client, Unreachable
 
 out = Console()
 err = Console(stderr=True)
+# Piped output keeps whole rows (job ids included) instead of folding them to 80 columns.
+if not out.is_terminal:
+    out.width = max(out.width, 200)
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+STATUSES = (
+    "queued",
+    "rate_limited",
+    "started",
+    "finished",
+    "failed",
+    "deferred",
+    "scheduled",
+    "canceled",
+    "stopped",
+)
+QUEUES = ("high", "default", "low")
+# Exit codes.
+OK, REFUSED, USAGE = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="afterward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--url", default=os.environ.get("AFTERWARD_URL", "http://127.0.0.1:5000"))
-    parser.add_argument("--api-key", default=os.environ.get("AFTERWARD_API_KEY"))
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "submit":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "submit" and args.type is None:
+        if args.help:
+            args.parser.print_help()
+            return OK
+        args.parser.error("the job type is required: afterward submit TYPE --field value ...")
+    if args.command == "retry" and (args.id is None) == (args.status is None):
+        args.parser.error("give a job id, or --failed (or --stopped) to retry many")
+    client = Client(args.url, api_key=args.api_key)
+    try:
+        return args.run(client, args, extra)
+    except AfterwardError as error:
+        err.print(
+            f"[red]error[/red] {error.status} {error.code}: {error.message}", markup=True, highlight=False
+        )
+        if error.details:
+            err.print(json.dumps(error.details, indent=2, ensure_ascii=False), markup=False, highlight=False)
+        return REFUSED
+    except Unreachable as error:
+        sys.stderr.write(f"{error}\n")
+        return USAGE
+    except requests.RequestException as error:  # a connection that kept breaking after retries
+        sys.stderr.write(f"cannot reach {args.url.rstrip('/')}: {type(error).__name__}\n")
+        return USAGE
 
-    submit = commands.add_parser("submit", help="submit a job: submit TYPE --field value ... [--wait]")
-    submit.add_argument("type")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afterward",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    _service_options(
+        parser, os.environ.get("AFTERWARD_URL", DEFAULT_URL), os.environ.get("AFTERWARD_API_KEY")
+    )
+    # The same options after the command: set only when given there, so that given before it, or
+    # by the environment, they are not overwritten by a default.
+    after = argparse.ArgumentParser(add_help=False)
+    _service_options(after, argparse.SUPPRESS, argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[..., int], help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help, description=help, parents=[after], allow_abbrev=False, **kwargs
+        )
+        sub.set_defaults(run=run, parser=sub)
+        return sub
+
+    submit = command(
+        "submit",
+        run_submit,
+        "submit a job: submit TYPE --field value ... [--wait]; `submit TYPE --help` lists TYPE's fields",
+        add_help=False,
+    )
+    submit.add_argument("type", nargs="?", help="the job type, e.g. log, sleep, embed")
     submit.add_argument(
         "--wait", action="store_true", help="follow the job, with a progress bar, until it ends"
     )
+    submit.add_argument("-h", "--help", action="store_true", help="show the job type's fields and exit")
 
-    status = commands.add_parser("status", help="show a job")
-    status.add_argument("id")
-    status.add_argument("--wait", type=float, default=0, help="wait up to N seconds for it to end")
+    status = command("status", run_status, "show a job")
+    status.add_argument("id", help="the job's id")
+    status.add_argument("--wait", type=float, default=0, help="wait up to N seconds (0-60) for it to end")
 
-    cancel = commands.add_parser("cancel", help="cancel a job, or stop it if it runs")
-    cancel.add_argument("id")
+    cancel = command("cancel", run_cancel, "cancel a job, or stop it if it runs")
+    cancel.add_argument("id", help="the job's id")
 
-    search = commands.add_parser("search", help="find documents by meaning")
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=5)
+    jobs = command("jobs", run_jobs, "list recent jobs, newest first, as a table")
+    jobs.add_argument("--status", choices=STATUSES, help="only jobs in this status")
+    jobs.add_argument("--type", dest="job_type", metavar="TYPE", help="only jobs of this type")
+    jobs.add_argument("--queue", choices=QUEUES, help="only jobs submitted to this queue")
+    jobs.add_argument("--limit", type=int, default=50, help="how many jobs, 1-200 (default 50)")
+
+    retry = command("retry", run_retry, "run a failed or stopped job again, or many with --failed")
+    retry.add_argument("id", nargs="?", help="the job to retry (or use --failed)")
+    which = retry.add_mutually_exclusive_group()
+    which.add_argument(
+        "--failed",
+        dest="status",
+        action="store_const",
+        const="failed",
+        help="retry every failed job of the key",
+    )
+    which.add_argument(
+        "--stopped",
+        dest="status",
+        action="store_const",
+        const="stopped",
+        help="retry every stopped job instead",
+    )
+    retry.add_argument(
+        "--type", dest="job_type", metavar="TYPE", help="with --failed: only jobs of this type"
+    )
+    retry.add_argument("--queue", choices=QUEUES, help="with --failed: only jobs of this queue")
+    retry.add_argument(
+        "--since", metavar="TIME", help="with --failed: only jobs that ended at or after this ISO 8601 time"
+    )
+    retry.add_argument(
+        "--limit", type=int, help="with --failed: at most this many (the server's default: 100)"
+    )
+
+    command("queues", run_queues, "show every queue: jobs by state, the oldest queued job's age, workers")
+
+    search = command("search", run_search, "find documents by meaning")
+    search.add_argument("query", help="what to look for, in plain words")
+    search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
     search.add_argument(
         "--filter", type=json.loads, default=None, help='metadata to match, as JSON: {"lang": "en"}'
     )
 
-    index = commands.add_parser("index", help="embed files: one document per file, or per line with --lines")
-    index.add_argument("files", nargs="+", type=Path)
+    index = command("index", run_index, "embed files: one document per file, or per line with --lines")
+    index.add_argument("files", nargs="+", type=Path, help="text files (UTF-8)")
     index.add_argument("--lines", action="store_true", help="one document per non-empty line")
-    index.add_argument("--wait", action="store_true")
+    index.add_argument("--wait", action="store_true", help="follow the embed job until it ends")
 
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "submit":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    client = Client(args.url, api_key=args.api_key)
+    document = command("document", run_document, "show an indexed document")
+    document.add_argument("id", help="the document's id")
+
+    delete = command("delete-document", run_delete_document, "remove a document from the index")
+    delete.add_argument("id", help="the document's id")
+    return parser
+
+
+def _service_options(parser: argparse.ArgumentParser, url: Any, api_key: Any) -> None:
+    parser.add_argument("--url", default=url, help=f"the service (env AFTERWARD_URL; default {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=api_key, help="the API key to send (env AFTERWARD_API_KEY)")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def run_submit(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    schema = request_schema(client, args.type)
+    fields = field_parser(args.type, schema)
+    if args.help:
+        fields.print_help()
+        return OK
+    values, unknown = fields.parse_known_args(extra)
+    if unknown:
+        known = ", ".join(f"--{name}" for name in schema.get("properties", {}))
+        fields.error(f"unknown field(s) {' '.join(unknown)}; a {args.type} job's fields are {known}")
+    body = {name: value for name, value in vars(values).items() if value is not None}
+    view = client.submit(args.type, body)
+    err.print(f"submitted {args.type} job {view['id']}", highlight=False)
+    print_json(follow(client, view) if args.wait else view)
+    return OK
+
+
+def run_status(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    print_json(client.status(args.id, wait=args.wait))
+    return OK
+
+
+def run_cancel(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    print_json(client.cancel(args.id))
+    return OK
+
+
+def run_jobs(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    found = client.jobs(status=args.status, queue=args.queue, limit=args.limit, job_type=args.job_type)
+    table = Table("id", "type", "status", "queue", "created", "ended")
+    table.columns[0].no_wrap = True
+    for job in found:
+        table.add_row(
+            job["id"],
+            job["type"] or "",
+            job["status"],
+            job["queue"],
+            _time(job["created_at"]),
+            _time(job["ended_at"]),
+        )
+    out.print(table)
+    return OK
+
+
+def run_retry(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.id is not None:
+        if args.job_type or args.queue or args.since or args.limit:
+            args.parser.error("--type, --queue, --since and --limit go with --failed, not with a job id")
+        print_json(client.retry(args.id))
+        return OK
+    answer = client.retry_failed(
+        status=args.status, job_type=args.job_type, queue=args.queue, since=args.since, limit=args.limit
+    )
+    err.print(f"retried {answer['retried']} {args.status} job(s)", highlight=False)
+    for job_id in answer["job_ids"]:
+        out.print(job_id, highlight=False)
+    if answer["more"]:
+        err.print("more jobs match: run the command again to retry them", highlight=False)
+    return OK
+
+
+def run_queues(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    states = ("queued", "started", "scheduled", "deferred", "failed", "finished")
+    table = Table("queue", "process", *states, "oldest queued", "workers")
+    for queue in client.queues():
+        oldest = queue["oldest_queued_seconds"]
+        busy = sum(1 for worker in queue["workers"] if worker["state"] == "busy")
+        table.add_row(
+            queue["name"],
+            queue["process_type"],
+            *(str(queue["counts"][state]) for state in states),
+            "" if oldest is None else f"{oldest:.1f} s",
+            f"{len(queue['workers'])} ({busy} busy)",
+        )
+    out.print(table)
+    return OK
+
+
+def run_search(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    show_results(client.search(args.query, k=args.k, where=args.filter))
+    return OK
+
+
+def run_index(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    documents = read_documents(args.files, args.lines)
+    view = client.index(documents)
+    err.print(f"indexing {len(documents)} document(s): job {view['id']}", highlight=False)
+    print_json(follow(client, view) if args.wait else view)
+    return OK
+
+
+def run_document(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    print_json(client.document(args.id))
+    return OK
+
+
+def run_delete_document(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    print_json(client.delete_document(args.id))
+    return OK
+
+
+# ---------------------------------------------------------------- a job type's fields
+
+
+def request_schema(client: Client, job_type: str) -> dict[str, Any]:
+    """The JSON schema of `POST /jobs/<job_type>`'s body, from the service's OpenAPI document."""
+    spec = client.openapi()
+    prefix = "/jobs/"
+    known = sorted(path[len(prefix) :] for path, item in spec["paths"].items() if _is_submit(path, item))
+    if job_type not in known:
+        raise AfterwardError(
+            404, "unknown_job_type", f"No job type {job_type!r}; the types are {', '.join(known)}."
+        )
+    body = spec["paths"][prefix + job_type]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return _resolve(body, spec)
+
+
+def field_parser(job_type: str, schema: dict[str, Any]) -> argparse.ArgumentParser:
+    """A parser for a job type's `--field value` pairs, each converted to the schema's type."""
+    parser = argparse.ArgumentParser(
+        prog=f"afterward submit {job_type}",
+        description=f"Submit a {job_type} job. Its fields, and the options every job has:",
+        epilog="--wait follows the job, with a progress bar, until it ends; --url and --api-key "
+        "name the service as for every command.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    required = set(schema.get("required", []))
+    for name, field in schema.get("properties", {}).items():
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        kinds = _kinds(field)
+        parser.add_argument(
+            *names,
+            dest=name,
+            type=_converter(kinds),
+            metavar=_metavar(field, kinds),
+            help=_field_help(field, name in required),
+        )
+    return parser
+
+
+def _is_submit(path: str, item: dict[str, Any]) -> bool:
+    return (
+        path.startswith("/jobs/")
+        and path.count("/") == 2
+        and "{" not in path
+        and "requestBody" in item.get("post", {})
+    )
+
+
+def _resolve(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    name = ref.rsplit("/", 1)[-1]
+    return _resolve(spec["components"]["schemas"][name], spec)
+
+
+def _kinds(field: dict[str, Any]) -> set[str]:
+    """The JSON types a field takes (null left out)."""
+    if "anyOf" in field or "oneOf" in field:
+        return set().union(*(_kinds(option) for option in field.get("anyOf", field.get("oneOf", []))))
+    if "type" in field:
+        kinds = field["type"] if isinstance(field["type"], list) else [field["type"]]
+        return set(kinds) - {"null"}
+    if "enum" in field:
+        return {_json_type(value) for value in field["enum"]} - {"null"}
+    if "const" in field:
+        return {_json_type(field["const"])}
+    return {"object"}  # a $ref: a model
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "string" if isinstance(value, str) else "object"
+
+
+def _converter(kinds: set[str]) -> Callable[[str], Any]:
+    if kinds == {"string"}:
+        return str
+    if kinds == {"integer"}:
+        return integer
+    if kinds <= {"integer", "number"} and kinds:
+        return number
+    if kinds == {"boolean"}:
+        return boolean
+    if "string" in kinds:
+        return json_or_text
+    return json_value
+
+
+def integer(text: str) -> int:
+    return int(text)
+
+
+def number(text: str) -> int | float:
     try:
-        if args.command == "submit":
-            view = client.submit(args.type, parse_fields(extra))
-            err.print(f"submitted {args.type} job {view['id']}")
-            print_json(follow(client, view) if args.wait else view)
-        elif args.command == "status":
-            print_json(client.status(args.id, wait=args.wait))
-        elif args.command == "cancel":
-            print_json(client.cancel(args.id))
-        elif args.command == "search":
-            show_results(client.search(args.query, k=args.k, where=args.filter))
-        elif args.command == "index":
-            documents = read_documents(args.files, args.lines)
-            view = client.index(documents)
-            err.print(f"indexing {len(documents)} document(s): job {view['id']}")
-            print_json(follow(client, view) if args.wait else view)
-    except AfterwardError as error:
-        err.print(f"[red]error[/red] {error.status} {error.code}: {error.message}")
-        if error.details:
-            err.print(json.dumps(error.details, indent=2, ensure_ascii=False))
-        return 1
-    return 0
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
-def parse_fields(pairs: list[str]) -> dict[str, Any]:
-    """`--seconds 3 --message hi` -> {"seconds": 3, "message": "hi"}."""
-    fields: dict[str, Any] = {}
-    name = None
-    for token in pairs:
-        if token.startswith("--") and name is None:
-            name, _, inline = token[2:].partition("=")
-            if inline:
-                fields[name.replace("-", "_")] = _value(inline)
-                name = None
-        elif name is not None:
-            fields[name.replace("-", "_")] = _value(token)
-            name = None
-        else:
-            raise SystemExit(f"afterward: expected --field value, got {token!r}")
-    if name is not None:
-        raise SystemExit(f"afterward: --{name} needs a value")
-    return fields
+def boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise ValueError(text)
 
 
-def _value(text: str) -> Any:
+def json_value(text: str) -> Any:
+    return json.loads(text)
+
+
+def json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _metavar(field: dict[str, Any], kinds: set[str]) -> str:
+    if "enum" in field:
+        return "{" + ",".join(str(value) for value in field["enum"]) + "}"
+    if kinds <= {"array", "object"}:
+        return "JSON"
+    return "|".join(sorted(kinds)).upper() or "VALUE"
+
+
+def _field_help(field: dict[str, Any], required: bool) -> str:
+    parts = [field.get("description") or field.get("title", "")]
+    bounds = [
+        f"{label} {field[key]}"
+        for key, label in (
+            ("minimum", "min"),
+            ("exclusiveMinimum", "above"),
+            ("maximum", "max"),
+            ("minLength", "min length"),
+            ("maxLength", "max length"),
+        )
+        if key in field
+    ]
+    if bounds:
+        parts.append(f"({', '.join(bounds)})")
+    if required:
+        parts.append("(required)")
+    elif field.get("default") is not None:
+        parts.append(f"(default {json.dumps(field['default'])})")
+    # argparse formats help with %: a literal percent sign must be doubled.
+    return " ".join(part for part in parts if part).replace("%", "%%")
+
+
+# ---------------------------------------------------------------- output
 
 
 def follow(client: Client, view: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +500,11 @@ def read_documents(files: list[Path], per_line: bool) -> list[dict[str, Any]]:
 def _doc_id(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._:-" else "-" for c in name)
     return cleaned[:256] or "document"
+
+
+def _time(value: str | None) -> str:
+    """`2026-11-29T08:00:01.123Z` -> `2026-11-29 08:00:01` (UTC)."""
+    return value[:19].replace("T", " ") if value else ""
 
 
 def show_results(results: list[dict[str, Any]]) -> None:

@@ -6,12 +6,15 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import requests
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 TERMINAL = frozenset({"finished", "failed", "canceled", "stopped"})
 RETRYABLE = frozenset({429, 503})
+# Seconds to wait for a connection to open; a server that takes longer is as good as down.
+CONNECT_TIMEOUT = 5.0
 
 
 class AfterwardError(Exception):
@@ -20,6 +23,14 @@ class AfterwardError(Exception):
     def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.details = status, code, message, details
+
+
+class Unreachable(Exception):
+    """No connection could be opened to the service (refused, unknown host, timed out)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url, self.reason = url, reason
 
 
 class Client:
@@ -81,12 +92,35 @@ class Client:
         return self._call("POST", f"jobs/{_id(job)}/retry").json()
 
     def jobs(
-        self, status: str | None = None, queue: str | None = None, limit: int = 50
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        job_type: str | None = None,
     ) -> list[dict[str, Any]]:
-        params = {
-            k: v for k, v in {"status": status, "queue": queue, "limit": limit}.items() if v is not None
-        }
-        return self._call("GET", "jobs", params=params).json()["jobs"]
+        """Recent jobs, newest first, optionally only those in a status, queue or of a type."""
+        params = {"status": status, "queue": queue, "type": job_type, "limit": limit}
+        return self._call("GET", "jobs", params=_given(params)).json()["jobs"]
+
+    def retry_failed(
+        self,
+        status: str = "failed",
+        job_type: str | None = None,
+        queue: str | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """Run this key's failed (or stopped) jobs again: {"retried", "job_ids", "more"}."""
+        body = {"status": status, "type": job_type, "queue": queue, "since": since, "limit": limit}
+        return self._call("POST", "jobs/retry", json=_given(body)).json()
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every queue with its jobs by state, its oldest queued job's age and its workers."""
+        return self._call("GET", "queues").json()["queues"]
+
+    def openapi(self) -> dict[str, Any]:
+        """The service's OpenAPI description (job types and their fields included)."""
+        return self._call("GET", "openapi.json").json()
 
     # ------------------------------------------------------------------ index and search
 
@@ -101,18 +135,26 @@ class Client:
         return self._call("POST", "search", json=body).json()["results"]
 
     def document(self, doc_id: str) -> dict[str, Any]:
-        return self._call("GET", f"documents/{doc_id}").json()
+        return self._call("GET", f"documents/{quote(doc_id, safe='')}").json()
+
+    def delete_document(self, doc_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"documents/{quote(doc_id, safe='')}").json()
 
     # ------------------------------------------------------------------ transport
 
     def _call(self, method: str, path: str, timeout: float = 30, **kwargs: Any) -> requests.Response:
-        """One API call; waits as told by Retry-After on 429 and 503, and retries network errors."""
+        """One API call; waits as told by Retry-After on 429 and 503, and retries a connection that
+        broke. A connection that cannot be opened at all fails at once (Unreachable): a refused
+        connection answers immediately, and waiting would only hide a wrong URL or a server down."""
         url = urljoin(self.base_url, path)
         attempt = 0
         while True:
             try:
-                response = self.session.request(method, url, timeout=timeout, **kwargs)
-            except requests.ConnectionError:
+                response = self.session.request(method, url, timeout=(CONNECT_TIMEOUT, timeout), **kwargs)
+            except requests.ConnectionError as error:
+                reason = _unreachable(error)
+                if reason is not None:
+                    raise Unreachable(self.base_url.rstrip("/"), reason) from None
                 if attempt >= self.retries:
                     raise
                 time.sleep(min(2**attempt * 0.5, self.max_backoff))
@@ -125,6 +167,27 @@ class Client:
             if response.status_code >= 400:
                 raise _error(response)
             return response
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _unreachable(error: requests.ConnectionError) -> str | None:
+    """Why no connection could be opened, or None when one was opened and then broke."""
+    if isinstance(error, requests.ConnectTimeout):
+        return "connection timed out"
+    cause = error.args[0] if error.args else None
+    reason = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the real error
+    if isinstance(reason, NameResolutionError):
+        return "unknown host"
+    if not isinstance(reason, NewConnectionError):
+        return None
+    if isinstance(reason.__cause__, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason.__cause__, OSError) and reason.__cause__.strerror:
+        return reason.__cause__.strerror.lower()
+    return "no connection"
 
 
 def _id(job: str | dict[str, Any]) -> str:

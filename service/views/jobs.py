@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import suppress
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
@@ -22,6 +23,7 @@ from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.jobview import check_job_id, load_job, load_with_result, recent_jobs
 from service.requests import log_job
+from service.retry import Filter, NotRetryable, find_retryable, retry, retry_many
 from service.security import current_owner, folds_rate_limit
 from service.state import get_state
 from service.submit import check_idempotency_key, submit
@@ -33,7 +35,11 @@ MAX_WAIT_SECONDS = 60
 # How long DELETE waits for a running job's worker to confirm that it stopped it.
 STOP_CONFIRM_SECONDS = 5
 CANCELABLE = frozenset({JobStatus.QUEUED, JobStatus.RATE_LIMITED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
-RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.STOPPED})
+# How many jobs one bulk retry requeues, unless it asks for fewer; and at most.
+BULK_RETRY_DEFAULT = 100
+BULK_RETRY_MAX = 1000
+# Longest job type name a filter may give.
+MAX_TYPE_NAME = 100
 
 Status = Literal[
     "queued", "rate_limited", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"
@@ -49,7 +55,59 @@ class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Status | None = None
     queue: Queue | None = None
+    type: str | None = Field(default=None, min_length=1, max_length=MAX_TYPE_NAME)
     limit: int = Field(default=50, ge=1, le=200)
+
+
+class BulkRetry(BaseModel):
+    """`POST /jobs/retry` body: which of the caller's ended jobs to run again."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    status: Literal["failed", "stopped"] = Field(default="failed", description="Retry jobs in this status.")
+    type: str | None = Field(
+        default=None, min_length=1, max_length=MAX_TYPE_NAME, description="Only jobs of this type."
+    )
+    queue: Queue | None = Field(default=None, description="Only jobs submitted to this queue.")
+    since: datetime | None = Field(
+        default=None,
+        strict=False,
+        description="ISO 8601 time (UTC when it names no offset): only jobs that ended at or after it.",
+    )
+    limit: int = Field(
+        default=BULK_RETRY_DEFAULT,
+        ge=1,
+        le=BULK_RETRY_MAX,
+        description=f"Most jobs to retry (default {BULK_RETRY_DEFAULT}); `more` says whether others match.",
+    )
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _since_is_text(cls, value: Any) -> Any:
+        # Lax datetime parsing would also take a number as a Unix time; the API speaks ISO 8601.
+        if value is not None and not isinstance(value, str):
+            raise ValueError("since must be an ISO 8601 time, e.g. 2026-11-29T08:00:00Z")
+        return value
+
+    @field_validator("since")
+    @classmethod
+    def _since_in_utc(cls, value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+    @field_validator("type")
+    @classmethod
+    def _type_is_known(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = (info.context or {}).get("job_types")
+        if value is not None and known is not None and value not in known:
+            raise ValueError(f"unknown job type; the types are {', '.join(sorted(known))}")
+        return value
+
+
+class BulkRetried(BaseModel):
+    """`POST /jobs/retry` answer."""
+
+    retried: int = Field(ge=0, description="How many jobs were queued again.")
+    job_ids: list[str] = Field(description="Their ids.")
+    more: bool = Field(description="More jobs match than `limit`: send the request again for them.")
 
 
 @bp.post("/jobs/<type_name>")
@@ -94,7 +152,7 @@ def read_job(job_id: str) -> Response:
 def list_jobs() -> Response:
     state = get_state()
     query = validate(ListQuery, query_args())
-    found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit)
+    found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit, query.type)
     return jsonify(jobs=[job_view(job) for job in found])
 
 
@@ -131,21 +189,25 @@ def cancel_job(job_id: str) -> Response:
 def retry_job(job_id: str) -> Response:
     state = get_state()
     job = load_job(state, job_id, current_owner())
-    status = job.get_status(refresh=False)
-    if status not in RETRYABLE:
-        raise ApiError(409, f"Only failed or stopped jobs can be retried; this one is {status.value}.")
-    job.meta.pop("progress", None)
-    job.meta.pop("error", None)
-    job.retries_left = job.meta.get("retries") or None
-    with state.redis.pipeline() as pipe:
-        job.save(pipeline=pipe, include_result=False)
-        callbacks.reset(pipe, job)
-        pipe.execute()
     try:
-        job.requeue()
-    except InvalidJobOperation:
-        raise ApiError(409, "The job is being retried already.") from None
+        retry(job)
+    except NotRetryable as error:
+        raise ApiError(409, str(error)) from None
     return _job_response(load_job(state, job_id, current_owner()), 202)
+
+
+@bp.post("/jobs/retry")
+def retry_jobs() -> Response:
+    """Run the caller's failed (or stopped) jobs again, filtered by type, queue and end time."""
+    state = get_state()
+    body = validate(BulkRetry, read_json_object(), context={"job_types": state.job_types})
+    which = Filter(status=body.status, type_name=body.type, queue=body.queue, since=body.since)
+    found, more = find_retryable(state, current_owner(), which, body.limit)
+    retried = retry_many(state, found)
+    log.info("bulk retry: %d of %d found jobs requeued", len(retried), len(found))
+    response = jsonify(BulkRetried(retried=len(retried), job_ids=retried, more=more).model_dump())
+    response.status_code = 202 if retried else 200  # nothing was queued when nothing matched
+    return response
 
 
 def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
