@@ -100,3 +100,21 @@ def test_delete_of_any_ended_job_is_409_and_changes_nothing(client, fake_redis, 
     error = assert_error(client.delete(f"/jobs/{view['id']}"), 409, "conflict")
     assert ended.value in error["message"]
     assert client.get(f"/jobs/{view['id']}").get_json()["status"] == ended.value
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("job", [("sleep", {"seconds": 3}), ("log", {"message": "batched"})])
+def test_started_at_never_moves(web, workers, job):
+    workers(count=1)
+    type_name, body = job
+    view = web.post_job(type_name, body).json()
+    seen = set()
+    while (now := web.job(view["id"]))["status"] not in ("finished", "failed"):
+        if now["started_at"] is not None:
+            seen.add(now["started_at"])
+    finished = web.wait_for_status(view["id"], {"finished"})
+    seen.add(finished["started_at"])
+    for _ in range(3):
+        seen.add(web.job(view["id"])["started_at"])
+    assert len(seen) == 1, seen
+    assert parse_iso(finished["started_at"]) <= parse_iso(finished["ended_at"])
