@@ -4,10 +4,13 @@ import os
 import shutil
 import tempfile
 
+from jobs.connection import check_redis_url
 from jobs.logs import DICT_CONFIG
 from jobs.settings import get_settings
 
 _settings = get_settings()
+# A malformed REDIS_URL: one line, before any worker boots (not a traceback per worker).
+check_redis_url(_settings.redis_url)
 
 # Heroku assigns PORT; `make run` sets HOST to stay on loopback.
 bind = f"{_settings.host}:{_settings.port}"

@@ -8,10 +8,12 @@ timeouts its role needs.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Literal
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from jobs.settings import Settings, get_settings
@@ -25,6 +27,48 @@ WORKER_BACKOFF_BASE = 0.1
 WORKER_BACKOFF_CAP = 2.0
 
 
+# A `password=` query parameter, which redis-py accepts as well as the user part.
+_PASSWORD_PARAMETER = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for printing, even when the URL is malformed.
+
+    Not parsed as a URL: a password holding an unencoded `/`, `?`, `#` or `@` would leave part
+    of itself outside what a parser calls the password. Everything between `://` and the last
+    `@` is the user part; its password (after the first `:`) is hidden, as is a `password=`
+    parameter.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "(not shown: not a redis://, rediss:// or unix:// URL)"
+    userinfo, at, location = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{location}"
+    return f"{scheme}://" + _PASSWORD_PARAMETER.sub(r"\1***", rest)
+
+
+def url_problem(url: str) -> str | None:
+    """Why redis-py cannot use `url`, in words that quote nothing of it; None when it can."""
+    try:
+        parse_url(url)
+    except ValueError:
+        # Not the error's own message: it can quote part of a password (as a "port").
+        return (
+            "redis-py cannot use it (it must start with redis://, rediss:// or unix://, and a "
+            "password holding / ? # or @ must be percent-encoded, e.g. / as %2F)"
+        )
+    return None
+
+
+def check_redis_url(url: str) -> None:
+    """Exit with one line naming the problem (never a traceback) when redis-py cannot use `url`."""
+    problem = url_problem(url)
+    if problem:
+        raise SystemExit(f"REDIS_URL ({redacted(url)}) is unusable: {problem}.")
+
+
 def connect(settings: Settings | None = None, role: Role = "web") -> redis.Redis:
     """A client for REDIS_URL.
 
@@ -32,6 +76,7 @@ def connect(settings: Settings | None = None, role: Role = "web") -> redis.Redis
     network blip for `Settings.worker_retry_seconds`. tool: one patient try (release check).
     """
     settings = settings or get_settings()
+    check_redis_url(settings.redis_url)
     url = settings.redis_client_url
     if role == "worker":
         return WorkerRedis.from_url(url)
@@ -50,6 +95,7 @@ class WorkerRedis(redis.Redis):
 
     @classmethod
     def from_url(cls, url: str, **kwargs):  # type: ignore[override]
+        check_redis_url(url)
         backoff = ExponentialBackoff(WORKER_BACKOFF_CAP, WORKER_BACKOFF_BASE)
         kwargs.setdefault("retry", Retry(backoff, retries_within(get_settings().worker_retry_seconds)))
         kwargs.setdefault("retry_on_error", [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])

@@ -18,6 +18,11 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def iso_timestamp(seconds: float | None) -> str | None:
+    """`iso` of a Unix timestamp (RQ scores its scheduled jobs so)."""
+    return None if seconds is None else iso(datetime.fromtimestamp(seconds, UTC))
+
+
 def parse_iso(text: str) -> datetime:
     """The inverse of `iso`, also for RQ's own `...Z` timestamps; always timezone-aware."""
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -8,7 +8,6 @@ worker processes first (workers finish or give back their jobs), then Redis.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,9 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from redis.connection import parse_url  # noqa: E402
-
+from jobs.connection import redacted, url_problem  # noqa: E402
 from scripts.embedded_redis import EmbeddedRedis, answers  # noqa: E402
+
+__all__ = ["choose_redis", "main", "redacted", "url_problem"]
 
 LOCAL_REDIS = "redis://localhost:6379/0"
 # The long-running process types of the Procfile (`release` is a one-off step before a deploy).
@@ -28,41 +28,6 @@ PROCESSES = ["web", "worker", "embedder"]
 # then put back in its queue, so the workers have exited cleanly by then.
 HONCHO_KILL_WAIT = 5
 SHUTDOWN_GRACE = 2
-
-
-# A `password=` query parameter, which redis-py accepts as well as the user part.
-_PASSWORD_PARAMETER = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
-
-
-def redacted(url: str) -> str:
-    """`url` without its password, for printing, even when the URL is malformed.
-
-    Not parsed as a URL: a password holding an unencoded `/`, `?`, `#` or `@` would leave part
-    of itself outside what a parser calls the password. Everything between `://` and the last
-    `@` is the user part; its password (after the first `:`) is hidden, as is a `password=`
-    parameter.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return "(not shown: not a redis://, rediss:// or unix:// URL)"
-    userinfo, at, location = rest.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        rest = f"{user}{':***' if colon else ''}@{location}"
-    return f"{scheme}://" + _PASSWORD_PARAMETER.sub(r"\1***", rest)
-
-
-def url_problem(url: str) -> str | None:
-    """Why redis-py cannot use `url`, in words that quote nothing of it; None when it can."""
-    try:
-        parse_url(url)
-    except ValueError:
-        # Not the error's own message: it can quote part of a password (as a "port").
-        return (
-            "redis-py cannot use it (it must start with redis://, rediss:// or unix://, and a "
-            "password holding / ? # or @ must be percent-encoded, e.g. / as %2F)"
-        )
-    return None
 
 
 def choose_redis(env: dict[str, str], local: str, data_dir: Path) -> tuple[EmbeddedRedis | None, str]:
@@ -113,7 +78,18 @@ def main() -> int:
     embedded, message = choose_redis(env, LOCAL_REDIS, ROOT / "var" / "redis")
     print(f"run: {message}", flush=True)
     print(f"run: API on http://{env['HOST']}:{env['PORT']}", flush=True)
-    subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
+    release = subprocess.run([sys.executable, "-m", "scripts.release"], cwd=ROOT, env=env, check=False)
+    if release.returncode != 0:
+        # The release step refuses this Redis (it said why just above): a stack started on it
+        # would fail, or lose jobs to eviction.
+        print(
+            "run: the release check (python -m scripts.release) failed; not starting web and workers.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if embedded is not None:
+            embedded.stop()
+        return 1
 
     honcho = Path(sys.executable).with_name("honcho")
     process = subprocess.Popen(

@@ -26,7 +26,7 @@ import rq_dashboard.web
 from flask import Flask, Response, request
 from redis.exceptions import ResponseError
 from rq.exceptions import NoSuchJobError
-from rq.job import parse_job_id, validate_job_id
+from rq.job import JobStatus, parse_job_id, validate_job_id
 from rq.serializers import JSONSerializer
 
 from jobs.engine.errors import plain_message
@@ -69,6 +69,9 @@ UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers
 def describe(job: Any) -> str:
     """A job's description in the dashboard, with its progress while it has one."""
     description = job.description or job.id
+    if job.get_status(refresh=False) == JobStatus.STOPPED:
+        # RQ keeps stopped jobs in its failed registry, which the dashboard lists as Failed.
+        description = f"[stopped] {description}"
     progress = (job.meta or {}).get("progress")
     if progress:
         description += f" | {progress.get('percent', 0):g}% {progress.get('message', '')}".rstrip()

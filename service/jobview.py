@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
 from rq.results import Result
 
 from jobs import keys
 from jobs.engine.job import Job
-from jobs.view import UNREAD
+from jobs.view import UNREAD, scheduled_key
 from service.errors import ApiError
 from service.requests import log_job
 from service.security import check_request, count_request
@@ -36,18 +37,24 @@ def load_job(state: AppState, job_id: str, owner: str) -> Job:
 
 def load_with_result(
     state: AppState, job_id: str, owner: str, with_result: bool = True
-) -> tuple[Job, Result | None]:
-    """`load_job`, and the job's latest result, in one round trip (the request's rate-limit hit too).
+) -> tuple[Job, Result | None, float | None]:
+    """`load_job`, the job's latest result and when it is scheduled for, in one round trip (the
+    request's rate-limit hit too).
 
-    Without `with_result` the result is not read, and UNREAD stands for it.
+    Without `with_result` the result is not read, and UNREAD stands for it. The job's queue is
+    not known before its hash is read, so every queue's scheduled registry is asked.
     """
     check_job_id(job_id)
+    queues = list(state.queues)
     with state.redis.pipeline(transaction=False) as pipe:
         count_request(pipe)
         pipe.hgetall(Job.key_for(job_id))
+        for name in queues:
+            pipe.zscore(scheduled_key(name), job_id)
         if with_result:
             pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-        fields, *latest = check_request(pipe.execute())
+        fields, *rest = check_request(pipe.execute())
+    scores, latest = dict(zip(queues, rest[: len(queues)], strict=True)), rest[len(queues) :]
     if not fields:
         raise _not_found()
     job = Job(job_id, connection=state.redis)
@@ -58,12 +65,14 @@ def load_with_result(
     if job.meta.get("owner") != owner:
         raise _not_found()
     log_job(job.id)
+    scheduled_for = scores.get(job.origin)
     if not with_result:
-        return job, UNREAD
+        return job, UNREAD, scheduled_for
     if not latest[0]:
-        return job, None
+        return job, None, scheduled_for
     result_id, payload = latest[0][0]
-    return job, Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
+    result = Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
+    return job, result, scheduled_for
 
 
 def check_job_id(job_id: str) -> None:
@@ -95,7 +104,7 @@ def recent_jobs(
                 continue
             if status and job.get_status(refresh=False).value != status:
                 continue
-            if queue and job.meta.get("queue", job.origin) != queue:
+            if queue and job.origin != queue:
                 continue
             if type_name and job.meta.get("type") != type_name:
                 continue
@@ -104,6 +113,17 @@ def recent_jobs(
                 break
         start += page
     return found
+
+
+def scheduled_times(state: AppState, jobs: list[Job]) -> dict[str, float | None]:
+    """When each scheduled job of `jobs` is due, by id, in one round trip (none for no such job)."""
+    scheduled = [job for job in jobs if job.get_status(refresh=False) == JobStatus.SCHEDULED]
+    if not scheduled:
+        return {}
+    with state.redis.pipeline(transaction=False) as pipe:
+        for job in scheduled:
+            pipe.zscore(scheduled_key(job.origin), job.id)
+        return dict(zip((job.id for job in scheduled), pipe.execute(), strict=True))
 
 
 def _not_found() -> ApiError:

@@ -18,10 +18,9 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from jobs.families import PRIORITIES
 from service.state import AppState, get_state
 from service.submit import request_model
-from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery
+from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery, QueueName
 from service.views.search import SearchBody
 
 bp = Blueprint("openapi", __name__)
@@ -66,7 +65,10 @@ class JobView(BaseModel):
     id: str
     type: str | None
     status: Status
-    queue: str
+    queue: QueueName = Field(
+        description="The RQ queue the job is on, as GET /queues names it: an embed job submitted "
+        'with `"queue": "high"` is on `embed-high`.'
+    )
     progress: Progress | None
     result: Any = Field(description="The job function's return value once the job is finished.")
     error: JobError | None = Field(description="The latest failed attempt's error, until the job finishes.")
@@ -75,7 +77,12 @@ class JobView(BaseModel):
     created_at: str = Field(json_schema_extra={"format": "date-time"})
     enqueued_at: str | None
     started_at: str | None
-    ended_at: str | None
+    ended_at: str | None = Field(description="When the job finished, failed, was stopped or canceled.")
+    scheduled_for: str | None = Field(
+        description="While `scheduled`: when the job (delayed, or a failed attempt's retry) is due to be "
+        "queued; otherwise null.",
+        json_schema_extra={"format": "date-time"},
+    )
     callback: CallbackState | None = Field(
         description="The completion webhook, when the job has a callback_url."
     )
@@ -150,7 +157,10 @@ class QueueCounts(BaseModel):
     started: int
     scheduled: int
     deferred: int
-    failed: int
+    failed: int = Field(
+        description="Failed jobs (stopped ones are counted apart, though RQ keeps them together)."
+    )
+    stopped: int = Field(description="Jobs stopped by DELETE /jobs/<id> while they ran.")
     finished: int
 
 
@@ -172,9 +182,29 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ReadyChecks(BaseModel):
+    redis: Literal["ok", "unreachable"]
+    redis_eviction_policy: str | None = Field(
+        default=None, description="Redis's maxmemory-policy; anything but noeviction is a warning."
+    )
+    search: Literal["ready", "warming", "cold", "off"] = Field(
+        description="This process's model and index replica: `warming` until loaded; `off`: "
+        "SEARCH_WARMUP=0 (loaded on the first search, not a readiness condition)."
+    )
+    workers: int | None = Field(
+        description="Live `worker` processes serving high, default and low; null when Redis is unreachable."
+    )
+    embedders: int | None = Field(
+        description="Live `embedder` processes serving the embed queues; null when Redis is unreachable."
+    )
+
+
 class Ready(BaseModel):
+    """`/readyz`: ready to serve when Redis answers and search is loaded; missing workers or
+    embedders are reported and warned about but do not make it 503."""
+
     status: Literal["ready"]
-    checks: dict[str, Any]
+    checks: ReadyChecks
     warnings: list[str]
 
 
@@ -228,7 +258,8 @@ def build(state: AppState) -> dict[str, Any]:
         ),
         "delete": _operation(
             "Cancel a job (or stop it if it runs)",
-            {"200": _json("JobView", "Canceled or stopped."), "202": _json("JobView", "Stopping.")},
+            {"200": _json("JobView", "Canceled or stopped."), "202": _json("JobView", "Stopping."),
+             "409": _json("Error", "The job has already ended (finished, failed, stopped or canceled).")},
             parameters=[job_id],
             secured=True,
             tag="jobs",
@@ -257,7 +288,8 @@ def build(state: AppState) -> dict[str, Any]:
             {"200": _json("JobList", "The jobs.")},
             parameters=[
                 _query("status", statuses, "Only jobs in this status."),
-                _query("queue", {"type": "string", "enum": list(PRIORITIES)}, "Only jobs of this queue."),
+                _query("queue", {"type": "string", "enum": list(QueueName.__args__)},
+                       "Only jobs on this RQ queue (the job view's `queue`)."),
                 _query("type", {"type": "string", "minLength": 1, "maxLength": MAX_TYPE_NAME},
                        "Only jobs of this type."),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": list_fields["limit"]["maximum"]},
@@ -299,8 +331,9 @@ def build(state: AppState) -> dict[str, Any]:
     }  # fmt: skip
     paths["/healthz"] = {"get": _operation("Liveness", {"200": _json("Health", "Up.")}, tag="operations")}
     paths["/readyz"] = {
-        "get": _operation("Readiness: Redis answers, a worker is alive",
-                          {"200": _json("Ready", "Ready."), "503": _json("Error", "Not ready, and why.")},
+        "get": _operation("Readiness: Redis answers and search is loaded; workers and embedders reported",
+                          {"200": _json("Ready", "Ready."),
+                           "503": _json("Error", "Not ready: `details` has reasons and checks.")},
                           tag="operations")
     }  # fmt: skip
     paths["/metrics"] = {

@@ -117,9 +117,8 @@ def _queues(state: AppState, which: Filter) -> list[str]:
         families = [state.job_types[which.type_name].family]
     else:
         families = sorted({job_type.family for job_type in state.job_types.values()})
-    priorities = [which.queue] if which.queue else list(PRIORITIES)
-    names = [queue_name(family, priority) for family in families for priority in priorities]
-    return [name for name in names if name in state.queues]
+    names = [queue_name(family, priority) for family in families for priority in PRIORITIES]
+    return [name for name in names if name in state.queues and which.queue in (None, name)]
 
 
 def _matches(row: list[bytes | None], owner: str, which: Filter) -> bool:

@@ -19,18 +19,25 @@ STALE_AFTER_SECONDS = 60
 def live_workers(connection: redis.Redis, queue: str | None = None) -> list[str]:
     """Keys of registered workers that have heartbeated lately and have not died (and serve
     `queue`, when given)."""
+    return [
+        name for name, queues in live_worker_queues(connection).items() if queue is None or queue in queues
+    ]
+
+
+def live_worker_queues(connection: redis.Redis) -> dict[str, list[str]]:
+    """The queues of each live worker (see `live_workers`), by worker key."""
     names = sorted(key.decode() for key in connection.smembers(REDIS_WORKER_KEYS))
     if not names:
-        return []
+        return {}
     with connection.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.hmget(name, "last_heartbeat", "death", "queues")
         answers = pipe.execute()
-    return [
-        name
+    return {
+        name: (queues or b"").decode().split(",")
         for name, (heartbeat, death, queues) in zip(names, answers, strict=True)
-        if is_live(heartbeat, death) and (queue is None or queue in (queues or b"").decode().split(","))
-    ]
+        if is_live(heartbeat, death)
+    }
 
 
 def is_live(last_heartbeat: bytes | None, death: bytes | None) -> bool:

@@ -17,6 +17,7 @@ VIEW_FIELDS = {
     "type",
     "status",
     "queue",
+    "scheduled_for",
     "progress",
     "result",
     "error",
@@ -304,8 +305,8 @@ def test_cancel_queued_job(client, fake_redis):
     assert response.status_code == 200
     assert response.get_json()["status"] == "canceled"
     assert fake_redis.llen("rq:queue:default") == 0
-    # Canceling again is harmless.
-    assert client.delete(f"/jobs/{view['id']}").get_json()["status"] == "canceled"
+    # Canceling again: the job has ended, like any other.
+    assert_error(client.delete(f"/jobs/{view['id']}"), 409, "conflict")
 
 
 def test_cancel_scheduled_job(client, fake_redis):
@@ -314,7 +315,9 @@ def test_cancel_scheduled_job(client, fake_redis):
     assert fake_redis.zcard("rq:scheduled:default") == 0
 
 
-@pytest.mark.parametrize("status", [JobStatus.FINISHED, JobStatus.FAILED])
+@pytest.mark.parametrize(
+    "status", [JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED]
+)
 def test_cancel_ended_job_is_409(client, fake_redis, status):
     view = post(client, "log", {"message": "x"}).get_json()
     fake_redis.hset(f"rq:job:{view['id']}", "status", status.value)
@@ -329,22 +332,42 @@ def test_retry_needs_a_failed_or_stopped_job(client):
 # ------------------------------------------------------------------ readiness and outages
 
 
-def test_readyz_without_workers_is_503_with_reasons(client):
-    error = assert_error(client.get("/readyz"), 503, "not_ready")
-    assert error["details"]["checks"]["redis"] == "ok"
-    assert any("worker" in reason for reason in error["details"]["reasons"])
-
-
-def test_readyz_with_a_live_worker_is_200(client, fake_redis):
-    from rq.utils import now, utcformat
-
-    fake_redis.sadd("rq:workers", "rq:worker:w1")
-    fake_redis.hset("rq:worker:w1", mapping={"state": "idle", "last_heartbeat": utcformat(now())})
+def test_readyz_without_workers_is_200_and_says_so(client):
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json()["checks"]["workers"] == 1
-    fake_redis.hset("rq:worker:w1", "death", "2026-01-01T00:00:00Z")
-    assert client.get("/readyz").status_code == 503
+    ready = response.get_json()
+    assert ready["checks"] == {
+        "redis": "ok",
+        "redis_eviction_policy": ready["checks"]["redis_eviction_policy"],
+        "search": "off",
+        "workers": 0,
+        "embedders": 0,
+    }
+    assert any("No worker process is alive" in warning for warning in ready["warnings"])
+    assert any("No embedder process is alive" in warning for warning in ready["warnings"])
+
+
+def test_readyz_counts_live_workers_and_embedders_apart(client, fake_redis):
+    from rq.utils import now, utcformat
+
+    for name, queues in (
+        ("w1", "high,default,low"),
+        ("w2", "high,default,low"),
+        ("e1", "embed-high,embed-default,embed-low"),
+    ):
+        fake_redis.sadd("rq:workers", f"rq:worker:{name}")
+        fake_redis.hset(
+            f"rq:worker:{name}",
+            mapping={"state": "idle", "last_heartbeat": utcformat(now()), "queues": queues},
+        )
+    ready = client.get("/readyz").get_json()
+    assert (ready["checks"]["workers"], ready["checks"]["embedders"]) == (2, 1)
+    assert ready["warnings"] == [] or all("process is alive" not in warning for warning in ready["warnings"])
+    fake_redis.hset("rq:worker:e1", "death", "2026-01-01T00:00:00Z")
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["checks"]["embedders"] == 0
+    assert any("No embedder process" in warning for warning in response.get_json()["warnings"])
 
 
 def test_redis_down_is_503_with_retry_after(tmp_path):

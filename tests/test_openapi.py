@@ -81,7 +81,7 @@ def test_every_answer_matches_the_spec(api_schema):
     assert len(operations) >= 15
 
     for operation in operations:
-        # /readyz answers a documented 503 while no worker runs (none does here).
+        # /readyz answers a documented 503 while search warms up or Redis is unreachable.
         check(operation, checks[1:] if operation.path == "/readyz" else checks)
 
 

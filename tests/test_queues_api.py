@@ -16,7 +16,15 @@ def test_every_queue_is_listed_and_the_listing_needs_a_key(fake_redis, tmp_path)
     answer = client.get("/queues", headers={"Authorization": f"Bearer {KEY_A}"}).get_json()
     assert [queue["name"] for queue in answer["queues"]] == QUEUES
     assert [queue["process_type"] for queue in answer["queues"]] == ["worker"] * 3 + ["embedder"] * 3
-    empty = {"queued": 0, "started": 0, "scheduled": 0, "deferred": 0, "failed": 0, "finished": 0}
+    empty = {
+        "queued": 0,
+        "started": 0,
+        "scheduled": 0,
+        "deferred": 0,
+        "failed": 0,
+        "stopped": 0,
+        "finished": 0,
+    }
     assert all(
         queue["counts"] == empty and queue["oldest_queued_seconds"] is None for queue in answer["queues"]
     )

@@ -18,7 +18,7 @@ def test_embed_shorthand_is_one_document_with_a_server_id(client, fake_redis):
     assert response.status_code == 202
     view = response.get_json()
     assert view["type"] == "embed"
-    assert view["queue"] == "default"
+    assert view["queue"] == "embed-default"  # the RQ queue it is on, as GET /queues names it
     (doc_id,) = view["document_ids"]
     assert re.fullmatch(r"[A-Za-z0-9._:-]{1,256}", doc_id)
     # Embedding has queues of its own, served by the `embedder` process type.
@@ -31,7 +31,7 @@ def test_embed_keeps_given_ids_and_assigns_missing_ones(client):
     ).get_json()
     assert view["document_ids"][0] == "a:1"
     assert view["document_ids"][1] != "a:1"
-    assert view["queue"] == "high"
+    assert view["queue"] == "embed-high"
 
 
 def test_embed_replay_keeps_the_assigned_ids(client):

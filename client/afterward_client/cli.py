@@ -56,7 +56,8 @@ STATUSES = (
     "canceled",
     "stopped",
 )
-QUEUES = ("high", "default", "low")
+# RQ queue names, as the job view and `afterward queues` show them.
+QUEUES = ("high", "default", "low", "embed-high", "embed-default", "embed-low")
 # Exit codes.
 OK, REFUSED, USAGE = 0, 1, 2
 
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = command("jobs", run_jobs, "list recent jobs, newest first, as a table")
     jobs.add_argument("--status", choices=STATUSES, help="only jobs in this status")
     jobs.add_argument("--type", dest="job_type", metavar="TYPE", help="only jobs of this type")
-    jobs.add_argument("--queue", choices=QUEUES, help="only jobs submitted to this queue")
+    jobs.add_argument("--queue", choices=QUEUES, help="only jobs on this queue")
     jobs.add_argument("--limit", type=int, default=50, help="how many jobs, 1-200 (default 50)")
 
     retry = command("retry", run_retry, "run a failed or stopped job again, or many with --failed")
@@ -259,7 +260,7 @@ def run_retry(client: Client, args: argparse.Namespace, extra: list[str]) -> int
 
 
 def run_queues(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
-    states = ("queued", "started", "scheduled", "deferred", "failed", "finished")
+    states = ("queued", "started", "scheduled", "deferred", "failed", "stopped", "finished")
     table = Table("queue", "process", *states, "oldest queued", "workers")
     for queue in client.queues():
         oldest = queue["oldest_queued_seconds"]

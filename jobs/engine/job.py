@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from redis.client import Pipeline
@@ -55,6 +56,8 @@ class Job(RQJob):
         self.hash: dict[bytes, bytes] = {}
         # The jobs a worker took off the queue together with this one (jobs.engine.queue).
         self.companions: list[Job] = []
+        # When the worker marked the job started, as its hash says (see `perform`).
+        self.recorded_started_at: datetime | None = None
 
     @property
     def func_name(self) -> str:
@@ -100,18 +103,25 @@ class Job(RQJob):
             raise UnregisteredJobError(f"the {what} {name!r} is not a registered job function; nothing ran")
 
     def perform(self) -> Any:
+        # RQ's perform_job stamps `started_at` again in the work-horse, just before this call,
+        # a moment after the worker recorded it with the job's execution; the job's end would
+        # save that second time, and a job would seem to start twice. One start: the recorded one.
+        if self.recorded_started_at is not None:
+            self.started_at = self.recorded_started_at
         # Before anything runs: a refused callback must not let the function run either.
         self.check_registered()
         return super().perform()
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         super().prepare_for_execution(worker_name, pipeline)
+        self.recorded_started_at = self.started_at
         # Counted in the same transaction that marks the job started.
         pipeline.hincrby(self.key, keys.JOB_ATTEMPTS_FIELD, 1)
         self.attempts += 1
 
     def restore(self, raw_data: Any) -> Any:
         super().restore(raw_data)
+        self.recorded_started_at = self.started_at
         self.attempts = int(_field(raw_data, keys.JOB_ATTEMPTS_FIELD) or 0)
         self.callback_names = {
             field: name.decode() if isinstance(name, bytes) else name

@@ -153,6 +153,12 @@ TOUCHPOINTS = (
         ),
     ),
     Touchpoint(
+        "perform_job() sets job.started_at = now() before job.perform()",
+        "The worker records started_at when it starts the job; Job.perform puts that time back "
+        "over the horse's second stamp, so a job's start never moves.",
+        lambda: _source_mentions(BaseWorker.perform_job, "job.started_at = now()", "job.perform()"),
+    ),
+    Touchpoint(
         "The writes of handle_job_success: Job._handle_success, Job.cleanup, cleanup_execution, "
         "the worker's job counters, _enqueue_dependents_safely and _release_slot_safely",
         "Worker._finish writes what RQ's handle_job_success writes, for several jobs in one "

@@ -480,8 +480,7 @@ class Worker(ForkingWorker):
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
                 for job in jobs:
-                    job.check_registered()
-                    job.started_at = started
+                    job.check_registered()  # started_at stays what the worker recorded (_start)
                 results = job_type.run_many([job.kwargs for job in jobs], self.connection)
         except Exception as error:
             log.warning(

@@ -6,11 +6,15 @@ from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
 
 from jobs.connection import eviction_policy
+from jobs.families import EMBED, GENERAL, family_queues
 from service.errors import error_response
 from service.state import get_state
-from service.workers import live_workers
+from service.workers import live_worker_queues
 
 bp = Blueprint("health", __name__)
+
+# The Procfile's process types that run jobs, and the queues that say a worker is one of them.
+PROCESS_TYPES = {"workers": ("worker", GENERAL), "embedders": ("embedder", EMBED)}
 
 
 @bp.get("/healthz")
@@ -21,32 +25,45 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready: Redis answers, at least one worker is alive, and search is loaded (SEARCH_WARMUP=1)."""
+    """Ready to serve: Redis answers and, with SEARCH_WARMUP=1, search is loaded.
+
+    Workers and embedders are counted and their absence is a warning, not a 503: they are
+    other process types, and a web process taken out of rotation because a worker dyno
+    restarts would refuse the very submissions that wait for it.
+    """
     state = get_state()
     reasons: list[str] = []
     warnings: list[str] = []
-    checks: dict[str, object] = {"search": state.search.status}
-    if state.settings.search_warmup and state.search.status != "ready":
+    checks: dict[str, object] = {"redis": "ok", "redis_eviction_policy": None}
+    if state.search.status == "ready":
+        checks["search"] = "ready"
+    elif state.settings.search_warmup:
         checks["search"] = "warming"
         reasons.append("Search is warming up: the model and the index are loading.")
+    else:
+        checks["search"] = "off"  # SEARCH_WARMUP=0: loaded by the first search
     try:
         state.redis.ping()
-        checks["redis"] = "ok"
+        workers = live_worker_queues(state.redis)
+        policy = eviction_policy(state.redis)
     except RedisError as error:
-        checks["redis"] = "unreachable"
+        checks.update(redis="unreachable", workers=None, embedders=None)
         reasons.append(f"Redis is unreachable ({type(error).__name__}).")
     else:
-        workers = live_workers(state.redis)
-        checks["workers"] = len(workers)
-        if not workers:
-            reasons.append("No worker is alive: jobs would wait in their queues.")
-        policy = eviction_policy(state.redis)
         checks["redis_eviction_policy"] = policy
         if policy not in (None, "noeviction"):
             warnings.append(
                 f"Redis maxmemory-policy is {policy!r}: under memory pressure it deletes queued jobs. "
                 "Set it to 'noeviction'."
             )
+        for check, (process_type, family) in PROCESS_TYPES.items():
+            queues = set(family_queues(family))
+            checks[check] = sum(1 for served in workers.values() if queues.intersection(served))
+            if not checks[check]:
+                warnings.append(
+                    f"No {process_type} process is alive: its jobs ({', '.join(sorted(queues))}) wait in "
+                    "their queues until one starts. This process still serves (not a readiness failure)."
+                )
     if reasons:
         return error_response(
             503,

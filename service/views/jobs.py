@@ -14,14 +14,15 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation
 from rq.job import JobStatus
 from rq.results import Result
+from rq.utils import utcformat
 
 from jobs import callbacks, keys, quota
 from jobs.engine.job import Job
-from jobs.types.schema import Queue
+from jobs.times import now
 from jobs.view import UNREAD, is_terminal, job_view
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
-from service.jobview import check_job_id, load_job, load_with_result, recent_jobs
+from service.jobview import check_job_id, load_job, load_with_result, recent_jobs, scheduled_times
 from service.requests import log_job
 from service.retry import Filter, NotRetryable, find_retryable, retry, retry_many
 from service.security import current_owner, folds_rate_limit
@@ -44,6 +45,8 @@ MAX_TYPE_NAME = 100
 Status = Literal[
     "queued", "rate_limited", "started", "finished", "failed", "deferred", "scheduled", "canceled", "stopped"
 ]
+# The RQ queues a job can be on (jobs.families): the job view's `queue` and GET /queues' names.
+QueueName = Literal["high", "default", "low", "embed-high", "embed-default", "embed-low"]
 
 
 class ReadQuery(BaseModel):
@@ -54,7 +57,7 @@ class ReadQuery(BaseModel):
 class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Status | None = None
-    queue: Queue | None = None
+    queue: QueueName | None = None
     type: str | None = Field(default=None, min_length=1, max_length=MAX_TYPE_NAME)
     limit: int = Field(default=50, ge=1, le=200)
 
@@ -67,7 +70,9 @@ class BulkRetry(BaseModel):
     type: str | None = Field(
         default=None, min_length=1, max_length=MAX_TYPE_NAME, description="Only jobs of this type."
     )
-    queue: Queue | None = Field(default=None, description="Only jobs submitted to this queue.")
+    queue: QueueName | None = Field(
+        default=None, description="Only jobs on this RQ queue (the job view's `queue`, e.g. `embed-default`)."
+    )
     since: datetime | None = Field(
         default=None,
         strict=False,
@@ -142,10 +147,10 @@ def read_job(job_id: str) -> Response:
     state = get_state()
     query = validate(ReadQuery, query_args())
     if query.wait > 0:
-        job, latest = _read_until_end(job_id, query.wait)
+        job, latest, scheduled_for = _read_until_end(job_id, query.wait)
     else:
-        job, latest = load_with_result(state, job_id, current_owner())
-    return jsonify(job_view(job, latest))
+        job, latest, scheduled_for = load_with_result(state, job_id, current_owner())
+    return jsonify(job_view(job, latest, scheduled_for))
 
 
 @bp.get("/jobs")
@@ -153,7 +158,8 @@ def list_jobs() -> Response:
     state = get_state()
     query = validate(ListQuery, query_args())
     found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit, query.type)
-    return jsonify(jobs=[job_view(job) for job in found])
+    due = scheduled_times(state, found)
+    return jsonify(jobs=[job_view(job, scheduled_for=due.get(job.id)) for job in found])
 
 
 @bp.delete("/jobs/<job_id>")
@@ -161,14 +167,18 @@ def cancel_job(job_id: str) -> Response:
     state = get_state()
     job = load_job(state, job_id, current_owner())
     status = job.get_status(refresh=False)
-    if status in (JobStatus.CANCELED, JobStatus.STOPPED):
-        return jsonify(job_view(job))
-    if status in (JobStatus.FINISHED, JobStatus.FAILED):
-        raise ApiError(409, f"The job has already {status.value}; there is nothing to cancel.")
+    if is_terminal(job):
+        # Every ended state alike, a cancel or stop that already happened included.
+        raise ApiError(409, f"The job has already ended ({status.value}); there is nothing to cancel.")
     if status in CANCELABLE:
-        with suppress(InvalidJobOperation):  # canceled meanwhile by another request
+        canceled = True
+        try:
             job.cancel()
+        except InvalidJobOperation:  # canceled meanwhile by another request
+            canceled = False
         with state.redis.pipeline(transaction=False) as pipe:
+            if canceled:  # RQ's cancel leaves ended_at empty
+                pipe.hset(job.key, "ended_at", utcformat(now()))
             pipe.expire(job.key, state.settings.result_ttl)
             pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
             if job.meta.get(quota.META_FIELD):
@@ -181,8 +191,8 @@ def cancel_job(job_id: str) -> Response:
     # Running (or it started while we were canceling): ask its worker to stop it.
     with suppress(InvalidJobOperation):  # between attempts; the view below shows where it is
         send_stop_job_command(state.redis, job.id, serializer=job.serializer)
-    job, latest = _read_until_end(job_id, STOP_CONFIRM_SECONDS)
-    return _job_response(job, 200 if is_terminal(job) else 202, latest)
+    job, latest, scheduled_for = _read_until_end(job_id, STOP_CONFIRM_SECONDS)
+    return _job_response(job, 200 if is_terminal(job) else 202, latest, scheduled_for)
 
 
 @bp.post("/jobs/<job_id>/retry")
@@ -210,7 +220,7 @@ def retry_jobs() -> Response:
     return response
 
 
-def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
+def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None, float | None]:
     """Read the job until it ends or `seconds` pass; read it once when no slot is free."""
     state = get_state()
     owner = current_owner()
@@ -223,19 +233,21 @@ def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
         with state.waiter.watch(job_id) as ended:
             # The first read leaves the result out: most often the job has not ended yet (if
             # it has, `job_view` reads the result).
-            job, latest = load_with_result(state, job_id, owner, with_result=False)
+            job, latest, scheduled_for = load_with_result(state, job_id, owner, with_result=False)
             while not is_terminal(job):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 ended.wait(min(remaining, max(0.1, state.settings.long_poll_recheck)))
                 ended.clear()
-                job, latest = load_with_result(state, job_id, owner)
-            return job, latest
+                job, latest, scheduled_for = load_with_result(state, job_id, owner)
+            return job, latest, scheduled_for
 
 
-def _job_response(job: Job, status: int, latest: Result | None = UNREAD) -> Response:
-    response = jsonify(job_view(job, latest))
+def _job_response(
+    job: Job, status: int, latest: Result | None = UNREAD, scheduled_for: float | None = UNREAD
+) -> Response:
+    response = jsonify(job_view(job, latest, scheduled_for))
     response.status_code = status
     response.headers["Location"] = url_for("jobs.read_job", job_id=job.id)
     return response

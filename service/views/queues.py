@@ -35,6 +35,16 @@ REGISTRIES = {
     "finished": FinishedJobRegistry,
 }
 PROCESS_TYPES = {GENERAL: "worker", EMBED: "embedder"}
+# RQ keeps stopped jobs in the FailedJobRegistry. Counted apart here, in Redis, so that the
+# listing stays one round trip: a walk over the failed registry reading each job's status.
+# Its cost grows with the failed jobs kept (RESULT_TTL), which an operator endpoint can afford.
+COUNT_STOPPED = """
+local stopped = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if redis.call('HGET', ARGV[1] .. id, 'status') == 'stopped' then stopped = stopped + 1 end
+end
+return stopped
+"""
 
 
 @bp.get("/queues")
@@ -51,10 +61,16 @@ def list_queues() -> Response:
             pipe.lindex(queue.key, 0)
             for registry in REGISTRIES.values():
                 pipe.zcard(registry(name, connection=connection).key)
+            pipe.eval(
+                COUNT_STOPPED,
+                1,
+                FailedJobRegistry(name, connection=connection).key,
+                Job.redis_job_namespace_prefix,
+            )
         pipe.smembers(REDIS_WORKER_KEYS)
         answers = pipe.execute()
     worker_keys = sorted(key.decode() for key in answers.pop())
-    per_queue = len(REGISTRIES) + 2
+    per_queue = len(REGISTRIES) + 3
     oldest_ids = [answers[i * per_queue + 1] for i in range(len(queues))]
     waiting = [job_id.decode() for job_id in oldest_ids if job_id]
     with connection.pipeline(transaction=False) as pipe:
@@ -79,7 +95,7 @@ def list_queues() -> Response:
             {
                 "name": name,
                 "process_type": PROCESS_TYPES[family],
-                "counts": {"queued": counts[0], **dict(zip(REGISTRIES, counts[2:], strict=True))},
+                "counts": _counts(counts),
                 "oldest_queued_seconds": _age(oldest, now),
                 "workers": [
                     {
@@ -94,6 +110,14 @@ def list_queues() -> Response:
             }
         )
     return jsonify(queues=listing)
+
+
+def _counts(answers: list[int]) -> dict[str, int]:
+    """A queue's jobs by state, from its pipeline answers: length, oldest, registries, stopped."""
+    counts = {"queued": answers[0], **dict(zip(REGISTRIES, answers[2:-1], strict=True))}
+    counts["stopped"] = answers[-1]
+    counts["failed"] -= counts["stopped"]  # stopped jobs are in RQ's failed registry too
+    return counts
 
 
 def _age(enqueued_at: bytes | None, now: float) -> float | None:
