@@ -258,7 +258,6 @@ class Courier:
         self._busy = threading.Semaphore(self.concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
-        self._unreachable = False
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="callback")
@@ -281,15 +280,9 @@ class Courier:
         while not self._stop.is_set():
             try:
                 taken = self.take_due()
-            except redis.RedisError as error:
-                if not self._unreachable:
-                    log.warning("callbacks: Redis unreachable (%s); trying again", error)
-                self._unreachable = True
+            except redis.RedisError:  # the worker says so (jobs.connection.Outage)
                 self._stop.wait(POLL * 5)
                 continue
-            if self._unreachable:
-                log.info("callbacks: Redis reachable again")
-                self._unreachable = False
             if not taken:
                 self._wake.wait(POLL)
                 self._wake.clear()

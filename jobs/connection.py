@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import redis
@@ -101,6 +103,52 @@ class WorkerRedis(redis.Redis):
         kwargs.setdefault("retry_on_error", [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         kwargs.setdefault("health_check_interval", 30)
         return super().from_url(url, **kwargs)
+
+
+class Outage:
+    """Says once that Redis is unreachable, and once that it answers again, however many
+    calls fail in between (RQ logs every retry of its work loop and its pub/sub thread)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = redacted(url)
+        self.since: float | None = None
+
+    def down(self, error: BaseException) -> bool:
+        """Record a failed call; True for the first of an outage (the one to report)."""
+        if self.since is not None:
+            return False
+        self.since = time.monotonic()
+        log.error("cannot reach Redis at %s (%s); retrying until it answers", self.url, _reason(error))
+        return True
+
+    def up(self) -> None:
+        """Record a call that worked."""
+        if self.since is not None:
+            log.info("Redis at %s answers again, after %.0f s", self.url, time.monotonic() - self.since)
+            self.since = None
+
+
+def wait_for_redis(
+    connection: redis.Redis, outage: Outage, stopping: Callable[[], bool] = lambda: False
+) -> bool:
+    """Block until `connection` answers a PING (False if `stopping()` says to give up first)."""
+    wait = WORKER_BACKOFF_BASE
+    while not stopping():
+        try:
+            connection.ping()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            outage.down(error)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
+        else:
+            outage.up()
+            return True
+    return False
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text[:300]
 
 
 def retries_within(seconds: float) -> int:

@@ -235,6 +235,47 @@ def test_every_accepted_job_survives_a_redis_restart(fweb, fworkers, fault_redis
     assert requests.get(fweb.url("/readyz"), timeout=10).status_code == 200
 
 
+def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(
+    fweb, fworkers, fault_redis, fault_db
+):
+    """RQ logs every retry (its work loop's and its pub/sub thread's); a worker says it once."""
+    worker = fworkers(count=1)
+    wait_until(lambda: fault_db.scard("rq:workers") == 1, what="the worker")
+    job_id = fweb.post_job("log", {"message": "before"}).json()["id"]
+    fweb.wait_for_status(job_id, {"finished"})
+    fault_redis.process.send_signal(signal.SIGTERM)
+    fault_redis.process.wait(10)
+    # Longer than the worker's Redis calls retry (JOB_MONITORING_INTERVAL=1: 6 s), several RQ retries.
+    wait_until(lambda: "cannot reach Redis" in worker.output(), what="the worker to say Redis is away")
+    time.sleep(8)
+    fault_redis.start()
+    wait_until(lambda: "answers again" in worker.output(), what="the worker to say Redis is back")
+    job_id = fweb.post_job("log", {"message": "after"}).json()["id"]
+    assert fweb.wait_for_status(job_id, {"finished"})["status"] == "finished"
+    log = worker.output()
+    assert log.count("cannot reach Redis") == 1, log[-3000:]
+    assert log.count("answers again") == 1
+    assert "could not connect to Redis" not in log and "Traceback" not in log, log[-3000:]
+    assert f"cannot reach Redis at redis://127.0.0.1:{fault_redis.port}" in log
+
+
+def test_a_worker_started_before_redis_waits_for_it(fault_env, fault_redis, tmp_path):
+    fault_redis.process.send_signal(signal.SIGTERM)
+    fault_redis.process.wait(10)
+    worker = start_workers(fault_env, tmp_path, count=1)
+    try:
+        wait_until(lambda: "cannot reach Redis" in worker.output(), what="the worker to say Redis is away")
+        time.sleep(3)
+        fault_redis.start()
+        wait_until(lambda: "answers again" in worker.output(), what="the worker to find Redis")
+        client = redis.Redis.from_url(fault_redis.url)
+        wait_until(lambda: client.scard("rq:workers") == 1, what="the worker to register")
+        log = worker.output()
+        assert log.count("cannot reach Redis") == 1 and "Traceback" not in log, log[-3000:]
+    finally:
+        worker.kill()
+
+
 # ---------------------------------------------------------------- 4. An evicting Redis
 
 

@@ -219,6 +219,17 @@ TOUCHPOINTS = (
         ),
     ),
     Touchpoint(
+        "Worker._start_scheduler makes the scheduler; maintenance restarts a dead one",
+        "The engine's _start_scheduler is RQ's with its own Scheduler class (one that stops "
+        "quietly when Redis goes away); RQ's maintenance must restart that instance.",
+        lambda: (
+            _source_mentions(BaseWorker._start_scheduler, "self.scheduler = RQScheduler(", "acquire_locks()")
+            and _source_mentions(
+                BaseWorker.run_maintenance_tasks, "self.scheduler.acquire_locks(auto_start=True)"
+            )
+        ),
+    ),
+    Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",

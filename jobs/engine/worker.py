@@ -27,6 +27,7 @@ from rq.executions import Execution
 from rq.job import JobStatus, Retry
 from rq.queue import Queue as RQQueue
 from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT, RateLimitRegistry, release_slot
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.utils import utcformat
@@ -34,7 +35,7 @@ from rq.worker import WorkerStatus
 
 from jobs import callbacks, keys, logs, metrics, quota
 from jobs.callbacks import Courier
-from jobs.connection import warn_if_evicting
+from jobs.connection import Outage, wait_for_redis, warn_if_evicting
 from jobs.engine import errors
 from jobs.engine.horse import (
     DONE,
@@ -83,6 +84,13 @@ class Worker(ForkingWorker):
         queues = [queues] if isinstance(queues, str | RQQueue) else list(queues)
         connection = kwargs.get("connection") or queues[0].connection
         kwargs["connection"] = connection
+        # RQ's worker calls Redis as it is made: a worker started while Redis is unreachable
+        # waits for it, saying so once, instead of dying with a traceback and being respawned.
+        self._outage = Outage(settings.redis_url)
+        try:
+            wait_for_redis(connection, self._outage)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: nothing to clean up yet
+            raise SystemExit(0) from None
         names = [q.name if isinstance(q, RQQueue) else q for q in queues]
         super().__init__([self.queue_class(name, connection=connection) for name in names], *args, **kwargs)
         self.settings = settings
@@ -106,6 +114,10 @@ class Worker(ForkingWorker):
         # Errors of failed attempts, by job id, for the failure handler to record.
         self._errors: dict[str, errors.Error] = {}
         self.push_exc_handler(self._remember_error)
+        # RQ logs every retry of its work loop and its pub/sub thread while Redis is away.
+        for earlier in [f for f in self.log.filters if isinstance(f, _OneLineOutages)]:
+            self.log.removeFilter(earlier)
+        self.log.addFilter(_OneLineOutages(self._outage))
         warn_if_evicting(self.connection)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
@@ -132,6 +144,7 @@ class Worker(ForkingWorker):
             with self.connection.pipeline(transaction=False) as pipe:
                 super().heartbeat(timeout, pipeline=pipe)
                 pipe.execute()
+            self._outage.up()
         else:
             return
         self._beat_at, self._beat_until = time.monotonic(), time.monotonic() + timeout
@@ -603,6 +616,30 @@ class Worker(ForkingWorker):
                 self._horse = None
         super().teardown()
 
+    def _start_scheduler(
+        self, burst: bool = False, logging_level: str | None = "INFO", *args: Any, **kwargs: Any
+    ) -> None:
+        """RQ's, with a scheduler that stops quietly when Redis goes away (its worker says so,
+        once, and starts a new scheduler in its first maintenance round once Redis answers)."""
+        self.scheduler = Scheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return
+        if burst:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
+        else:
+            self.scheduler.start()
+
     # ------------------------------------------------------------------ running jobs
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -704,6 +741,34 @@ class Worker(ForkingWorker):
     def _courier_wake(self) -> None:
         if self._courier is not None:
             self._courier.wake()
+
+
+class Scheduler(RQScheduler):
+    """RQ's scheduler process, which ends without a traceback when Redis goes away."""
+
+    def work(self) -> None:
+        try:
+            super().work()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            self.log.info(
+                "scheduler %s: Redis is unreachable; it stops, and its worker starts another", os.getpid()
+            )
+
+
+class _OneLineOutages(logging.Filter):
+    """Turns RQ's "could not connect to Redis" lines, one per retry, into the outage's one line."""
+
+    def __init__(self, outage: Outage) -> None:
+        super().__init__()
+        self.outage = outage
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "could not connect to Redis" in record.msg:
+            args = record.args if isinstance(record.args, tuple) else ()
+            error = next((arg for arg in args if isinstance(arg, BaseException)), None)
+            self.outage.down(error or redis.exceptions.ConnectionError(record.getMessage()))
+            return False
+        return True
 
 
 class EmbedWorker(Worker):
