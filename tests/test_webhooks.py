@@ -396,3 +396,26 @@ def test_an_attempt_says_why_it_failed(receiver):
     courier.post(url, b'{"ok":1}', job, "end")
     assert hook.received[-1]["body"] == b'{"ok":1}'
     verify(hook.received[-1])
+
+
+def test_an_end_announced_while_a_courier_looks_stays_due(fake_redis):
+    """A courier that found the job running must not push back the "due now" its end just gave."""
+    from rq.job import JobStatus
+
+    from jobs.engine.job import Job
+    from jobs.settings import Settings
+
+    job = Job.create("jobs.types.log.write_log", kwargs={"message": "x"}, connection=fake_redis, id="b" * 32)
+    job.set_status(JobStatus.STARTED, pipeline=None)
+    job.save()
+    with fake_redis.pipeline() as pipe:
+        callbacks.register(pipe, job, "http://127.0.0.1:9/")
+        pipe.execute()
+    courier = callbacks.Courier(fake_redis, Settings(callback_secret=SECRET))
+    fake_redis.zadd("afterward:callbacks", {job.id: 0})  # the job's end, announced meanwhile
+    courier.deliver(job.id)  # ...by a courier that read the job while it still ran
+    assert fake_redis.zscore("afterward:callbacks", job.id) == 0
+    # Without an end in between, a running job is looked at again later, not at once.
+    fake_redis.zadd("afterward:callbacks", {job.id: time.time() + callbacks.LEASE})
+    courier.deliver(job.id)
+    assert time.time() < fake_redis.zscore("afterward:callbacks", job.id) <= time.time() + callbacks.LEASE
