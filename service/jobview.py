@@ -37,24 +37,19 @@ def load_job(state: AppState, job_id: str, owner: str) -> Job:
 
 def load_with_result(
     state: AppState, job_id: str, owner: str, with_result: bool = True
-) -> tuple[Job, Result | None, float | None]:
-    """`load_job`, the job's latest result and when it is scheduled for, in one round trip (the
-    request's rate-limit hit too).
+) -> tuple[Job, Result | None]:
+    """`load_job`, and the job's latest result, in one round trip (the request's rate-limit hit too).
 
-    Without `with_result` the result is not read, and UNREAD stands for it. The job's queue is
-    not known before its hash is read, so every queue's scheduled registry is asked.
+    Without `with_result` the result is not read, and UNREAD stands for it. When a scheduled
+    job's view is made, it reads when the job is due (a second round trip, for those only).
     """
     check_job_id(job_id)
-    queues = list(state.queues)
     with state.redis.pipeline(transaction=False) as pipe:
         count_request(pipe)
         pipe.hgetall(Job.key_for(job_id))
-        for name in queues:
-            pipe.zscore(scheduled_key(name), job_id)
         if with_result:
             pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-        fields, *rest = check_request(pipe.execute())
-    scores, latest = dict(zip(queues, rest[: len(queues)], strict=True)), rest[len(queues) :]
+        fields, *latest = check_request(pipe.execute())
     if not fields:
         raise _not_found()
     job = Job(job_id, connection=state.redis)
@@ -65,14 +60,12 @@ def load_with_result(
     if job.meta.get("owner") != owner:
         raise _not_found()
     log_job(job.id)
-    scheduled_for = scores.get(job.origin)
     if not with_result:
-        return job, UNREAD, scheduled_for
+        return job, UNREAD
     if not latest[0]:
-        return job, None, scheduled_for
+        return job, None
     result_id, payload = latest[0][0]
-    result = Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
-    return job, result, scheduled_for
+    return job, Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
 
 
 def check_job_id(job_id: str) -> None:

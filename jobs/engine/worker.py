@@ -87,10 +87,11 @@ class Worker(ForkingWorker):
         # RQ's worker calls Redis as it is made: a worker started while Redis is unreachable
         # waits for it, saying so once, instead of dying with a traceback and being respawned.
         self._outage = Outage(settings.redis_url)
-        try:
-            wait_for_redis(connection, self._outage)
-        except KeyboardInterrupt:  # Ctrl-C while waiting: nothing to clean up yet
-            raise SystemExit(0) from None
+        if kwargs.get("prepare_for_work", True):
+            try:
+                wait_for_redis(connection, self._outage)
+            except KeyboardInterrupt:  # Ctrl-C while waiting: nothing to clean up yet
+                raise SystemExit(0) from None
         names = [q.name if isinstance(q, RQQueue) else q for q in queues]
         super().__init__([self.queue_class(name, connection=connection) for name in names], *args, **kwargs)
         self.settings = settings

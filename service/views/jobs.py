@@ -147,10 +147,10 @@ def read_job(job_id: str) -> Response:
     state = get_state()
     query = validate(ReadQuery, query_args())
     if query.wait > 0:
-        job, latest, scheduled_for = _read_until_end(job_id, query.wait)
+        job, latest = _read_until_end(job_id, query.wait)
     else:
-        job, latest, scheduled_for = load_with_result(state, job_id, current_owner())
-    return jsonify(job_view(job, latest, scheduled_for))
+        job, latest = load_with_result(state, job_id, current_owner())
+    return jsonify(job_view(job, latest))
 
 
 @bp.get("/jobs")
@@ -191,8 +191,8 @@ def cancel_job(job_id: str) -> Response:
     # Running (or it started while we were canceling): ask its worker to stop it.
     with suppress(InvalidJobOperation):  # between attempts; the view below shows where it is
         send_stop_job_command(state.redis, job.id, serializer=job.serializer)
-    job, latest, scheduled_for = _read_until_end(job_id, STOP_CONFIRM_SECONDS)
-    return _job_response(job, 200 if is_terminal(job) else 202, latest, scheduled_for)
+    job, latest = _read_until_end(job_id, STOP_CONFIRM_SECONDS)
+    return _job_response(job, 200 if is_terminal(job) else 202, latest)
 
 
 @bp.post("/jobs/<job_id>/retry")
@@ -220,7 +220,7 @@ def retry_jobs() -> Response:
     return response
 
 
-def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None, float | None]:
+def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
     """Read the job until it ends or `seconds` pass; read it once when no slot is free."""
     state = get_state()
     owner = current_owner()
@@ -233,21 +233,19 @@ def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None, fl
         with state.waiter.watch(job_id) as ended:
             # The first read leaves the result out: most often the job has not ended yet (if
             # it has, `job_view` reads the result).
-            job, latest, scheduled_for = load_with_result(state, job_id, owner, with_result=False)
+            job, latest = load_with_result(state, job_id, owner, with_result=False)
             while not is_terminal(job):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 ended.wait(min(remaining, max(0.1, state.settings.long_poll_recheck)))
                 ended.clear()
-                job, latest, scheduled_for = load_with_result(state, job_id, owner)
-            return job, latest, scheduled_for
+                job, latest = load_with_result(state, job_id, owner)
+            return job, latest
 
 
-def _job_response(
-    job: Job, status: int, latest: Result | None = UNREAD, scheduled_for: float | None = UNREAD
-) -> Response:
-    response = jsonify(job_view(job, latest, scheduled_for))
+def _job_response(job: Job, status: int, latest: Result | None = UNREAD) -> Response:
+    response = jsonify(job_view(job, latest))
     response.status_code = status
     response.headers["Location"] = url_for("jobs.read_job", job_id=job.id)
     return response
