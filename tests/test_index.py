@@ -249,3 +249,18 @@ def test_a_document_may_have_only_so_many_metadata_fields(client):
     response = post(client, "embed", {"text": "x", "metadata": {f"f{i}": i for i in range(33)}})
     assert response.status_code == 422
     assert "33 fields" in json.dumps(response.get_json())
+
+
+def test_redis_keeps_each_vector_once(store, replica, fake_redis):
+    """The vector is in the change entry (then the snapshot), not also in the document's hash."""
+    # A hash written before vectors left it keeps none after its next write either.
+    fake_redis.hset(keys.document("a"), mapping={"vector": b"\0" * DIMS * 4})
+    put(store, [{"id": "a", "text": "alpha"}, {"id": "b", "text": "beta"}], revision=1)
+    assert all(not fake_redis.hexists(keys.document(doc_id), "vector") for doc_id in ("a", "b"))
+    assert fake_redis.xlen(keys.INDEX_CHANGES) == 2
+    assert top(replica, "alpha")[0] == "a"
+    replica.write_snapshot()
+    assert fake_redis.xlen(keys.INDEX_CHANGES) == 0  # the snapshot holds them now
+    fresh = Replica(fake_redis, DIMS)
+    fresh.load()
+    assert top(fresh, "beta")[0] == "b"

@@ -1,8 +1,9 @@
 """The document store in Redis: the single source of truth of the search index.
 
-Each document is a hash (text, metadata, vector, revision, integer id). Every change is
-made by a Lua script that, in one atomic step, updates the hash and appends the change to
-the `INDEX_CHANGES` stream, which search replicas replay. Writes are idempotent and ordered
+Each document is a hash (text, metadata, revision, integer id). Every change is made by a
+Lua script that, in one atomic step, updates the hash and appends the change, with the
+vector, to the `INDEX_CHANGES` stream, which search replicas replay; once a snapshot holds
+a change, the stream is trimmed behind it, so Redis keeps each vector once. Writes are idempotent and ordered
 by revision, the time their request was accepted: a retried job rewrites nothing it already
 wrote, and can never undo a change accepted after it.
 
@@ -90,8 +91,10 @@ for i = 9, #KEYS do
       redis.call('HSET', KEYS[2], id, int_id)
     end
     if not exists then redis.call('INCR', KEYS[6]) end
-    redis.call('HSET', KEYS[i], 'id', id, 'text', text, 'metadata', metadata, 'vector', vector,
+    -- The vector lives in the change entry and then the snapshot, not here: once is enough.
+    redis.call('HSET', KEYS[i], 'id', id, 'text', text, 'metadata', metadata,
                'revision', ARGV[at + 5], 'int_id', int_id, 'updated_at', ARGV[3])
+    redis.call('HDEL', KEYS[i], 'vector')
     redis.call('HSET', KEYS[1], id, ARGV[at + 5])
     redis.call('ZREM', KEYS[8], id)
     local version = redis.call('INCR', KEYS[5])
