@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from jobs.index import embedding, onnx_export
 from jobs.settings import Settings
 
 MODEL = Settings.embed_model_name
+ROOT = Path(__file__).resolve().parents[1]
 
 # A small corpus of unrelated topics, four documents each, and queries that paraphrase them.
 CORPUS = [
@@ -75,16 +79,29 @@ QUERIES = [
 LONG = " ".join(["The cat slept on the sofa all day long."] * 14 + ["Stock prices crashed on Monday."] * 40)
 
 
+# What a process that needs the int8 encoder does first: export fp32, quantize, encode.
+FIRST_USE = (
+    "import sys, jobs; from jobs.index.embedding import get_encoder; "
+    "get_encoder().encode(['warm up']); print('torch loaded' if 'torch' in sys.modules else 'no torch')"
+)
+
+
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Both ONNX files, built once by the export command into a cache of the module's own."""
+def first_use(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Both ONNX files, built by the first process that needs them into a cache of the
+    module's own, and what that process said about torch."""
     cache = tmp_path_factory.mktemp("models") / "not-yet-there"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EMBED_MODEL_CACHE", str(cache))
-        embedding.get_settings.cache_clear()
-        onnx_export.main()
-        embedding.get_settings.cache_clear()
-    yield cache
+    env = dict(os.environ, EMBED_MODEL_CACHE=str(cache), EMBED_BACKEND="onnx-int8")
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cache, done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(first_use: tuple[Path, str]) -> Path:
+    return first_use[0]
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +138,30 @@ def top_k(queries: np.ndarray, documents: np.ndarray, k: int) -> list[set[int]]:
     return [set(np.argsort(-scores, kind="stable")[:k]) for scores in queries @ documents.T]
 
 
-def test_the_export_command_built_both_files_in_the_cache(onnx_cache):
+def test_the_first_process_to_need_the_graphs_exports_them_without_loading_torch(first_use, capsys):
+    onnx_cache, said = first_use
     files = sorted(path.name for path in onnx_cache.glob("*.onnx"))
     assert len(files) == 2
     assert files[0].endswith("-fp32.onnx") and files[1].endswith("-int8.onnx")
     assert all(name.startswith("sentence-transformers--all-MiniLM-L6-v2-") for name in files)
     assert not [path for path in onnx_cache.iterdir() if path.name.endswith(".tmp")]
+    # The export ran in child processes: torch never entered the process that asked.
+    assert said == "no torch"
+    # The export command finds them built and names them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBED_MODEL_CACHE", str(onnx_cache))
+        embedding.get_settings.cache_clear()
+        onnx_export.main()
+        embedding.get_settings.cache_clear()
+    assert sorted(Path(line).name for line in capsys.readouterr().out.split()) == files
+
+
+@pytest.fixture
+def exports_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export steps run in this process, where the tests below replace them."""
+    monkeypatch.setattr(
+        onnx_export, "_in_child", lambda step, source, target: getattr(onnx_export, step)(source, target)
+    )
 
 
 @pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
@@ -175,7 +210,7 @@ def test_int8_onnx_retrieves_what_torch_retrieves(encoder_for, torch_encoder):
     assert top_k(ours_q, ours_d, 1) == top_k(theirs_q, theirs_d, 1)
 
 
-def test_the_export_waits_for_another_process_and_uses_its_file(tmp_path, monkeypatch):
+def test_the_export_waits_for_another_process_and_uses_its_file(tmp_path, monkeypatch, exports_in_process):
     monkeypatch.setenv("EMBED_MODEL_CACHE", str(tmp_path / "cache"))
     exports: list[Path] = []
     monkeypatch.setattr(onnx_export, "export_fp32", lambda path, target: exports.append(target))
@@ -194,7 +229,7 @@ def test_the_export_waits_for_another_process_and_uses_its_file(tmp_path, monkey
     assert target.read_bytes() == b"what the other process exported"
 
 
-def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch):
+def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch, exports_in_process):
     monkeypatch.setenv("EMBED_MODEL_CACHE", str(tmp_path))
 
     def half_written(path: Path, target: Path) -> None:
@@ -207,7 +242,7 @@ def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch):
     assert [path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")] == []
 
 
-def test_an_export_removes_what_a_killed_exporter_left(tmp_path, monkeypatch):
+def test_an_export_removes_what_a_killed_exporter_left(tmp_path, monkeypatch, exports_in_process):
     monkeypatch.setenv("EMBED_MODEL_CACHE", str(tmp_path))
     monkeypatch.setattr(onnx_export, "export_fp32", lambda path, target: target.write_bytes(b"graph"))
     target = onnx_export.onnx_file(embedding.model_path(), MODEL, "fp32")
@@ -232,3 +267,8 @@ def test_an_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="EMBED_BACKEND"):
         Settings.from_env({"EMBED_BACKEND": "tensorflow"})
     assert Settings.from_env({"EMBED_BACKEND": "onnx-int8"}).embed_backend == "onnx-int8"
+
+
+def test_an_export_step_that_fails_in_its_child_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match=r"not_a_step failed(.|\n)*AttributeError"):
+        onnx_export._in_child("not_a_step", tmp_path / "model", tmp_path / "graph.onnx")

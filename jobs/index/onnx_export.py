@@ -3,7 +3,8 @@
     python -m jobs.index.onnx_export      # builds both variants ahead of time, prints their paths
 
 The transformer is exported with torch (fp32), then optionally quantized to int8 with ONNX
-Runtime's dynamic quantization; pooling and normalization stay in Python. Files live in
+Runtime's dynamic quantization; pooling and normalization stay in Python. Each step runs in
+a child process, so the process that asked (a web process, an embedder) never loads torch. Files live in
 EMBED_MODEL_CACHE, named after the model, a digest of its weights and the variant, so a
 changed model folder is exported afresh. Each file is written to a temporary name and renamed
 into place, under a file lock: processes starting together export it once, and none ever
@@ -16,6 +17,8 @@ import hashlib
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -76,12 +79,28 @@ def ensure_onnx(path: Path, name: str, variant: str) -> Path:
             stale.unlink()
         if variant == "fp32":
             log.info("exporting %s to ONNX (%s)", name, target)
-            _write_atomically(target, lambda temporary: export_fp32(path, temporary))
+            _write_atomically(target, lambda temporary: _in_child("export_fp32", path, temporary))
         else:
             source = ensure_onnx(path, name, "fp32")
             log.info("quantizing %s to int8 (%s)", name, target)
-            _write_atomically(target, lambda temporary: quantize_int8(source, temporary))
+            _write_atomically(target, lambda temporary: _in_child("quantize_int8", source, temporary))
     return target
+
+
+def _in_child(step: str, source: Path, target: Path) -> None:
+    """Run an export step in a process of its own: torch and the exporter's memory go with it,
+    so a process that only runs the ONNX graph (a web process) never holds torch."""
+    code = (
+        "import sys; from pathlib import Path; from jobs.index import onnx_export as m; "
+        f"m.{step}(Path(sys.argv[1]), Path(sys.argv[2]))"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(source), str(target)], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ONNX {step} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
 def _write_atomically(target: Path, write) -> None:
