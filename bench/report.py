@@ -44,6 +44,11 @@ BENCHMARKS = [
         {"embed_backend onnx": (">=", 1.0), "embed_backend onnx-int8": (">=", 1.0)},
     ),
     ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": ("<=", 1.5)}),
+    (
+        "bench.memory",
+        ["--documents", "500", "--concurrency", "1,4"],
+        {"web memory, 4 processes vs 1": ("<=", 1.5)},
+    ),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
 ]
