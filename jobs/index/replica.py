@@ -106,6 +106,14 @@ class Replica:
             elif posting != int_id:
                 self.postings[key] = {posting, int_id}
 
+    def _vector(self, raw: bytes) -> np.ndarray:
+        """A change entry's vector: float16 (as the store writes it) or float32 (entries written
+        before), as a float32 unit vector."""
+        if len(raw) == 2 * self.dimensions:
+            vector = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+            return vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return np.frombuffer(raw, dtype=np.float32)
+
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Apply stream entries in order; consecutive upserts go to FAISS as one batch."""
         pending_ids: list[int] = []
@@ -114,7 +122,7 @@ class Replica:
         def flush() -> None:
             if pending_ids:
                 ids = np.array(pending_ids, dtype=np.int64)
-                vectors = np.frombuffer(b"".join(pending_vectors), dtype=np.float32).reshape(len(ids), -1)
+                vectors = np.stack([self._vector(raw) for raw in pending_vectors])
                 self.index.add_with_ids(vectors, ids)
                 pending_ids.clear()
                 pending_vectors.clear()
