@@ -114,6 +114,8 @@ class Settings:
     max_metadata_fields: int = 32
     max_query_chars: int = 2000
     max_k: int = 100
+    # Where a host keeps the index snapshot's file, which its processes memory-map and share.
+    index_dir: str = "var/index"
     # A search replica writes a snapshot of the index after this many changes since the last one.
     snapshot_every: int = 10_000
     # 1: web processes load the model and index replica when they start, not on the first search.

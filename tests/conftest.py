@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,12 +24,22 @@ from tests.support import ROOT, Process, TestDatabase, WebService, base_env, scr
 # Nothing listens on port 1: code that forgets its test Redis reaches no one's server, even
 # when the developer's shell sets REDIS_URL. Tests choose a Redis explicitly (`scratch_database`).
 NO_REDIS = "redis://127.0.0.1:1/0"
+# The index file directory this process made for the run, removed when it ends.
+INDEX_DIR = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["REDIS_URL"] = NO_REDIS
+    # Index snapshot files of the run's processes, away from the checkout's var/.
+    if "INDEX_DIR" not in os.environ:
+        os.environ["INDEX_DIR"] = config.stash[INDEX_DIR] = tempfile.mkdtemp(prefix="afterward-index-")
     ownership.begin(ROOT)
     ownership.install_signal_handlers()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if INDEX_DIR in config.stash:
+        shutil.rmtree(config.stash[INDEX_DIR], ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)

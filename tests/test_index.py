@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,72 @@ def test_float32_entries_written_before_still_load(fake_redis, replica):
     )
     replica.sync()
     assert replica.search(vector, 1) == [("old", pytest.approx(1.0, abs=1e-6))]
+
+
+# ------------------------------------------------------------------ one copy of the vectors per host
+
+
+def snapshot_of(store, fake_redis, docs, tmp_path) -> Replica:
+    writer = Replica(fake_redis, DIMS, directory=tmp_path)
+    put(store, docs, revision=1)
+    writer.sync()
+    assert writer.write_snapshot()
+    return writer
+
+
+def test_replicas_on_a_host_map_one_file_of_the_snapshot(store, fake_redis, tmp_path):
+    snapshot_of(store, fake_redis, [{"id": f"d{i}", "text": f"text {i}"} for i in range(20)], tmp_path)
+    first, second = (
+        Replica(fake_redis, DIMS, directory=tmp_path),
+        Replica(fake_redis, DIMS, directory=tmp_path),
+    )
+    first.load()
+    second.load()
+    (file,) = tmp_path.glob("*.faiss")
+    maps = Path("/proc/self/maps").read_text()
+    assert maps.count(str(file)) >= 2  # mapped by both, not read into private memory
+    assert len(first) == len(second) == 20 and first.tail.ntotal == 0
+    assert top(second, "text 7")[0] == "d7"
+
+
+def test_changes_after_the_snapshot_are_searched_exactly(store, fake_redis, tmp_path):
+    docs = [{"id": f"d{i}", "text": f"text {i}", "metadata": {"group": i % 2}} for i in range(10)]
+    snapshot_of(store, fake_redis, docs, tmp_path)
+    replica = Replica(fake_redis, DIMS, directory=tmp_path)
+    replica.load()
+    put(
+        store, [{"id": "d1", "text": "renamed", "metadata": {"group": 1}}], revision=2
+    )  # replaces a base vector
+    store.delete("d2", revision=3)
+    put(store, [{"id": "new", "text": "brand new", "metadata": {"group": 0}}], revision=4)
+    assert top(replica, "renamed", k=1) == ["d1"]
+    scores = dict(replica.search(encode(["text 1"])[0], 10))
+    assert scores["d1"] < 0.9  # its old vector (cosine 1.0) is hidden
+    assert "d2" not in scores and set(scores) == {f"d{i}" for i in range(10)} - {"d2"} | {"new"}
+    assert top(replica, "brand new", k=1) == ["new"]
+    assert len(replica) == 10 and replica.hidden == {2, 3}
+    assert top(replica, "text 4", k=10, where={"group": 0}) == top(
+        replica, "text 4", k=10, where={"group": 0}
+    )
+    assert set(top(replica, "text 4", k=10, where={"group": 0})) == {"d0", "d4", "d6", "d8", "new"}
+    assert set(top(replica, "renamed", k=10, where={"group": 1})) == {"d1", "d3", "d5", "d7", "d9"}
+    # Merged into the next snapshot: a fresh replica sees the same.
+    assert replica.write_snapshot()
+    fresh = Replica(fake_redis, DIMS, directory=tmp_path)
+    fresh.load()
+    assert fresh.tail.ntotal == 0 and not fresh.hidden and len(fresh) == 10
+    assert top(fresh, "renamed", k=1) == ["d1"] and dict(fresh.search(encode(["text 1"])[0], 10)) == scores
+    assert len(list(tmp_path.glob("*.faiss"))) == 1  # the older snapshot's file is gone
+
+
+def test_a_replica_moves_to_a_newer_snapshot_once_its_tail_is_long(store, fake_redis, tmp_path, monkeypatch):
+    monkeypatch.setattr("jobs.index.replica.REBASE_AFTER", 3)
+    writer = snapshot_of(store, fake_redis, [{"id": "a", "text": "alpha"}], tmp_path)
+    reader = Replica(fake_redis, DIMS, directory=tmp_path)
+    reader.load()
+    put(store, [{"id": f"n{i}", "text": f"new {i}"} for i in range(3)], revision=2)
+    writer.sync()
+    writer.write_snapshot(trim=False)
+    reader.sync()  # its tail would hold 3: it maps the newer snapshot instead
+    assert reader.base_version == writer.version and reader.tail.ntotal == 0 and len(reader) == 4
+    assert top(reader, "new 2", k=1) == ["n2"]

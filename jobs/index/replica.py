@@ -1,18 +1,30 @@
-"""An in-memory FAISS replica of the document index, for a process that serves searches.
+"""A FAISS replica of the document index, for a process that serves searches.
 
 A replica starts from the latest snapshot in Redis (or from nothing), then replays the
 `INDEX_CHANGES` stream from the snapshot's position. `sync()` replays whatever has been
 appended since; calling it before each search gives read-your-writes on every process.
 Every `snapshot_every` changes one replica writes a new snapshot and trims the stream
 behind it; a replica that finds itself behind the trimmed point reloads the snapshot.
+
+One copy of the vectors per host: the snapshot's vectors (the base) are written once to a
+file in INDEX_DIR, named after the index and the snapshot's version, and every process on
+the host memory-maps it read-only (FAISS IO_FLAG_MMAP_IFC), so its pages are shared. What
+changed since the snapshot lives in each process's own small index (the tail); base
+vectors deleted or replaced since are hidden from searches by an ID selector. A replica
+moves to a newer snapshot once its tail holds REBASE_AFTER changes. FAISS aborts the
+process on an add or remove on a mapped index: the base is only ever searched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -20,6 +32,7 @@ import numpy as np
 import redis
 
 from jobs import keys
+from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +40,9 @@ log = logging.getLogger(__name__)
 REPLAY_BATCH = 2000
 # Snapshot bytes per Redis hash field (well under Redis's 512 MB value limit).
 SNAPSHOT_CHUNK = 64 * 1024 * 1024
+# Changes in a replica's tail (new vectors and hidden base ones) after which it moves to a
+# newer snapshot when there is one.
+REBASE_AFTER = 10_000
 
 
 def filter_key(field: str, value: Any) -> str:
@@ -48,10 +64,13 @@ def _as_set(posting: int | set[int] | None) -> set[int]:
 
 
 class Replica:
-    def __init__(self, connection: redis.Redis, dimensions: int, threads: int = 1) -> None:
+    def __init__(
+        self, connection: redis.Redis, dimensions: int, threads: int = 1, directory: Path | None = None
+    ) -> None:
         faiss.omp_set_num_threads(threads)
         self.connection = connection
         self.dimensions = dimensions
+        self.directory = Path(directory or get_settings().index_dir)
         self.position = "0-0"  # last stream entry applied
         self.version = 0  # index version of that entry
         self._lock = threading.RLock()
@@ -60,7 +79,14 @@ class Replica:
     # ------------------------------------------------------------------ state
 
     def _reset(self) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
+        # The snapshot's vectors, mapped from a file the host's processes share; and its version.
+        self.base: Any = None
+        self.base_version = 0
+        # Changes since the snapshot: new vectors here, replaced or deleted base ones hidden.
+        self.tail = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
+        self.tail_ids: set[int] = set()
+        self.hidden: set[int] = set()
+        self._hidden_selector: Any = None
         self.doc_ids: dict[int, str] = {}
         # Metadata as the compact JSON the store wrote, and an inverted index of its field
         # values for filters: a value one document has maps to its id alone, not to a set.
@@ -72,7 +98,8 @@ class Replica:
         self.epoch: bytes | None = None
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        base = self.base.ntotal if self.base is not None else 0
+        return base - len(self.hidden) + self.tail.ntotal
 
     def metadata_of(self, int_id: int) -> dict[str, Any]:
         raw = self.metadata.get(int_id)
@@ -115,7 +142,7 @@ class Replica:
         return np.frombuffer(raw, dtype=np.float32)
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Apply stream entries in order; consecutive upserts go to FAISS as one batch."""
+        """Apply stream entries in order; consecutive upserts go to the tail as one batch."""
         pending_ids: list[int] = []
         pending_vectors: list[bytes] = []
 
@@ -123,7 +150,8 @@ class Replica:
             if pending_ids:
                 ids = np.array(pending_ids, dtype=np.int64)
                 vectors = np.stack([self._vector(raw) for raw in pending_vectors])
-                self.index.add_with_ids(vectors, ids)
+                self.tail.add_with_ids(vectors, ids)
+                self.tail_ids.update(pending_ids)
                 pending_ids.clear()
                 pending_vectors.clear()
 
@@ -131,7 +159,12 @@ class Replica:
             int_id = int(fields[b"int_id"])
             if int_id in self.doc_ids:
                 flush()  # this id may be waiting in the batch: keep the order of changes
-                self.index.remove_ids(np.array([int_id], dtype=np.int64))
+                if int_id in self.tail_ids:
+                    self.tail.remove_ids(np.array([int_id], dtype=np.int64))
+                    self.tail_ids.discard(int_id)
+                else:  # in the base, which is never written to
+                    self.hidden.add(int_id)
+                    self._hidden_selector = None
                 self._forget(int_id)
             if fields[b"op"] == b"upsert":
                 pending_ids.append(int_id)
@@ -150,9 +183,7 @@ class Replica:
             started = time.monotonic()
             self._reset()
             self.epoch = self.connection.hget(keys.INDEX_CONFIG, "epoch")
-            snapshot = self.connection.hgetall(keys.INDEX_SNAPSHOT)
-            if snapshot and snapshot.get(b"epoch") == self.epoch:
-                self._load_snapshot(snapshot)
+            self._load_snapshot()
             loaded = len(self)
             self.sync()
             log.info(
@@ -162,25 +193,76 @@ class Replica:
                 time.monotonic() - started,
             )
 
-    def _load_snapshot(self, snapshot: dict[bytes, bytes]) -> None:
-        chunks = int(snapshot[b"chunks"])
-        blob = b"".join(snapshot[f"index:{i}".encode()] for i in range(chunks))
-        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-        if index.d != self.dimensions:
-            raise ValueError(f"snapshot has {index.d} dimensions, the model {self.dimensions}")
-        self.index = index
-        for int_id, (doc_id, metadata) in json.loads(snapshot[b"documents"]).items():
-            self._remember(int(int_id), doc_id, _compact(metadata))
-        self.position = snapshot[b"position"].decode()
-        self.version = int(snapshot[b"version"])
+    def _load_snapshot(self) -> None:
+        for _ in range(5):  # a snapshot replaced while it was being read: read the new one
+            fields = ("epoch", "version", "chunks", "position", "documents")
+            epoch, version, chunks, position, documents = self.connection.hmget(keys.INDEX_SNAPSHOT, fields)
+            if epoch is None or epoch != self.epoch:
+                return
+            path = self._base_file(int(version), int(chunks))
+            if path is None:
+                continue
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+            if index.d != self.dimensions:
+                raise ValueError(f"snapshot has {index.d} dimensions, the model {self.dimensions}")
+            self.base, self.base_version = index, int(version)
+            for int_id, (doc_id, metadata) in json.loads(documents).items():
+                self._remember(int(int_id), doc_id, _compact(metadata))
+            self.position = position.decode()
+            self.version = int(version)
+            self._forget_older_files()
+            return
+        raise RuntimeError("the index snapshot kept changing while it was being read")
+
+    def _base_file(self, version: int, chunks: int) -> Path | None:
+        """The host's file of snapshot `version`, written from Redis by the first process to
+        need it; None when Redis holds another snapshot by now."""
+        from filelock import FileLock
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{_slug(self.epoch)}-{version}.faiss"
+        if path.exists():
+            return path
+        with FileLock(f"{path}.lock", timeout=600):
+            if path.exists():
+                return path
+            with self.connection.pipeline() as pipe:  # the chunks and the version they belong to
+                pipe.hget(keys.INDEX_SNAPSHOT, "version")
+                pipe.hmget(keys.INDEX_SNAPSHOT, [f"index:{i}" for i in range(chunks)])
+                current, parts = pipe.execute()
+            if current is None or int(current) != version or any(part is None for part in parts):
+                return None
+            descriptor, temporary = tempfile.mkstemp(
+                dir=self.directory, prefix=f".{path.name}.", suffix=".tmp"
+            )
+            try:
+                with os.fdopen(descriptor, "wb") as out:
+                    for part in parts:
+                        out.write(part)
+                os.chmod(temporary, 0o644)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+        return path
+
+    def _forget_older_files(self) -> None:
+        """Older snapshots' files of this index: a process that maps one keeps its pages."""
+        prefix = f"{_slug(self.epoch)}-"
+        for old in self.directory.glob(f"{prefix}*.faiss"):
+            suffix = old.stem[len(prefix) :]
+            if suffix.isdigit() and int(suffix) < self.base_version:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+                    Path(f"{old}.lock").unlink(missing_ok=True)
 
     def sync(self) -> int:
         """Apply every change appended since the last sync; returns how many."""
         with self._lock:
             with self.connection.pipeline(transaction=False) as pipe:
-                pipe.hget(keys.INDEX_SNAPSHOT, "trimmed_to")
+                pipe.hmget(keys.INDEX_SNAPSHOT, "trimmed_to", "version")
                 pipe.hget(keys.INDEX_CONFIG, "epoch")
-                trimmed_to, epoch = pipe.execute()
+                (trimmed_to, snapshot_version), epoch = pipe.execute()
             if epoch != self.epoch:
                 # Not the index this replica was built from: Redis was emptied, or the index made anew.
                 log.info("the index in Redis is a new one; reloading")
@@ -199,7 +281,15 @@ class Replica:
                 self._apply(entries)
                 applied += len(entries)
                 if len(entries) < REPLAY_BATCH:
-                    return applied
+                    break
+            if (
+                snapshot_version is not None
+                and int(snapshot_version) > self.base_version
+                and self.tail.ntotal + len(self.hidden) >= REBASE_AFTER
+            ):
+                # A newer snapshot holds much of this tail: map it instead (shared, not private).
+                self.load()
+            return applied
 
     # ------------------------------------------------------------------ searching
 
@@ -209,20 +299,38 @@ class Replica:
         """The k nearest documents by cosine similarity, optionally only those matching `where`."""
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         with self._lock:
+            allowed: set[int] | None = None
             if where:
                 allowed = self._matching(where)
                 if not allowed:
                     return []
-                selector = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
-                params = faiss.SearchParameters(sel=selector)
-                scores, ids = self.index.search(query, min(k, len(allowed)), params=params)
-            else:
-                if self.index.ntotal == 0:
-                    return []
-                scores, ids = self.index.search(query, min(k, self.index.ntotal))
-            return [
-                (self.doc_ids[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i != -1
-            ]
+            hits: list[tuple[float, int]] = []
+            if self.base is not None and self.base.ntotal:
+                if allowed is not None:
+                    visible = allowed - self.hidden
+                    selector = _batch(visible) if visible else None
+                    wanted = min(k, len(visible))
+                else:
+                    selector, wanted = self._base_selector(), min(k, self.base.ntotal)
+                if wanted:
+                    hits += _search(self.base, query, wanted, selector)
+            if self.tail.ntotal:
+                selector = _batch(allowed & self.tail_ids) if allowed is not None else None
+                wanted = min(k, self.tail.ntotal if allowed is None else len(allowed & self.tail_ids))
+                if wanted:
+                    hits += _search(self.tail, query, wanted, selector)
+            hits.sort(key=lambda hit: -hit[0])
+            return [(self.doc_ids[int_id], score) for score, int_id in hits[:k]]
+
+    def _base_selector(self) -> Any:
+        """Excludes the base's hidden ids (built again only when they change)."""
+        if not self.hidden:
+            return None
+        if self._hidden_selector is None:
+            batch = _batch(self.hidden)
+            # The Not selector refers to the batch: both are kept alive together.
+            self._hidden_selector = (faiss.IDSelectorNot(batch), batch)
+        return self._hidden_selector[0]
 
     def _matching(self, where: dict[str, Any]) -> set[int]:
         sets = [_as_set(self.postings.get(filter_key(field, value))) for field, value in where.items()]
@@ -245,7 +353,7 @@ class Replica:
             return False
         try:
             with self._lock:
-                blob = faiss.serialize_index(self.index).tobytes()
+                blob = faiss.serialize_index(self._merged()).tobytes()
                 documents = {
                     str(int_id): [doc_id, self.metadata_of(int_id)] for int_id, doc_id in self.doc_ids.items()
                 }
@@ -273,6 +381,39 @@ class Replica:
         finally:
             if self.connection.get(keys.INDEX_SNAPSHOT_LOCK) == token.encode():
                 self.connection.delete(keys.INDEX_SNAPSHOT_LOCK)
+
+    def _merged(self) -> Any:
+        """One index of every live vector: the base's visible ones and the tail's."""
+        merged = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
+        for part, hidden in ((self.base, self.hidden), (self.tail, set())):
+            if part is None or not part.ntotal:
+                continue
+            ids = faiss.vector_to_array(part.id_map).astype(np.int64)
+            vectors = part.index.reconstruct_n(0, part.ntotal)
+            if hidden:
+                keep = ~np.isin(ids, np.fromiter(hidden, dtype=np.int64, count=len(hidden)))
+                ids, vectors = ids[keep], vectors[keep]
+            if len(ids):
+                merged.add_with_ids(np.ascontiguousarray(vectors), ids)
+        return merged
+
+
+def _batch(ids: set[int]) -> Any:
+    return faiss.IDSelectorBatch(np.fromiter(ids, dtype=np.int64, count=len(ids)))
+
+
+def _search(index: Any, query: np.ndarray, k: int, selector: Any) -> list[tuple[float, int]]:
+    if selector is None:
+        scores, ids = index.search(query, k)
+    else:
+        scores, ids = index.search(query, k, params=faiss.SearchParameters(sel=selector))
+    return [(float(score), int(i)) for score, i in zip(scores[0], ids[0], strict=True) if i != -1]
+
+
+def _slug(epoch: bytes | None) -> str:
+    """A file-name-safe name for an index (its epoch)."""
+    text = (epoch or b"none").decode(errors="replace")
+    return "index-" + "".join(ch if ch.isalnum() else "_" for ch in text)[:64]
 
 
 def _stream_id(value: str) -> tuple[int, int]:
