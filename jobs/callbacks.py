@@ -79,14 +79,12 @@ for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return due
 """
 # Record a delivery's state on the job, if the job still exists, and reschedule (ARGV[3]) or
-# drop (ARGV[3] == '') its entry. ARGV[5] == 'LT' only ever brings the entry forward: a job
-# that ended while its courier looked at it keeps the "due now" its end gave it.
+# drop (ARGV[3] == '') its entry.
 _RECORD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 if ARGV[3] == '' then redis.call('ZREM', KEYS[2], ARGV[4])
-elseif ARGV[5] == 'LT' then redis.call('ZADD', KEYS[2], 'LT', ARGV[3], ARGV[4])
 else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4]) end
 """
 
@@ -294,9 +292,7 @@ class Courier:
         free = 0
         while self._busy.acquire(blocking=False):
             free += 1
-        if not free:
-            self._wake.wait(POLL)  # every thread is busy: wait for one to finish
-            self._wake.clear()
+        if not free:  # every thread is busy: the loop waits for one to finish (it wakes it)
             return 0
         at = time.time()
         taken = [i.decode() for i in self._take(keys=[keys.CALLBACKS], args=[at, at + LEASE, free])]
@@ -332,7 +328,10 @@ class Courier:
             return
         if not is_terminal(job):
             age = time.time() - job.created_at.timestamp() if job.created_at else RECHECK_MIN
-            self._save(job, state, time.time() + min(max(age, RECHECK_MIN), RECHECK_MAX), sooner_only=True)
+            # Only ever brought forward: a job that ended while this courier looked at it keeps
+            # the "due now" its end gave it. Its state is unchanged: nothing to write.
+            later = time.time() + min(max(age, RECHECK_MIN), RECHECK_MAX)
+            self.connection.zadd(keys.CALLBACKS, {job_id: later}, lt=True)
             return
         end = _end_of(job)
         if state["status"] in FINAL and state.get("end") == end:
@@ -438,19 +437,11 @@ class Courier:
         if not 200 <= answer.status < 300:
             raise _Undelivered(f"the receiver answered HTTP {answer.status}")
 
-    def _save(
-        self, job: Job, state: dict[str, Any], next_at: float | None, sooner_only: bool = False
-    ) -> None:
+    def _save(self, job: Job, state: dict[str, Any], next_at: float | None) -> None:
         job.callback = state
         self._record(
             keys=[job.key, keys.CALLBACKS],
-            args=[
-                CALLBACK_FIELD,
-                json.dumps(state),
-                "" if next_at is None else next_at,
-                job.id,
-                "LT" if sooner_only else "",
-            ],
+            args=[CALLBACK_FIELD, json.dumps(state), "" if next_at is None else next_at, job.id],
         )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Literal
 
 import redis
@@ -128,12 +127,10 @@ class Outage:
             self.since = None
 
 
-def wait_for_redis(
-    connection: redis.Redis, outage: Outage, stopping: Callable[[], bool] = lambda: False
-) -> bool:
-    """Block until `connection` answers a PING (False if `stopping()` says to give up first)."""
+def wait_for_redis(connection: redis.Redis, outage: Outage) -> None:
+    """Block until `connection` answers a PING, saying so once through `outage` meanwhile."""
     wait = WORKER_BACKOFF_BASE
-    while not stopping():
+    while True:
         try:
             connection.ping()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
@@ -142,8 +139,7 @@ def wait_for_redis(
             wait = min(wait * 2, 5.0)
         else:
             outage.up()
-            return True
-    return False
+            return
 
 
 def _reason(error: BaseException) -> str:

@@ -19,10 +19,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
+from jobs.files import write_atomically
 from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,11 @@ def ensure_onnx(path: Path, name: str, variant: str) -> Path:
             stale.unlink()
         if variant == "fp32":
             log.info("exporting %s to ONNX (%s)", name, target)
-            _write_atomically(target, lambda temporary: _in_child("export_fp32", path, temporary))
+            write_atomically(target, lambda temporary: _in_child("export_fp32", path, temporary))
         else:
             source = ensure_onnx(path, name, "fp32")
             log.info("quantizing %s to int8 (%s)", name, target)
-            _write_atomically(target, lambda temporary: _in_child("quantize_int8", source, temporary))
+            write_atomically(target, lambda temporary: _in_child("quantize_int8", source, temporary))
     return target
 
 
@@ -101,18 +101,6 @@ def _in_child(step: str, source: Path, target: Path) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"ONNX {step} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-
-
-def _write_atomically(target: Path, write) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp's file is private; every process may read the model
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def export_fp32(path: Path, target: Path) -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import redis
 
 from jobs import keys
+from jobs.files import write_atomically
 from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -232,18 +231,13 @@ class Replica:
                 current, parts = pipe.execute()
             if current is None or int(current) != version or any(part is None for part in parts):
                 return None
-            descriptor, temporary = tempfile.mkstemp(
-                dir=self.directory, prefix=f".{path.name}.", suffix=".tmp"
-            )
-            try:
-                with os.fdopen(descriptor, "wb") as out:
+
+            def write(temporary: Path) -> None:
+                with open(temporary, "wb") as out:
                     for part in parts:
                         out.write(part)
-                os.chmod(temporary, 0o644)
-                os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
+
+            write_atomically(path, write)
         return path
 
     def _forget_older_files(self) -> None:
@@ -315,8 +309,12 @@ class Replica:
                 if wanted:
                     hits += _search(self.base, query, wanted, selector)
             if self.tail.ntotal:
-                selector = _batch(allowed & self.tail_ids) if allowed is not None else None
-                wanted = min(k, self.tail.ntotal if allowed is None else len(allowed & self.tail_ids))
+                if allowed is not None:
+                    visible = allowed & self.tail_ids
+                    selector = _batch(visible) if visible else None
+                    wanted = min(k, len(visible))
+                else:
+                    selector, wanted = None, min(k, self.tail.ntotal)
                 if wanted:
                     hits += _search(self.tail, query, wanted, selector)
             hits.sort(key=lambda hit: -hit[0])
