@@ -85,6 +85,8 @@ INDEX_CONFIG = PREFIX + "index:config"
 # The latest snapshot of a replica (FAISS index bytes in chunks, documents, stream position).
 INDEX_SNAPSHOT = PREFIX + "index:snapshot"
 INDEX_SNAPSHOT_LOCK = PREFIX + "index:snapshot-lock"
+# A snapshot being written, renamed over INDEX_SNAPSHOT when whole.
+INDEX_SNAPSHOT_STAGING = PREFIX + "index:snapshot-staging"
 
 
 def document(doc_id: str) -> str:

@@ -116,6 +116,11 @@ class Settings:
     max_k: int = 100
     # Where a host keeps the index snapshot's file, which its processes memory-map and share.
     index_dir: str = "var/index"
+    # Up to this many documents the index is searched exactly; above, a snapshot's vectors are
+    # an HNSW graph (approximate, recall@10 measured in bench.index).
+    index_exact_up_to: int = 100_000
+    # Candidates an HNSW search looks at: more is slower and finds more of the true top k.
+    index_ef_search: int = 256
     # A search replica writes a snapshot of the index after this many changes since the last one.
     snapshot_every: int = 10_000
     # 1: web processes load the model and index replica when they start, not on the first search.

@@ -3,22 +3,26 @@
 A replica starts from the latest snapshot in Redis (or from nothing), then replays the
 `INDEX_CHANGES` stream from the snapshot's position. `sync()` replays whatever has been
 appended since; calling it before each search gives read-your-writes on every process.
-Every `snapshot_every` changes one replica writes a new snapshot and trims the stream
-behind it; a replica that finds itself behind the trimmed point reloads the snapshot.
+Every `snapshot_every` changes one replica writes a new snapshot (jobs.index.snapshots) and
+trims the stream behind it; a replica that finds itself behind the trimmed point reloads.
 
-One copy of the vectors per host: the snapshot's vectors (the base) are written once to a
-file in INDEX_DIR, named after the index and the snapshot's version, and every process on
-the host memory-maps it read-only (FAISS IO_FLAG_MMAP_IFC), so its pages are shared. What
-changed since the snapshot lives in each process's own small index (the tail); base
-vectors deleted or replaced since are hidden from searches by an ID selector. A replica
-moves to a newer snapshot once its tail holds REBASE_AFTER changes. FAISS aborts the
-process on an add or remove on a mapped index: the base is only ever searched.
+One copy of the index per host: a snapshot is two files in INDEX_DIR, written once per host
+from Redis, that every process on the host maps read-only: the FAISS index of its vectors
+(IO_FLAG_MMAP_IFC) and an SQLite file of its documents by position (ids, metadata, the
+inverted index for filters). What changed since the snapshot lives in each process's own
+small exact index (the tail), with its documents in dicts; snapshot positions replaced or
+deleted since are hidden from searches by an ID selector. A replica moves to a newer
+snapshot once its tail holds REBASE_AFTER changes. FAISS aborts the process on an add or
+remove on a mapped index: the base is only ever searched.
+
+Above INDEX_EXACT_UP_TO documents the snapshot's index is an HNSW graph: searches of it are
+approximate (INDEX_EF_SEARCH candidates), the tail's stay exact. A filter that leaves at most
+EXACT_FILTER_UP_TO snapshot documents is searched exactly, by their vectors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -30,30 +34,21 @@ import numpy as np
 import redis
 
 from jobs import keys
-from jobs.files import write_atomically
+from jobs.index import snapshots
+from jobs.index.snapshot_docs import SnapshotDocs, filter_key, filter_keys
 from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 # Stream entries read per round trip while replaying.
 REPLAY_BATCH = 2000
-# Snapshot bytes per Redis hash field (well under Redis's 512 MB value limit).
-SNAPSHOT_CHUNK = 64 * 1024 * 1024
-# Changes in a replica's tail (new vectors and hidden base ones) after which it moves to a
-# newer snapshot when there is one.
+# Changes in a replica's tail (new vectors and hidden snapshot ones) after which it moves to
+# a newer snapshot when there is one.
 REBASE_AFTER = 10_000
-
-
-def filter_key(field: str, value: Any) -> str:
-    """Canonical form of a metadata equality condition (1 and 1.0 are the same value)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return field + "\0" + json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def _compact(metadata: dict[str, Any]) -> bytes:
-    """Metadata as the store writes it (jobs.index.store): compact JSON, keys sorted."""
-    return json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode()
+# A filter leaving at most this many documents of an HNSW snapshot is searched exactly.
+EXACT_FILTER_UP_TO = 20_000
+# The most candidates a filtered HNSW search looks at.
+MAX_EF_SEARCH = 4096
 
 
 def _as_set(posting: int | set[int] | None) -> set[int]:
@@ -67,9 +62,12 @@ class Replica:
         self, connection: redis.Redis, dimensions: int, threads: int = 1, directory: Path | None = None
     ) -> None:
         faiss.omp_set_num_threads(threads)
+        settings = get_settings()
         self.connection = connection
         self.dimensions = dimensions
-        self.directory = Path(directory or get_settings().index_dir)
+        self.directory = Path(directory or settings.index_dir)
+        self.exact_up_to = settings.index_exact_up_to
+        self.ef_search = settings.index_ef_search
         self.position = "0-0"  # last stream entry applied
         self.version = 0  # index version of that entry
         self._lock = threading.RLock()
@@ -78,18 +76,20 @@ class Replica:
     # ------------------------------------------------------------------ state
 
     def _reset(self) -> None:
-        # The snapshot's vectors, mapped from a file the host's processes share; and its version.
+        # The snapshot: its vectors and documents, mapped from files the host's processes share.
         self.base: Any = None
+        self.base_docs: SnapshotDocs | None = None
         self.base_version = 0
-        # Changes since the snapshot: new vectors here, replaced or deleted base ones hidden.
+        self.base_dead = 0  # positions the snapshot itself marks dead
+        # Changes since the snapshot: new vectors here, replaced or deleted base positions hidden.
         self.tail = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
         self.tail_ids: set[int] = set()
         self.hidden: set[int] = set()
         self._hidden_selector: Any = None
+        # The tail's documents by int id. Metadata is kept as the compact JSON the store wrote,
+        # with an inverted index of its field values for filters: a value one document has
+        # maps to its id alone, not to a set.
         self.doc_ids: dict[int, str] = {}
-        # Metadata as the compact JSON the store wrote, and an inverted index of its field
-        # values for filters: a value one document has maps to its id alone, not to a set.
-        # (A dict and a set per field of every document made 2 KB of metadata cost ~35 KB.)
         self.metadata: dict[int, bytes] = {}
         self.postings: dict[str, int | set[int]] = {}
         self.position = "0-0"
@@ -100,13 +100,13 @@ class Replica:
         base = self.base.ntotal if self.base is not None else 0
         return base - len(self.hidden) + self.tail.ntotal
 
-    def metadata_of(self, int_id: int) -> dict[str, Any]:
-        raw = self.metadata.get(int_id)
-        return json.loads(raw) if raw else {}
+    @property
+    def approximate(self) -> bool:
+        """Whether searches of the snapshot's vectors are approximate (HNSW)."""
+        return self.base is not None and snapshots.is_approximate(self.base)
 
     def _forget(self, int_id: int) -> None:
-        for field, value in self.metadata_of(int_id).items():
-            key = filter_key(field, value)
+        for key in filter_keys(self.metadata.get(int_id)):
             posting = self.postings.get(key)
             if posting == int_id:
                 del self.postings[key]
@@ -122,8 +122,7 @@ class Replica:
         if metadata in (b"", b"{}"):
             return
         self.metadata[int_id] = metadata
-        for field, value in json.loads(metadata).items():
-            key = filter_key(field, value)
+        for key in filter_keys(metadata):
             posting = self.postings.get(key)
             if posting is None:
                 self.postings[key] = int_id
@@ -139,6 +138,14 @@ class Replica:
             vector = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
             return vector / max(float(np.linalg.norm(vector)), 1e-12)
         return np.frombuffer(raw, dtype=np.float32)
+
+    def _hide_in_base(self, int_id: int) -> None:
+        if self.base_docs is None:
+            return
+        position = self.base_docs.position_of(int_id)
+        if position is not None and position not in self.hidden:
+            self.hidden.add(position)
+            self._hidden_selector = None
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Apply stream entries in order; consecutive upserts go to the tail as one batch."""
@@ -161,10 +168,8 @@ class Replica:
                 if int_id in self.tail_ids:
                     self.tail.remove_ids(np.array([int_id], dtype=np.int64))
                     self.tail_ids.discard(int_id)
-                else:  # in the base, which is never written to
-                    self.hidden.add(int_id)
-                    self._hidden_selector = None
                 self._forget(int_id)
+            self._hide_in_base(int_id)  # the snapshot's version of it, if any, is out of date
             if fields[b"op"] == b"upsert":
                 pending_ids.append(int_id)
                 pending_vectors.append(fields[b"vector"])
@@ -180,70 +185,78 @@ class Replica:
         """Start over from the latest snapshot (if any), then replay the stream."""
         with self._lock:
             started = time.monotonic()
+            if self.base_docs is not None:
+                self.base_docs.close()
             self._reset()
             self.epoch = self.connection.hget(keys.INDEX_CONFIG, "epoch")
             self._load_snapshot()
             loaded = len(self)
             self.sync()
             log.info(
-                "index replica loaded: %d documents (%d from a snapshot) in %.2f s",
+                "index replica loaded: %d documents (%d from a %s snapshot) in %.2f s",
                 len(self),
                 loaded,
+                "approximate" if self.approximate else "exact",
                 time.monotonic() - started,
             )
 
     def _load_snapshot(self) -> None:
         for _ in range(5):  # a snapshot replaced while it was being read: read the new one
-            fields = ("epoch", "version", "chunks", "position", "documents")
-            epoch, version, chunks, position, documents = self.connection.hmget(keys.INDEX_SNAPSHOT, fields)
+            fields = ("epoch", "version", "format", "index_chunks", "docs_chunks", "chunks", "position")
+            epoch, version, form, index_chunks, docs_chunks, chunks, position = self.connection.hmget(
+                keys.INDEX_SNAPSHOT, fields
+            )
             if epoch is None or epoch != self.epoch:
                 return
-            path = self._base_file(int(version), int(chunks))
-            if path is None:
+            try:
+                index_path, docs_path = self._snapshot_files(
+                    int(version), form, int(index_chunks or chunks or 0), int(docs_chunks or 0)
+                )
+            except snapshots.SnapshotReplaced:
                 continue
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC)
             if index.d != self.dimensions:
                 raise ValueError(f"snapshot has {index.d} dimensions, the model {self.dimensions}")
+            if snapshots.is_approximate(index):
+                index.hnsw.efSearch = self.ef_search
             self.base, self.base_version = index, int(version)
-            for int_id, (doc_id, metadata) in json.loads(documents).items():
-                self._remember(int(int_id), doc_id, _compact(metadata))
+            self.base_docs = SnapshotDocs(docs_path)
+            self.hidden = set(self.base_docs.dead())
+            self.base_dead = len(self.hidden)
             self.position = position.decode()
             self.version = int(version)
             self._forget_older_files()
             return
         raise RuntimeError("the index snapshot kept changing while it was being read")
 
-    def _base_file(self, version: int, chunks: int) -> Path | None:
-        """The host's file of snapshot `version`, written from Redis by the first process to
-        need it; None when Redis holds another snapshot by now."""
+    def _snapshot_files(
+        self, version: int, form: bytes | None, index_chunks: int, docs_chunks: int
+    ) -> tuple[Path, Path]:
+        """The host's files of snapshot `version`, copied from Redis by the first process to
+        need them; SnapshotReplaced when Redis holds another snapshot by now."""
         from filelock import FileLock
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{_slug(self.epoch)}-{version}.faiss"
-        if path.exists():
-            return path
-        with FileLock(f"{path}.lock", timeout=600):
-            if path.exists():
-                return path
-            with self.connection.pipeline() as pipe:  # the chunks and the version they belong to
-                pipe.hget(keys.INDEX_SNAPSHOT, "version")
-                pipe.hmget(keys.INDEX_SNAPSHOT, [f"index:{i}" for i in range(chunks)])
-                current, parts = pipe.execute()
-            if current is None or int(current) != version or any(part is None for part in parts):
-                return None
-
-            def write(temporary: Path) -> None:
-                with open(temporary, "wb") as out:
-                    for part in parts:
-                        out.write(part)
-
-            write_atomically(path, write)
-        return path
+        paths = {
+            name: snapshots.file_path(self.directory, self.epoch, version, name) for name in snapshots.FILES
+        }
+        if not all(path.exists() for path in paths.values()):
+            with FileLock(f"{paths['index']}.lock", timeout=600):
+                if form != snapshots.FORMAT:
+                    if not all(path.exists() for path in paths.values()):
+                        snapshots.convert_legacy(
+                            self.connection, version, index_chunks, self.directory, self.epoch
+                        )
+                else:
+                    for name, count in (("docs", docs_chunks), ("index", index_chunks)):
+                        if not paths[name].exists():
+                            snapshots.download(self.connection, version, name, count, paths[name])
+        return paths["index"], paths["docs"]
 
     def _forget_older_files(self) -> None:
         """Older snapshots' files of this index: a process that maps one keeps its pages."""
-        prefix = f"{_slug(self.epoch)}-"
-        for old in self.directory.glob(f"{prefix}*.faiss"):
+        prefix = f"{snapshots.slug(self.epoch)}-"
+        for old in [*self.directory.glob(f"{prefix}*.faiss"), *self.directory.glob(f"{prefix}*.sqlite")]:
             suffix = old.stem[len(prefix) :]
             if suffix.isdigit() and int(suffix) < self.base_version:
                 with contextlib.suppress(OSError):
@@ -262,7 +275,9 @@ class Replica:
                 log.info("the index in Redis is a new one; reloading")
                 self.load()
                 return 0
-            if trimmed_to is not None and _stream_id(trimmed_to.decode()) > _stream_id(self.position):
+            if trimmed_to is not None and snapshots.stream_id(trimmed_to.decode()) > snapshots.stream_id(
+                self.position
+            ):
                 # Changes this replica has not seen were trimmed away: only the snapshot has them.
                 log.warning("index replica fell behind the trimmed stream; reloading")
                 self.load()
@@ -279,7 +294,7 @@ class Replica:
             if (
                 snapshot_version is not None
                 and int(snapshot_version) > self.base_version
-                and self.tail.ntotal + len(self.hidden) >= REBASE_AFTER
+                and self.tail.ntotal + len(self.hidden) - self.base_dead >= REBASE_AFTER
             ):
                 # A newer snapshot holds much of this tail: map it instead (shared, not private).
                 self.load()
@@ -293,35 +308,58 @@ class Replica:
         """The k nearest documents by cosine similarity, optionally only those matching `where`."""
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         with self._lock:
-            allowed: set[int] | None = None
-            if where:
-                allowed = self._matching(where)
-                if not allowed:
-                    return []
-            hits: list[tuple[float, int]] = []
+            base_hits: list[tuple[float, int]] = []
+            tail_hits: list[tuple[float, int]] = []
             if self.base is not None and self.base.ntotal:
-                if allowed is not None:
-                    visible = allowed - self.hidden
-                    selector = _batch(visible) if visible else None
-                    wanted = min(k, len(visible))
+                if where:
+                    visible = self._matching_base(where) - self.hidden
+                    if visible:
+                        base_hits = self._search_base_among(query, k, visible)
                 else:
-                    selector, wanted = self._base_selector(), min(k, self.base.ntotal)
-                if wanted:
-                    hits += _search(self.base, query, wanted, selector)
+                    base_hits = self._search_base(
+                        query, min(k, self.base.ntotal - len(self.hidden)), self._base_selector()
+                    )
             if self.tail.ntotal:
-                if allowed is not None:
-                    visible = allowed & self.tail_ids
-                    selector = _batch(visible) if visible else None
-                    wanted = min(k, len(visible))
+                if where:
+                    visible = self._matching_tail(where)
+                    if visible:
+                        tail_hits = _search(self.tail, query, min(k, len(visible)), _batch(visible))
                 else:
-                    selector, wanted = None, min(k, self.tail.ntotal)
-                if wanted:
-                    hits += _search(self.tail, query, wanted, selector)
+                    tail_hits = _search(self.tail, query, min(k, self.tail.ntotal), None)
+            names = self.base_docs.doc_ids([i for _, i in base_hits]) if base_hits else {}
+            hits = [(score, names[i]) for score, i in base_hits] + [
+                (score, self.doc_ids[i]) for score, i in tail_hits
+            ]
             hits.sort(key=lambda hit: -hit[0])
-            return [(self.doc_ids[int_id], score) for score, int_id in hits[:k]]
+            return [(doc_id, score) for score, doc_id in hits[:k]]
+
+    def _search_base(
+        self, query: np.ndarray, k: int, selector: Any, ef: int | None = None
+    ) -> list[tuple[float, int]]:
+        if k <= 0:
+            return []
+        if self.approximate:
+            params = faiss.SearchParametersHNSW(efSearch=max(ef or self.ef_search, k), sel=selector)
+            return _search(self.base, query, k, None, params)
+        return _search(self.base, query, k, selector)
+
+    def _search_base_among(self, query: np.ndarray, k: int, visible: set[int]) -> list[tuple[float, int]]:
+        """Search only the snapshot positions in `visible` (a filter's)."""
+        if not self.approximate:
+            return _search(self.base, query, min(k, len(visible)), _batch(visible))
+        if len(visible) <= EXACT_FILTER_UP_TO:
+            # A graph search that may visit only a few nodes misses; these vectors are few.
+            positions = np.fromiter(visible, dtype=np.int64, count=len(visible))
+            scores = self.base.reconstruct_batch(positions) @ query[0]
+            best = np.argsort(-scores, kind="stable")[:k]
+            return [(float(scores[i]), int(positions[i])) for i in best]
+        # Look at as many candidates as an unfiltered search would see of them.
+        share = len(visible) / max(1, self.base.ntotal)
+        ef = min(MAX_EF_SEARCH, int(self.ef_search / share))
+        return self._search_base(query, min(k, len(visible)), _batch(visible), ef)
 
     def _base_selector(self) -> Any:
-        """Excludes the base's hidden ids (built again only when they change)."""
+        """Excludes the base's hidden positions (built again only when they change)."""
         if not self.hidden:
             return None
         if self._hidden_selector is None:
@@ -330,13 +368,11 @@ class Replica:
             self._hidden_selector = (faiss.IDSelectorNot(batch), batch)
         return self._hidden_selector[0]
 
-    def _matching(self, where: dict[str, Any]) -> set[int]:
-        sets = [_as_set(self.postings.get(filter_key(field, value))) for field, value in where.items()]
-        sets.sort(key=len)
-        result = set(sets[0])
-        for other in sets[1:]:
-            result &= other
-        return result
+    def _matching_base(self, where: dict[str, Any]) -> set[int]:
+        return _intersect([self.base_docs.matching(filter_key(f, v)) for f, v in where.items()])
+
+    def _matching_tail(self, where: dict[str, Any]) -> set[int]:
+        return _intersect([_as_set(self.postings.get(filter_key(f, v))) for f, v in where.items()])
 
     # ------------------------------------------------------------------ snapshots
 
@@ -345,80 +381,69 @@ class Replica:
         return self.version - int(snapshot_version or 0)
 
     def write_snapshot(self, trim: bool = True) -> bool:
-        """Store this replica as the snapshot (if no other process is writing one) and trim the stream."""
-        token = str(time.time_ns())
-        if not self.connection.set(keys.INDEX_SNAPSHOT_LOCK, token, nx=True, ex=300):
-            return False
-        try:
-            with self._lock:
-                blob = faiss.serialize_index(self._merged()).tobytes()
-                documents = {
-                    str(int_id): [doc_id, self.metadata_of(int_id)] for int_id, doc_id in self.doc_ids.items()
-                }
-                position, version, epoch = self.position, self.version, self.epoch
-            chunks = [blob[i : i + SNAPSHOT_CHUNK] for i in range(0, len(blob), SNAPSHOT_CHUNK)] or [b""]
-            mapping: dict[str, Any] = {f"index:{i}": chunk for i, chunk in enumerate(chunks)}
-            mapping.update(
-                chunks=len(chunks),
-                documents=json.dumps(documents, separators=(",", ":")),
-                position=position,
-                version=version,
-                created_at=time.time(),
-                trimmed_to=position if trim else "0-0",
-                epoch=epoch or b"",
+        """Store this replica as the snapshot (if no other process is writing one) and trim the
+        stream. Searches and syncs go on while it is built."""
+        with self._lock:
+            base_paths = (
+                (
+                    snapshots.file_path(self.directory, self.epoch, self.base_version, "index"),
+                    self.base_docs.path,
+                )
+                if self.base_docs is not None
+                else (None, None)
             )
-            with self.connection.pipeline() as pipe:
-                pipe.delete(keys.INDEX_SNAPSHOT)
-                pipe.hset(keys.INDEX_SNAPSHOT, mapping=mapping)
-                if trim:
-                    # Entries up to the snapshot's position are in the snapshot.
-                    pipe.xtrim(keys.INDEX_CHANGES, minid=_next_id(position), approximate=False)
-                pipe.execute()
-            log.info("index snapshot written: %d documents at version %d", len(documents), version)
-            return True
-        finally:
-            if self.connection.get(keys.INDEX_SNAPSHOT_LOCK) == token.encode():
-                self.connection.delete(keys.INDEX_SNAPSHOT_LOCK)
+            ids = faiss.vector_to_array(self.tail.id_map).astype(np.int64)
+            capture = snapshots.Capture(
+                dimensions=self.dimensions,
+                base=self.base,
+                base_index_path=base_paths[0],
+                base_docs_path=base_paths[1],
+                hidden=sorted(self.hidden),
+                tail_vectors=self.tail.index.reconstruct_n(0, self.tail.ntotal)
+                if self.tail.ntotal
+                else np.zeros((0, self.dimensions), dtype=np.float32),
+                tail_rows=[(i, self.doc_ids[i], self.metadata.get(i)) for i in ids.tolist()],
+                position=self.position,
+                version=self.version,
+                epoch=self.epoch,
+            )
+        if self.base is not None and capture.version == self.base_version:
+            return False  # the snapshot is this replica already
+        built = snapshots.write(self.connection, capture, self.directory, self.exact_up_to, trim)
+        if built is None:
+            return False
+        log.info(
+            "index snapshot written: %d documents at version %d (%s%s, %.1f s)",
+            capture.live,
+            capture.version,
+            built["kind"],
+            ", extended in place" if built["in_place"] else "",
+            built["build_seconds"],
+        )
+        # Its own tail is in the snapshot now: map that instead (the files are on this host).
+        self.load()
+        return True
 
-    def _merged(self) -> Any:
-        """One index of every live vector: the base's visible ones and the tail's."""
-        merged = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
-        for part, hidden in ((self.base, self.hidden), (self.tail, set())):
-            if part is None or not part.ntotal:
-                continue
-            ids = faiss.vector_to_array(part.id_map).astype(np.int64)
-            vectors = part.index.reconstruct_n(0, part.ntotal)
-            if hidden:
-                keep = ~np.isin(ids, np.fromiter(hidden, dtype=np.int64, count=len(hidden)))
-                ids, vectors = ids[keep], vectors[keep]
-            if len(ids):
-                merged.add_with_ids(np.ascontiguousarray(vectors), ids)
-        return merged
+
+def _intersect(sets: list[set[int]]) -> set[int]:
+    sets.sort(key=len)
+    result = set(sets[0])
+    for other in sets[1:]:
+        result &= other
+    return result
 
 
 def _batch(ids: set[int]) -> Any:
     return faiss.IDSelectorBatch(np.fromiter(ids, dtype=np.int64, count=len(ids)))
 
 
-def _search(index: Any, query: np.ndarray, k: int, selector: Any) -> list[tuple[float, int]]:
-    if selector is None:
+def _search(
+    index: Any, query: np.ndarray, k: int, selector: Any, params: Any = None
+) -> list[tuple[float, int]]:
+    if params is None and selector is not None:
+        params = faiss.SearchParameters(sel=selector)
+    if params is None:
         scores, ids = index.search(query, k)
     else:
-        scores, ids = index.search(query, k, params=faiss.SearchParameters(sel=selector))
+        scores, ids = index.search(query, k, params=params)
     return [(float(score), int(i)) for score, i in zip(scores[0], ids[0], strict=True) if i != -1]
-
-
-def _slug(epoch: bytes | None) -> str:
-    """A file-name-safe name for an index (its epoch)."""
-    text = (epoch or b"none").decode(errors="replace")
-    return "index-" + "".join(ch if ch.isalnum() else "_" for ch in text)[:64]
-
-
-def _stream_id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _next_id(value: str) -> str:
-    ms, seq = _stream_id(value)
-    return f"{ms}-{seq + 1}"
