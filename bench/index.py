@@ -1,15 +1,20 @@
-"""The search index at scale: cold start, Redis memory, and where search should live.
+"""The search index at scale: Redis bytes, cold start, recall, latency and memory.
 
     .venv/bin/python -m bench.index [--documents 100000]
 
-1. Writes `--documents` documents (random unit vectors, ~100-character texts) through the
-   store's Lua upsert, then measures a replica's cold start by replaying the change stream,
-   and again from a snapshot. Reports Redis bytes per document, before and after a snapshot
-   took the place of the change stream.
-2. Starts the Procfile's web process (1 process) on that index and compares, in the same
+1. Writes `--documents` documents through the store's Lua upsert: synthetic unit vectors
+   clustered the way sentence embeddings are (5,000 topics of 20 subtopics; a query's nearest
+   document has a median cosine of about 0.7), ~100-character texts. Measures a replica's
+   cold start replaying the change stream, then the snapshot it writes (exact up to
+   INDEX_EXACT_UP_TO documents, an HNSW graph above) and Redis bytes per document before and
+   after the snapshot took the stream's place.
+2. Cold start from the snapshot, on a host without its files (copied from Redis) and on one
+   that has them (mapped). Recall@10 of that replica against exact search over the same
+   vectors, on a fixed set of 200 queries.
+3. Starts the Procfile's web process (1 process) on that index and compares, in the same
    run: search in-process (encode + FAISS), search over HTTP, a job's round trip through
    the queue (what a search answered by a worker would add at least), and the resident
-   memory of a web process before and after it loaded the model and the replica.
+   memory of the web process once warm, with and without the snapshot's mapped files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import requests
 
 import jobs  # noqa: F401 - pins thread counts before numpy work starts
 from bench.common import bench_parser, database, ms, percentile, result
+from jobs import keys
 from jobs.index.embedding import get_encoder
 from jobs.index.replica import Replica
 from jobs.index.store import DocumentStore
@@ -32,15 +38,32 @@ from scripts.processes import wait_until
 from scripts.stack import WebService, procfile_env, start_workers
 
 QUERIES = ["a kitten asleep in the sun", "interest rates and the stock market", "how to bake bread at home"]
+RECALL_QUERIES = 200
+MB = 2**20
 
 
-def fill(store: DocumentStore, count: int, dims: int, model: str) -> None:
-    rng = np.random.default_rng(7)
+class Synthetic:
+    """Unit vectors clustered like sentence embeddings: topics, subtopics, noise of varied size."""
+
+    def __init__(self, dims: int, topics: int = 5000, subtopics: int = 20, seed: int = 7) -> None:
+        rng = np.random.default_rng(seed)
+        centres = rng.standard_normal((topics, 1, dims)).astype(np.float32)
+        self.subtopics = centres + 0.5 * rng.standard_normal((topics, subtopics, dims)).astype(np.float32)
+        self.dims = dims
+
+    def vectors(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        topics, subtopics, _ = self.subtopics.shape
+        picks = self.subtopics[rng.integers(0, topics, count), rng.integers(0, subtopics, count)]
+        scale = rng.lognormal(np.log(0.8), 0.25, (count, 1)).astype(np.float32)
+        vectors = picks + scale * rng.standard_normal((count, self.dims)).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def fill(store: DocumentStore, count: int, dims: int, model: str) -> Synthetic:
+    synthetic, rng = Synthetic(dims), np.random.default_rng(11)
     batch = 256
     for start in range(0, count, batch):
         n = min(batch, count - start)
-        vectors = rng.standard_normal((n, dims)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         docs = [
             {
                 "id": f"doc-{start + i}",
@@ -49,7 +72,18 @@ def fill(store: DocumentStore, count: int, dims: int, model: str) -> None:
             }
             for i in range(n)
         ]
-        store.upsert(docs, vectors, revision=1, model=model)
+        store.upsert(docs, synthetic.vectors(rng, n), revision=1, model=model)
+    return synthetic
+
+
+def snapshot_rss(pid: int) -> float:
+    """Resident MB of a process's mapped snapshot files (shared by the host's processes)."""
+    maps = psutil.Process(pid).memory_maps()
+    return sum(m.rss for m in maps if m.path.endswith((".faiss", ".sqlite"))) / MB
+
+
+def top_ids(replica: Replica, queries: np.ndarray, k: int = 10) -> list[set[str]]:
+    return [{doc_id for doc_id, _ in replica.search(query, k)} for query in queries]
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -77,28 +111,42 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
     encoder = get_encoder()
-    with database(args.redis) as db:
+    with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         connection = db.client()
         memory_before = connection.info("memory")["used_memory"]
         started = time.perf_counter()
-        fill(DocumentStore(connection), args.documents, encoder.dimensions, encoder.name)
+        synthetic = fill(DocumentStore(connection), args.documents, encoder.dimensions, encoder.name)
         fill_seconds = time.perf_counter() - started
         per_doc = (connection.info("memory")["used_memory"] - memory_before) / args.documents
+        queries = synthetic.vectors(np.random.default_rng(99), RECALL_QUERIES)
 
-        replica = Replica(connection, encoder.dimensions)
+        host = tmp / "index"
+        replica = Replica(connection, encoder.dimensions, directory=host)
         started = time.perf_counter()
         replica.load()
         replay_seconds = time.perf_counter() - started
+        # Everything is in the replica's exact tail now: the true top 10 of each query.
+        exact = top_ids(replica, queries)
         started = time.perf_counter()
         replica.write_snapshot()
         snapshot_write = time.perf_counter() - started
+        kind = connection.hget(keys.INDEX_SNAPSHOT, "kind").decode()
+        del replica
         # The snapshot holds what the stream held, which it trims: what Redis keeps from now on.
         per_doc_snapshot = (connection.info("memory")["used_memory"] - memory_before) / args.documents
-        fresh = Replica(connection, encoder.dimensions)
+        new_host = Replica(connection, encoder.dimensions, directory=tmp / "another-host")
+        started = time.perf_counter()
+        new_host.load()
+        copied_seconds = time.perf_counter() - started
+        del new_host
+        fresh = Replica(connection, encoder.dimensions, directory=host)
         started = time.perf_counter()
         fresh.load()
-        snapshot_seconds = time.perf_counter() - started
-        assert len(fresh) == len(replica) == args.documents
+        mapped_seconds = time.perf_counter() - started
+        assert len(fresh) == args.documents
+        found = top_ids(fresh, queries)
+        recall = sum(len(a & b) for a, b in zip(exact, found, strict=True)) / (10 * len(queries))
 
         def in_process() -> None:
             fresh.sync()
@@ -106,42 +154,45 @@ def main() -> None:
 
         local = timed(in_process, args.repeat)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            env = procfile_env(db.url, Path(tmp), WEB_CONCURRENCY=1, SEARCH_WARMUP=0)
-            web = WebService(env, Path(tmp))
-            workers = start_workers(env, Path(tmp), count=1)
-            try:
-                web_pid = psutil.Process(web.process.pid).children()[0].pid
-                rss_cold = psutil.Process(web_pid).memory_info().rss
-                session = requests.Session()
-                session.get(web.url("/search"), params={"q": "warm up"}, timeout=120).raise_for_status()
-                rss_warm = psutil.Process(web_pid).memory_info().rss
-                over_http = timed(
-                    lambda: session.get(
-                        web.url("/search"), params={"q": QUERIES[0]}, timeout=60
-                    ).raise_for_status(),
-                    args.repeat,
+        env = procfile_env(db.url, tmp, WEB_CONCURRENCY=1, SEARCH_WARMUP=0, INDEX_DIR=host)
+        web = WebService(env, tmp)
+        workers = start_workers(env, tmp, count=1)
+        try:
+            web_pid = psutil.Process(web.process.pid).children()[0].pid
+            rss_cold = psutil.Process(web_pid).memory_info().rss / MB
+            session = requests.Session()
+            session.get(web.url("/search"), params={"q": "warm up"}, timeout=600).raise_for_status()
+            over_http = timed(
+                lambda: session.get(
+                    web.url("/search"), params={"q": QUERIES[0]}, timeout=60
+                ).raise_for_status(),
+                args.repeat,
+            )
+            rss_warm = psutil.Process(web_pid).memory_info().rss / MB
+            rss_files = snapshot_rss(web_pid)
+            wait_until(lambda: connection.scard("rq:workers"), timeout=60, what="a worker")
+
+            def round_trip() -> None:
+                job = session.post(web.url("/jobs/log"), json={"message": "x"}, timeout=30).json()
+                assert (
+                    session.get(web.url(f"/jobs/{job['id']}?wait=10"), timeout=30).json()["status"]
+                    == "finished"
                 )
-                wait_until(lambda: connection.scard("rq:workers"), timeout=60, what="a worker")
 
-                def round_trip() -> None:
-                    job = session.post(web.url("/jobs/log"), json={"message": "x"}, timeout=30).json()
-                    assert (
-                        session.get(web.url(f"/jobs/{job['id']}?wait=10"), timeout=30).json()["status"]
-                        == "finished"
-                    )
-
-                queue = timed(round_trip, args.repeat)
-            finally:
-                workers.kill()
-                web.stop()
+            queue = timed(round_trip, args.repeat)
+        finally:
+            workers.kill()
+            web.stop()
 
     ratio = p50(over_http) / p50(local)
     rows = [
         ("Redis memory per document", f"{per_doc:8.0f} bytes (text, metadata, change entry with the vector)"),
         ("  once a snapshot holds them", f"{per_doc_snapshot:8.0f} bytes (text, metadata, snapshot)"),
         ("cold start, replaying the stream", f"{replay_seconds:8.2f} s"),
-        ("cold start, from a snapshot", f"{snapshot_seconds:8.2f} s   (writing it: {snapshot_write:.2f} s)"),
+        ("writing the snapshot", f"{snapshot_write:8.2f} s   ({kind})"),
+        ("cold start from it, a new host", f"{copied_seconds:8.2f} s   (files copied from Redis)"),
+        ("cold start from it, on its host", f"{mapped_seconds:8.2f} s   (files mapped)"),
+        ("recall@10 against exact search", f"{recall:8.3f}   ({RECALL_QUERIES} queries)"),
         ("search in-process p50 / p99", f"{p50(local):8.1f} ms / {p99(local)}  (encode + FAISS)"),
         (
             "search over HTTP p50 / p99",
@@ -149,11 +200,15 @@ def main() -> None:
         ),
         ("a job's round trip via the queue", f"{p50(queue):8.1f} ms  (the least a worker-side search adds)"),
         (
-            "web process memory",
-            f"{rss_cold / 2**20:8.0f} MB cold, {rss_warm / 2**20:.0f} MB with model and replica",
+            "web process memory (RSS)",
+            f"{rss_cold:8.0f} MB cold, {rss_warm:.0f} MB warm, {rss_warm - rss_files:.0f} MB without the"
+            f" snapshot's shared files ({rss_files:.0f} MB)",
         ),
     ]
-    print(f"{args.documents} documents, {encoder.dimensions} dimensions (filled in {fill_seconds:.1f} s)")
+    print(
+        f"{args.documents} documents, {encoder.dimensions} dimensions (filled in {fill_seconds:.1f} s),"
+        f" {kind} snapshot"
+    )
     for label, value in rows:
         print(f"  {label:34s} {value}")
     result(
@@ -161,6 +216,13 @@ def main() -> None:
         baseline=f"in-process p50 {p50(local):.1f} ms",
         ours=f"over HTTP p50 {p50(over_http):.1f} ms",
         ratio=round(ratio, 2),
+        documents=args.documents,
+    )
+    result(
+        "index recall@10",
+        baseline="exact search: 1.000",
+        ours=f"{kind} snapshot: {recall:.3f}",
+        ratio=round(recall, 3),
         documents=args.documents,
     )
 

@@ -23,7 +23,8 @@ import rq
 
 from scripts.processes import ROOT
 
-# Module, its tiny arguments, and the targets its results are held to: (">=" or "<=", ratio).
+# Module, its tiny arguments, the targets its results are held to (">=" or "<=", ratio), and
+# the arguments of each full-size run (one run at its default sizes unless said).
 BENCHMARKS = [
     ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0), "e2e_log vs HTTP ceiling": (">=", 0.5)}),
     ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": (">=", 1.0)}),
@@ -43,11 +44,20 @@ BENCHMARKS = [
         ["--documents", "200", "--queries", "10", "--repeat", "1"],
         {"embed_backend onnx": (">=", 1.0), "embed_backend onnx-int8": (">=", 1.0)},
     ),
-    ("bench.index", ["--documents", "2000", "--repeat", "3"], {"index search": ("<=", 1.5)}),
+    (
+        "bench.index",
+        ["--documents", "2000", "--repeat", "3"],
+        {"index search": ("<=", 1.5), "index recall@10": (">=", 0.95)},
+        [[], ["--documents", "1000000"]],
+    ),
     (
         "bench.memory",
         ["--documents", "500", "--concurrency", "1,4"],
-        {"web memory, 4 processes vs 1": ("<=", 1.5)},
+        {
+            "web memory, 4 processes vs 1": ("<=", 1.5),
+            "web memory, one process without shared snapshot pages": ("<=", 1.0),
+        },
+        [["--documents", "0,100000,1000000"]],
     ),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
@@ -101,8 +111,12 @@ def machine() -> str:
 
 def build(tiny: bool) -> str:
     rows, sections, notes = [], [], []
-    for module, tiny_args, targets in BENCHMARKS:
-        args = tiny_args if tiny else []
+    runs = [
+        (module, args, targets)
+        for module, tiny_args, targets, *full in BENCHMARKS
+        for args in ([tiny_args] if tiny else full[0] if full else [[]])
+    ]
+    for module, args, targets in runs:
         output = run(module, args)
         printed = [line for line in output.splitlines() if not line.startswith("RESULT ")]
         for line in output.splitlines():
