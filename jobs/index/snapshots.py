@@ -2,8 +2,8 @@
 
 A snapshot is a FAISS index of the vectors and an SQLite file of the documents
 (jobs.index.snapshot_docs), numbered alike by position. Up to `INDEX_EXACT_UP_TO` live
-documents the index is exact (IndexFlatIP); above, it is an HNSW graph (approximate, about
-a millisecond per search at a million documents, see BENCHMARKS.md).
+documents the index is exact (IndexFlatIP); above, it is an HNSW graph over float16 vectors
+(approximate: recall@10 and latency at a million documents in BENCHMARKS.md).
 
 Building runs outside the replica's lock, so searches and writes go on meanwhile. An exact
 index is rebuilt whole (a copy of its vectors). An HNSW graph cannot remove a vector and is
@@ -97,14 +97,21 @@ def build(capture: Capture, work: Path, exact_up_to: int, keep_alive: Callable[[
         parts = []
         if base is not None and base.ntotal:
             vectors = base.reconstruct_n(0, base.ntotal)
+            if is_approximate(base):  # stored as float16: unit length again
+                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             if hidden:
                 vectors = np.delete(vectors, np.asarray(hidden, dtype=np.int64), axis=0)
             parts.append(vectors)
         parts.append(capture.tail_vectors.reshape(-1, capture.dimensions))
         vectors = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         if approximate:
-            index = faiss.IndexHNSWFlat(capture.dimensions, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+            # float16 storage: the vectors arrive as float16 (jobs.index.store), so nothing is
+            # lost, and the file (in Redis and in every host's page cache) is half the size.
+            index = faiss.IndexHNSWSQ(
+                capture.dimensions, faiss.ScalarQuantizer.QT_fp16, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT
+            )
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index.train(vectors[:1000])  # float16 learns nothing; FAISS wants the call
         else:
             index = faiss.IndexFlatIP(capture.dimensions)
         first = len(vectors) - len(capture.tail_rows)
