@@ -24,7 +24,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,16 +94,6 @@ def build(capture: Capture, work: Path, exact_up_to: int, keep_alive: Callable[[
         dead, renumber = hidden, False
         _add(index, capture.tail_vectors, keep_alive)
     else:
-        parts = []
-        if base is not None and base.ntotal:
-            vectors = base.reconstruct_n(0, base.ntotal)
-            if is_approximate(base):  # stored as float16: unit length again
-                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            if hidden:
-                vectors = np.delete(vectors, np.asarray(hidden, dtype=np.int64), axis=0)
-            parts.append(vectors)
-        parts.append(capture.tail_vectors.reshape(-1, capture.dimensions))
-        vectors = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         if approximate:
             # float16 storage: the vectors arrive as float16 (jobs.index.store), so nothing is
             # lost, and the file (in Redis and in every host's page cache) is half the size.
@@ -111,13 +101,14 @@ def build(capture: Capture, work: Path, exact_up_to: int, keep_alive: Callable[[
                 capture.dimensions, faiss.ScalarQuantizer.QT_fp16, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT
             )
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.train(vectors[:1000])  # float16 learns nothing; FAISS wants the call
+            index.is_trained = True  # float16 has nothing to learn
         else:
             index = faiss.IndexFlatIP(capture.dimensions)
-        first = len(vectors) - len(capture.tail_rows)
+        if base is not None and base.ntotal:
+            _add(index, _live_vectors(base, hidden), keep_alive)
+        first = index.ntotal
+        _add(index, capture.tail_vectors, keep_alive)
         dead, renumber = [], True
-        _add(index, vectors, keep_alive)
-        del vectors
     faiss.write_index(index, str(work / "index.faiss"))
     rows = (
         (first + i, int_id, doc_id, metadata)
@@ -134,10 +125,29 @@ def build(capture: Capture, work: Path, exact_up_to: int, keep_alive: Callable[[
     return {"kind": "hnsw" if approximate else "flat", "in_place": in_place, "vectors": index.ntotal}
 
 
-def _add(index: Any, vectors: np.ndarray, keep_alive: Callable[[], None]) -> None:
-    for start in range(0, len(vectors), BUILD_BATCH):
-        index.add(np.ascontiguousarray(vectors[start : start + BUILD_BATCH], dtype=np.float32))
+def _add(index: Any, vectors: Iterable[np.ndarray] | np.ndarray, keep_alive: Callable[[], None]) -> None:
+    batches = (
+        (vectors[start : start + BUILD_BATCH] for start in range(0, len(vectors), BUILD_BATCH))
+        if isinstance(vectors, np.ndarray)
+        else vectors
+    )
+    for batch in batches:
+        if len(batch):
+            index.add(np.ascontiguousarray(batch, dtype=np.float32))
         keep_alive()
+
+
+def _live_vectors(base: Any, hidden: list[int]) -> Iterator[np.ndarray]:
+    """The base's vectors but the hidden ones, in order, a batch at a time (a copy of all of
+    them would double the memory a rebuild takes)."""
+    hidden_positions = np.asarray(hidden, dtype=np.int64)
+    for start in range(0, base.ntotal, BUILD_BATCH):
+        count = min(BUILD_BATCH, base.ntotal - start)
+        vectors = base.reconstruct_n(start, count)
+        if is_approximate(base):  # stored as float16: unit length again
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        gone = hidden_positions[(hidden_positions >= start) & (hidden_positions < start + count)]
+        yield np.delete(vectors, gone - start, axis=0) if len(gone) else vectors
 
 
 def write(
