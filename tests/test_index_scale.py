@@ -245,3 +245,43 @@ def test_a_snapshot_of_an_earlier_release_still_loads(fake_redis, tmp_path, corp
     assert {doc_id for doc_id, _ in replica.search(vectors[7], 20, {"group": 1})} == {
         f"d{i}" for i in range(1, 20, 2)
     }
+
+
+@pytest.mark.integration
+def test_a_snapshot_in_many_chunks_moves_through_a_real_redis_whole(
+    real_redis, tmp_path, corpus, monkeypatch
+):
+    vectors, queries, rng, centres = corpus
+    monkeypatch.setattr(snapshots, "SNAPSHOT_CHUNK", 64 * 1024)
+    fill(real_redis, vectors)
+    writer = replica_at(real_redis, tmp_path / "writer")
+    writer.sync()
+    assert writer.write_snapshot()
+    stored = real_redis.hmget(keys.INDEX_SNAPSHOT, "index_chunks", "docs_chunks", "kind")
+    assert int(stored[0]) > 3 and int(stored[1]) >= 1 and stored[2] == b"hnsw"
+    assert not real_redis.exists(keys.INDEX_SNAPSHOT_STAGING)
+    assert real_redis.xlen(keys.INDEX_CHANGES) == 0
+
+    # A snapshot replaced while a new host copies it: the host copies the new one instead.
+    real_download, replaced = snapshots.download, []
+
+    def download_racing_a_writer(connection, version, name, chunks, target):
+        if not replaced:
+            replaced.append(version)
+            DocumentStore(real_redis).upsert(
+                [{"id": "late", "text": "late"}], clustered(rng, 1, centres), revision=2, model=MODEL
+            )
+            writer.sync()
+            assert writer.write_snapshot()
+        real_download(connection, version, name, chunks, target)
+
+    monkeypatch.setattr(snapshots, "download", download_racing_a_writer)
+    reader = replica_at(real_redis, tmp_path / "reader")
+    reader.load()
+    assert reader.base_version == writer.base_version > replaced[0]
+    assert len(reader) == COUNT + 1 and reader.tail.ntotal == 0
+    truth = {f"d{i}": v for i, v in enumerate(vectors)}
+    assert recall(reader, truth, queries) >= 0.95
+    assert [
+        p.name for p in (tmp_path / "reader").iterdir() if p.name.startswith(".")
+    ] == []  # no partial file
