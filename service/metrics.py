@@ -100,6 +100,17 @@ class RedisCollector(Collector):
         yield GaugeMetricFamily(
             "afterward_index_version", "Changes applied to the search index.", value=stats["version"]
         )
+        snapshot = stats["snapshot"] or {}
+        yield GaugeMetricFamily(
+            "afterward_index_changes_since_snapshot",
+            "Changes not in the latest index snapshot yet (replicas replay them from the stream).",
+            value=stats["version"] - snapshot.get("version", 0),
+        )
+        yield GaugeMetricFamily(
+            "afterward_index_approximate",
+            "1 when the latest index snapshot is an HNSW graph (approximate search), else 0.",
+            value=int(snapshot.get("search") == "approximate"),
+        )
 
 
 def _histogram(metric: str, help_text: str, fields: dict[bytes, bytes]) -> HistogramMetricFamily:

@@ -135,6 +135,17 @@ class ReplicaInfo(BaseModel):
     status: Literal["ready", "loading", "cold"]
     documents: int | None
     version: int | None
+    snapshot_version: int | None = Field(description="The snapshot this process maps.")
+    search: Literal["exact", "approximate"] | None = Field(
+        description="How the snapshot's vectors are searched: exhaustively, or in an HNSW graph."
+    )
+
+
+class SnapshotInfo(BaseModel):
+    version: int
+    documents: int
+    search: Literal["exact", "approximate"]
+    created_at: str
 
 
 class IndexInfo(BaseModel):
@@ -142,6 +153,7 @@ class IndexInfo(BaseModel):
     version: int
     model: str
     dimensions: int
+    snapshot: SnapshotInfo | None = Field(description="The latest snapshot in Redis; null before the first.")
     replica: ReplicaInfo
 
 

@@ -238,3 +238,32 @@ def test_a_web_process_takes_requests_only_once_search_is_loaded(module_db, sess
         assert checks["search"] == "ready"
     finally:
         warm.kill()
+
+
+def test_above_the_exact_threshold_a_web_process_searches_an_hnsw_snapshot(
+    embedder, module_db, session_env, tmp_path
+):
+    # A tiny threshold and snapshot interval: the web process writes an HNSW snapshot, maps it
+    # (with its documents file) and answers from it, filters included.
+    settings = {"INDEX_EXACT_UP_TO": "4", "SNAPSHOT_EVERY": "8", "INDEX_DIR": str(tmp_path / "index")}
+    graph = WebService(dict(session_env, SEARCH_WARMUP="1", WEB_CONCURRENCY="1", **settings), tmp_path)
+    try:
+        prefixes = [uuid.uuid4().hex[:8] for _ in range(2)]
+        for prefix in prefixes:
+            embed(graph, tagged(prefix))
+
+        def replica() -> dict:
+            return requests.get(graph.url("/index"), timeout=30).json()["replica"]
+
+        wait_until(lambda: replica()["search"] == "approximate", timeout=60, what="an HNSW snapshot")
+        info = requests.get(graph.url("/index"), timeout=30).json()
+        assert info["snapshot"]["search"] == "approximate" and info["snapshot"]["documents"] >= 16
+        assert list((tmp_path / "index").glob("*.sqlite")) and list((tmp_path / "index").glob("*.faiss"))
+        for prefix in prefixes:
+            for key, query in PARAPHRASES.items():
+                results = search(graph, query, k=3, base=graph.base, where={"run": prefix})
+                assert results[0]["id"] == f"{prefix}-{key}", (query, results)
+        scrape = requests.get(graph.url("/metrics"), timeout=30).text
+        assert "afterward_index_approximate 1.0" in scrape
+    finally:
+        graph.kill()

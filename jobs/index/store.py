@@ -236,10 +236,20 @@ class DocumentStore:
             pipe.get(keys.INDEX_COUNT)
             pipe.get(keys.INDEX_VERSION)
             pipe.hgetall(keys.INDEX_CONFIG)
-            count, version, config = pipe.execute()
+            pipe.hmget(keys.INDEX_SNAPSHOT, "version", "documents", "kind", "created_at", "epoch")
+            count, version, config, (snap_version, snap_documents, kind, created_at, epoch) = pipe.execute()
+        snapshot = None
+        if snap_version is not None and epoch == config.get(b"epoch"):
+            snapshot = {
+                "version": int(snap_version),
+                "documents": int(snap_documents),
+                "search": "approximate" if kind == b"hnsw" else "exact",
+                "created_at": iso(datetime.fromtimestamp(float(created_at), UTC)),
+            }
         return {
             "documents": int(count or 0),
             "version": int(version or 0),
             "model": config.get(b"model", b"").decode() or None,
             "dimensions": int(config[b"dimensions"]) if b"dimensions" in config else None,
+            "snapshot": snapshot,
         }

@@ -142,5 +142,7 @@ def index_info() -> Response:
         "status": state.search.status,
         "documents": len(replica) if replica is not None else None,
         "version": replica.version if replica is not None else None,
+        "snapshot_version": (replica.base_version or None) if replica is not None else None,
+        "search": ("approximate" if replica.approximate else "exact") if replica is not None else None,
     }
     return jsonify(stats)
