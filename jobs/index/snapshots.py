@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class Capture:
     position: str
     version: int
     epoch: bytes | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def live(self) -> int:
