@@ -58,6 +58,23 @@ _metrics_dir = tempfile.mkdtemp(prefix="afterward-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
+def when_ready(server):
+    # The model, loaded once before the workers fork: its weights are pages they all share
+    # (copy-on-write, and never written), not a copy per process; bench.memory measures it.
+    # ONNX Runtime with one thread starts no threads, so a forked process may use the session
+    # (as the embedder's work-horses do); with more threads, or torch, each process loads its own.
+    if _settings.search_warmup and _settings.embed_backend != "torch" and _settings.embed_threads == 1:
+        import gc
+
+        from jobs.index.embedding import get_encoder
+
+        try:
+            get_encoder().encode(["warm up"])
+        except Exception:
+            server.log.exception("the model did not load before the fork; each process loads its own")
+        gc.freeze()  # what is loaded so far is never collected: the collector does not dirty its pages
+
+
 def post_worker_init(worker):
     # With SEARCH_WARMUP=1 a web process takes its first request only once its model and index
     # replica are loaded: no client ever waits for a cold search, and /readyz is true everywhere.
