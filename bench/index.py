@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -34,11 +35,14 @@ from jobs import keys
 from jobs.index.embedding import get_encoder
 from jobs.index.replica import Replica
 from jobs.index.store import DocumentStore
+from jobs.settings import get_settings
 from scripts.processes import wait_until
 from scripts.stack import WebService, procfile_env, start_workers
 
 QUERIES = ["a kitten asleep in the sun", "interest rates and the stock market", "how to bake bread at home"]
 RECALL_QUERIES = 200
+# What one search over HTTP may take at a million documents (p50).
+HNSW_BUDGET_MS = 20
 MB = 2**20
 
 
@@ -109,7 +113,14 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument(
+        "--exact-up-to", type=int, help="INDEX_EXACT_UP_TO for this run (default: the setting's default)"
+    )
     args = parser.parse_args()
+    if args.exact_up_to is not None:
+        os.environ["INDEX_EXACT_UP_TO"] = str(args.exact_up_to)  # this process and the web process
+        get_settings.cache_clear()
+    exact_up_to = get_settings().index_exact_up_to
     encoder = get_encoder()
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -154,12 +165,13 @@ def main() -> None:
 
         local = timed(in_process, args.repeat)
 
-        env = procfile_env(db.url, tmp, WEB_CONCURRENCY=1, SEARCH_WARMUP=0, INDEX_DIR=host)
+        # As deployed (SEARCH_WARMUP=1): the model loaded before the fork, the replica before the
+        # process takes requests.
+        env = procfile_env(db.url, tmp, WEB_CONCURRENCY=1, INDEX_DIR=host)
         web = WebService(env, tmp)
         workers = start_workers(env, tmp, count=1)
         try:
             web_pid = psutil.Process(web.process.pid).children()[0].pid
-            rss_cold = psutil.Process(web_pid).memory_info().rss / MB
             session = requests.Session()
             session.get(web.url("/search"), params={"q": "warm up"}, timeout=600).raise_for_status()
             over_http = timed(
@@ -201,7 +213,7 @@ def main() -> None:
         ("a job's round trip via the queue", f"{p50(queue):8.1f} ms  (the least a worker-side search adds)"),
         (
             "web process memory (RSS)",
-            f"{rss_cold:8.0f} MB cold, {rss_warm:.0f} MB warm, {rss_warm - rss_files:.0f} MB without the"
+            f"{rss_warm:8.0f} MB warm, {rss_warm - rss_files:.0f} MB without the"
             f" snapshot's shared files ({rss_files:.0f} MB)",
         ),
     ]
@@ -211,17 +223,29 @@ def main() -> None:
     )
     for label, value in rows:
         print(f"  {label:34s} {value}")
-    result(
-        "index search",
-        baseline=f"in-process p50 {p50(local):.1f} ms",
-        ours=f"over HTTP p50 {p50(over_http):.1f} ms",
-        ratio=round(ratio, 2),
-        documents=args.documents,
-    )
+    if args.documents <= exact_up_to:
+        # Exact search: serving it over HTTP must cost little on top of the search itself.
+        result(
+            "index search",
+            baseline=f"in-process p50 {p50(local):.1f} ms",
+            ours=f"over HTTP p50 {p50(over_http):.1f} ms",
+            ratio=round(ratio, 2),
+            documents=args.documents,
+        )
+    else:
+        # HNSW: a search takes a few milliseconds, held to a budget rather than to in-process.
+        result(
+            "index search, HNSW",
+            baseline=f"budget: over HTTP p50 {HNSW_BUDGET_MS} ms",
+            ours=f"over HTTP p50 {p50(over_http):.1f} ms (in-process {p50(local):.1f} ms),"
+            f" {args.documents:,} documents",
+            ratio=round(p50(over_http) / HNSW_BUDGET_MS, 2),
+            documents=args.documents,
+        )
     result(
         "index recall@10",
         baseline="exact search: 1.000",
-        ours=f"{kind} snapshot: {recall:.3f}",
+        ours=f"{kind} snapshot, {args.documents:,} documents: {recall:.3f}",
         ratio=round(recall, 3),
         documents=args.documents,
     )

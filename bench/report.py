@@ -23,8 +23,9 @@ import rq
 
 from scripts.processes import ROOT
 
-# Module, its tiny arguments, the targets its results are held to (">=" or "<=", ratio), and
-# the arguments of each full-size run (one run at its default sizes unless said).
+# Module, its tiny arguments (or a list of them, for several tiny runs), the targets its results
+# are held to (">=" or "<=", ratio), and the arguments of each full-size run (one run at its
+# default sizes unless said).
 BENCHMARKS = [
     ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0), "e2e_log vs HTTP ceiling": (">=", 0.5)}),
     ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": (">=", 1.0)}),
@@ -46,8 +47,11 @@ BENCHMARKS = [
     ),
     (
         "bench.index",
-        ["--documents", "2000", "--repeat", "3"],
-        {"index search": ("<=", 1.5), "index recall@10": (">=", 0.95)},
+        [
+            ["--documents", "2000", "--repeat", "3"],
+            ["--documents", "3000", "--repeat", "3", "--exact-up-to", "1000"],
+        ],
+        {"index search": ("<=", 1.5), "index search, HNSW": ("<=", 1.0), "index recall@10": (">=", 0.95)},
         [[], ["--documents", "1000000"]],
     ),
     (
@@ -62,6 +66,10 @@ BENCHMARKS = [
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
 ]
+
+
+def _runs(args: list) -> list[list[str]]:
+    return args if args and isinstance(args[0], list) else [args]
 
 
 def verdict(target: tuple[str, float] | None, ratio: float | None) -> str:
@@ -114,7 +122,7 @@ def build(tiny: bool) -> str:
     runs = [
         (module, args, targets)
         for module, tiny_args, targets, *full in BENCHMARKS
-        for args in ([tiny_args] if tiny else full[0] if full else [[]])
+        for args in (_runs(tiny_args) if tiny else full[0] if full else [[]])
     ]
     for module, args, targets in runs:
         output = run(module, args)
