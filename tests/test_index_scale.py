@@ -285,3 +285,22 @@ def test_a_snapshot_in_many_chunks_moves_through_a_real_redis_whole(
     assert [
         p.name for p in (tmp_path / "reader").iterdir() if p.name.startswith(".")
     ] == []  # no partial file
+
+
+def test_a_broad_filter_searches_the_graph_with_more_candidates(fake_redis, tmp_path, corpus, monkeypatch):
+    vectors, queries, _, _ = corpus
+    fill(fake_redis, vectors)
+    writer = replica_at(fake_redis, tmp_path)
+    writer.sync()
+    writer.write_snapshot()
+    reader = replica_at(fake_redis, tmp_path)
+    reader.load()
+    monkeypatch.setattr("jobs.index.replica.EXACT_FILTER_UP_TO", 10)  # 30 matches: the graph path
+    group = [i for i in range(COUNT) if i % 100 == 7]
+    found = 0
+    for query in queries:
+        exact = {f"d{group[i]}" for i in np.argsort(-(vectors[group] @ query))[:10]}
+        results = [doc_id for doc_id, _ in reader.search(query, 10, {"group": 7})]
+        assert set(results) <= {f"d{i}" for i in group}  # only documents the filter allows
+        found += len(exact & set(results))
+    assert found / (10 * len(queries)) >= 0.9
