@@ -41,6 +41,21 @@ def replica_at(fake_redis, tmp_path: Path, exact_up_to: int = 1000) -> Replica:
     return replica
 
 
+def snapshot_written(connection, directory: Path) -> Replica:
+    """A replica that replayed every change so far and wrote them as the snapshot."""
+    writer = replica_at(connection, directory)
+    writer.sync()
+    writer.write_snapshot()
+    return writer
+
+
+def loaded(connection, directory: Path) -> Replica:
+    """A replica of the host `directory`, loaded from the latest snapshot."""
+    reader = replica_at(connection, directory)
+    reader.load()
+    return reader
+
+
 def fill(fake_redis, vectors: np.ndarray, revision: int = 1, offset: int = 0) -> None:
     docs = [
         {"id": f"d{offset + i}", "text": f"text {offset + i}", "metadata": {"group": (offset + i) % 100}}
@@ -70,8 +85,7 @@ def test_above_the_threshold_the_snapshot_is_an_hnsw_graph_with_high_recall(fake
     assert recall(writer, truth, queries) == 1.0  # changes since a snapshot are searched exactly
     assert writer.write_snapshot()
     assert fake_redis.hget(keys.INDEX_SNAPSHOT, "kind") == b"hnsw"
-    reader = replica_at(fake_redis, tmp_path)
-    reader.load()
+    reader = loaded(fake_redis, tmp_path)
     assert reader.approximate and len(reader) == COUNT and reader.tail.ntotal == 0
     assert recall(reader, truth, queries) >= 0.95
 
@@ -81,9 +95,7 @@ def test_changes_to_an_hnsw_snapshot_extend_it_in_place_and_dead_vectors_stay_un
 ):
     vectors, queries, rng, centres = corpus
     fill(fake_redis, vectors)
-    writer = replica_at(fake_redis, tmp_path)
-    writer.sync()
-    writer.write_snapshot()
+    writer = snapshot_written(fake_redis, tmp_path)
     store = DocumentStore(fake_redis)
     # Replace 50 documents with new vectors, delete 50, add 100.
     replaced = clustered(rng, 50, centres)
@@ -105,8 +117,7 @@ def test_changes_to_an_hnsw_snapshot_extend_it_in_place_and_dead_vectors_stay_un
     assert len(writer) == len(truth) and writer.hidden == set(range(100))
     assert recall(writer, truth, queries) >= 0.95
     writer.write_snapshot()  # 100 dead of 3,000: extended in place
-    reader = replica_at(fake_redis, tmp_path)
-    reader.load()
+    reader = loaded(fake_redis, tmp_path)
     assert reader.base.ntotal == COUNT + 150 and reader.base_dead == 100 and len(reader) == len(truth)
     assert reader.hidden == set(range(100)) and reader.tail.ntotal == 0
     assert recall(reader, truth, queries) >= 0.95
@@ -121,16 +132,13 @@ def test_changes_to_an_hnsw_snapshot_extend_it_in_place_and_dead_vectors_stay_un
 def test_an_hnsw_snapshot_with_many_dead_vectors_is_rebuilt_from_the_live_ones(fake_redis, tmp_path, corpus):
     vectors, queries, _, _ = corpus
     fill(fake_redis, vectors)
-    writer = replica_at(fake_redis, tmp_path)
-    writer.sync()
-    writer.write_snapshot()
+    writer = snapshot_written(fake_redis, tmp_path)
     store = DocumentStore(fake_redis)
     for i in range(400):  # over DEAD_SHARE of the graph
         store.delete(f"d{i}", revision=2)
     writer.sync()
     writer.write_snapshot()
-    reader = replica_at(fake_redis, tmp_path)
-    reader.load()
+    reader = loaded(fake_redis, tmp_path)
     assert reader.approximate and reader.base.ntotal == COUNT - 400 and reader.base_dead == 0
     truth = {f"d{i}": v for i, v in enumerate(vectors) if i >= 400}
     assert recall(reader, truth, queries) >= 0.95
@@ -154,11 +162,8 @@ def test_an_hnsw_snapshot_with_many_dead_vectors_is_rebuilt_from_the_live_ones(f
 def test_filters_on_an_hnsw_snapshot_find_the_exact_top_k(fake_redis, tmp_path, corpus):
     vectors, queries, _, _ = corpus
     fill(fake_redis, vectors)
-    writer = replica_at(fake_redis, tmp_path)
-    writer.sync()
-    writer.write_snapshot()
-    reader = replica_at(fake_redis, tmp_path)
-    reader.load()
+    snapshot_written(fake_redis, tmp_path)
+    reader = loaded(fake_redis, tmp_path)
     assert reader.approximate and len(reader.metadata) == 0  # the snapshot's metadata stays on disk
     group = [i for i in range(COUNT) if i % 100 == 7]  # 1% of the documents
     for query in queries[:20]:
@@ -203,9 +208,7 @@ def test_searches_and_writes_go_on_while_a_snapshot_is_built(fake_redis, tmp_pat
 def test_replicas_on_a_host_share_the_documents_file(fake_redis, tmp_path, corpus):
     vectors, _, _, _ = corpus
     fill(fake_redis, vectors[:200])
-    writer = replica_at(fake_redis, tmp_path)
-    writer.sync()
-    writer.write_snapshot()
+    snapshot_written(fake_redis, tmp_path)
     fake_redis.hset(keys.INDEX_SNAPSHOT, "unused", b"")  # nothing else read from Redis's copy
     elsewhere = tmp_path / "another-host"
     first, second = replica_at(fake_redis, elsewhere), replica_at(fake_redis, elsewhere)
@@ -290,11 +293,8 @@ def test_a_snapshot_in_many_chunks_moves_through_a_real_redis_whole(
 def test_a_broad_filter_searches_the_graph_with_more_candidates(fake_redis, tmp_path, corpus, monkeypatch):
     vectors, queries, _, _ = corpus
     fill(fake_redis, vectors)
-    writer = replica_at(fake_redis, tmp_path)
-    writer.sync()
-    writer.write_snapshot()
-    reader = replica_at(fake_redis, tmp_path)
-    reader.load()
+    snapshot_written(fake_redis, tmp_path)
+    reader = loaded(fake_redis, tmp_path)
     monkeypatch.setattr("jobs.index.replica.EXACT_FILTER_UP_TO", 10)  # 30 matches: the graph path
     group = [i for i in range(COUNT) if i % 100 == 7]
     found = 0

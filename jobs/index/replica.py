@@ -78,6 +78,7 @@ class Replica:
     def _reset(self) -> None:
         # The snapshot: its vectors and documents, mapped from files the host's processes share.
         self.base: Any = None
+        self.base_path: Path | None = None
         self.base_docs: SnapshotDocs | None = None
         self.base_version = 0
         self.base_dead = 0  # positions the snapshot itself marks dead
@@ -217,9 +218,7 @@ class Replica:
             index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC)
             if index.d != self.dimensions:
                 raise ValueError(f"snapshot has {index.d} dimensions, the model {self.dimensions}")
-            if snapshots.is_approximate(index):
-                index.hnsw.efSearch = self.ef_search
-            self.base, self.base_version = index, int(version)
+            self.base, self.base_path, self.base_version = index, index_path, int(version)
             self.base_docs = SnapshotDocs(docs_path)
             self.hidden = set(self.base_docs.dead())
             self.base_dead = len(self.hidden)
@@ -384,20 +383,12 @@ class Replica:
         """Store this replica as the snapshot (if no other process is writing one) and trim the
         stream. Searches and syncs go on while it is built."""
         with self._lock:
-            base_paths = (
-                (
-                    snapshots.file_path(self.directory, self.epoch, self.base_version, "index"),
-                    self.base_docs.path,
-                )
-                if self.base_docs is not None
-                else (None, None)
-            )
             ids = faiss.vector_to_array(self.tail.id_map).astype(np.int64)
             capture = snapshots.Capture(
                 dimensions=self.dimensions,
                 base=self.base,
-                base_index_path=base_paths[0],
-                base_docs_path=base_paths[1],
+                base_index_path=self.base_path,
+                base_docs_path=self.base_docs.path if self.base_docs is not None else None,
                 hidden=sorted(self.hidden),
                 tail_vectors=self.tail.index.reconstruct_n(0, self.tail.ntotal)
                 if self.tail.ntotal
