@@ -21,14 +21,23 @@ _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
 # A list per queue that idle workers of that queue block on; every push of a job id rings it.
 _DOORBELL = PREFIX + "doorbell:{queue}"
 
+# Fair share (jobs.engine.fair), per RQ queue: each owner's one job on the queue (owner -> job
+# id), each owner's jobs waiting behind it (a list per owner: the prefix and the owner), the
+# owners with any waiting, and how many jobs wait in all.
+_FAIR = PREFIX + "fair:{queue}:"
+
 # The rate limiter's counter of one client (API key owner or address) in one fixed window.
 _RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
 # Jobs with a completion webhook, by when a courier should look at them next (jobs.callbacks).
 CALLBACKS = PREFIX + "callbacks"
 
-# Field RQ's job hash is extended with: how many times a worker started the job.
+# Fields RQ's job hash is extended with: how many times a worker started the job; the owner
+# whose fair share the job runs in, and the most jobs of that owner it may run beside
+# (KEY_MAX_ACTIVE when the job was accepted).
 JOB_ATTEMPTS_FIELD = "afterward_attempts"
+JOB_OWNER_FIELD = "afterward_owner"
+JOB_MAX_ACTIVE_FIELD = "afterward_max_active"
 
 
 def recent_jobs(owner: str) -> str:
@@ -60,6 +69,37 @@ def idempotency(owner: str, key: str) -> str:
 
 def doorbell(queue: str) -> str:
     return _DOORBELL.format(queue=queue)
+
+
+def fair_front(queue: str) -> str:
+    return _FAIR.format(queue=queue) + "front"
+
+
+def fair_waiting_prefix(queue: str) -> str:
+    return _FAIR.format(queue=queue) + "waiting:"
+
+
+def fair_owners(queue: str) -> str:
+    return _FAIR.format(queue=queue) + "owners"
+
+
+def fair_waiting_count(queue: str) -> str:
+    return _FAIR.format(queue=queue) + "waiting-count"
+
+
+# Jobs stopped (RQ keeps them in its failed registry), per queue, scored like that registry
+# (when they expire): GET /queues counts them apart without reading the failed jobs.
+_STOPPED = PREFIX + "stopped:{queue}"
+# Each owner's failed and stopped jobs, scored by when they ended: what a bulk retry reads.
+_RETRYABLE = PREFIX + "retryable:{owner}:{status}"
+
+
+def stopped(queue: str) -> str:
+    return _STOPPED.format(queue=queue)
+
+
+def retryable(owner: str, status: str) -> str:
+    return _RETRYABLE.format(owner=owner, status=status)
 
 
 # ---------------------------------------------------------------- the document index

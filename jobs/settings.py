@@ -78,10 +78,9 @@ class Settings:
     embed_threads: int = 1
     # Texts per batch the encoder runs.
     embed_batch_size: int = 64
-    # With API_KEYS set: jobs of one key that may be queued or running at once in each process
-    # type (worker, embedder); the key's further jobs wait, `rate_limited`, for one to end.
-    # 0: one less than the live workers serving the job's queue, at least 1, so that no key can
-    # hold every worker.
+    # With API_KEYS set, workers take turns between keys (jobs.engine.fair): a key alone may use
+    # every worker. This caps, besides, the jobs of one key running at once in each process type
+    # (worker, embedder); 0: no cap. A job keeps the cap in force when it was accepted.
     key_max_active: int = 0
     # With API_KEYS set: jobs one key may have waiting (queued, rate-limited, scheduled) at
     # once, and megabytes of their request bodies; beyond either, submissions answer 429.

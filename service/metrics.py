@@ -87,8 +87,11 @@ class RedisCollector(Collector):
         with redis.pipeline(transaction=False) as pipe:
             for queue in self.state.queues.values():
                 pipe.llen(queue.key)
-            for name, length in zip(self.state.queues, pipe.execute(), strict=True):
-                depth.add_metric([name], length)
+                pipe.get(keys.fair_waiting_count(queue.name))  # waiting their key's turn
+            answers = pipe.execute()
+        for index, name in enumerate(self.state.queues):
+            on_queue, behind = answers[2 * index], answers[2 * index + 1]
+            depth.add_metric([name], on_queue + max(0, int(behind or 0)))
         yield depth
         yield GaugeMetricFamily(
             "afterward_workers_alive", "Workers that heartbeated lately.", value=len(live_workers(redis))

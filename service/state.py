@@ -14,7 +14,6 @@ from jobs.settings import Settings
 from jobs.types.registry import JobType, job_types
 from service.search import SearchService
 from service.waiting import JobWaiter
-from service.workers import ActiveCap
 
 EXTENSION = "afterward"
 
@@ -27,7 +26,6 @@ class AppState:
     job_types: dict[str, JobType]
     waiter: JobWaiter = field(repr=False)
     search: SearchService = field(repr=False)
-    active_cap: ActiveCap = field(repr=False)
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -48,7 +46,6 @@ def init_state(app: Flask, settings: Settings) -> AppState:
         job_types=dict(job_types(settings.extra_job_modules)),
         waiter=JobWaiter(connection, slots=settings.waiting_slots),
         search=SearchService(connection, settings),
-        active_cap=ActiveCap(connection, settings.key_max_active),
     )
     app.extensions[EXTENSION] = state
     return state

@@ -17,7 +17,6 @@ from pydantic import create_model
 from rq import Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
-from rq.rate_limit import RateLimit
 
 from jobs import callbacks, keys, metrics, quota
 from jobs.engine.job import Job
@@ -81,16 +80,8 @@ def submit(
         meta["view"] = job_type.describe(kwargs)
     if settings.api_keys:
         meta[quota.META_FIELD] = 1
-    # With API keys, each key's share of each process type is capped (KEY_MAX_ACTIVE): RQ's
-    # concurrency limit holds the key's further jobs back, `rate_limited`, until one ends.
-    rate_limit = None
-    if settings.api_keys:
-        rate_limit = RateLimit(
-            f"{owner}:{job_type.family or 'general'}", state.active_cap.for_queue(queue.name)
-        )
     job = queue.create_job(
         job_type.path,
-        rate_limit=rate_limit,
         kwargs=kwargs,
         timeout=options.timeout or job_type.timeout_for(request),
         result_ttl=settings.result_ttl,
@@ -102,6 +93,10 @@ def submit(
         # A scheduled job that never ran is gone this long after it was accepted.
         ttl=settings.max_delay + settings.result_ttl if options.delay else None,
     )
+    if settings.api_keys:
+        # Workers take turns between keys (jobs.engine.fair); a cap, when set, is the job's own.
+        job.owner = owner
+        job.max_active = settings.key_max_active or None
     # With API keys, the job takes its place in its key's share of Redis first (jobs.quota),
     # in the round trip of the request's rate-limit hit and idempotency claim.
     reserve = _reservation(settings, owner, job.id) if settings.api_keys else None
@@ -121,26 +116,18 @@ def submit(
             if int(results[-1][0]):
                 _release(state, reserve)
             raise
-        _check_admitted(admitted, settings)
+        check_admitted(admitted, settings)
 
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
         if options.delay:
             queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
-            promoted_at = None
-        elif job.has_rate_limit:
-            promoted_at = queue.enqueue_limited(job, pipeline=pipe)
         else:
             queue.enqueue_job(job, pipeline=pipe)
-            promoted_at = None
         if options.callback_url is not None:
             callbacks.register(pipe, job, options.callback_url)
         _index(pipe, owner, job.id, settings)
         metrics.count(pipe, "accepted", type_name, options.queue)
-        results = pipe.execute()
-    if promoted_at is not None and job.id.encode() in results[promoted_at]:
-        job._status = JobStatus.QUEUED  # as the limiter wrote it
-    elif promoted_at is not None:
-        job.enqueued_at = None  # waiting for a slot of its key
+        pipe.execute()
     return Submission(job, created=True)
 
 
@@ -175,7 +162,7 @@ def _reservation(settings: Settings, owner: str, job_id: str) -> _Place:
     return _Place(settings, owner, job_id, size, time.time())
 
 
-def _check_admitted(answer: list, settings: Settings) -> None:
+def check_admitted(answer: list, settings: Settings) -> None:
     admitted, waiting, size = (int(value) for value in answer)
     if not admitted:
         raise ApiError(
@@ -209,7 +196,7 @@ def _claim(
     try:
         claimed, *admitted = check_request(results)
         if admitted and claimed:  # a repeat is answered whatever the key's share holds
-            _check_admitted(admitted[0], state.settings)
+            check_admitted(admitted[0], state.settings)
     except ApiError:
         claimed_now = results[-2] if place is not None else results[-1]
         if claimed_now:  # refused: the key protects nothing, a later repeat must not wait for it
@@ -231,7 +218,7 @@ def _claim(
     elif earlier is None and place is not None and not admitted_now:
         # The key was claimed anew (its earlier job is gone): a new job after all, refused.
         state.redis.delete(key)
-        _check_admitted(results[-1], state.settings)
+        check_admitted(results[-1], state.settings)
     return earlier
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from contextlib import suppress
 from datetime import UTC, datetime
 
 import redis
 from rq.worker_registration import REDIS_WORKER_KEYS
 
+from jobs.settings import get_settings
 from jobs.times import parse_iso
-
-# A worker that has not written a heartbeat for this long is dead, whatever its key says
-# (idle workers heartbeat every MAINTENANCE_INTERVAL, busy ones every few seconds).
-STALE_AFTER_SECONDS = 60
 
 
 def live_workers(connection: redis.Redis, queue: str | None = None) -> list[str]:
@@ -41,34 +36,13 @@ def live_worker_queues(connection: redis.Redis) -> dict[str, list[str]]:
 
 
 def is_live(last_heartbeat: bytes | None, death: bytes | None) -> bool:
-    """A worker hash's `last_heartbeat` and `death` fields: has it heartbeated lately, alive?"""
+    """A worker hash's `last_heartbeat` and `death` fields: has it heartbeated lately, alive?
+
+    Workers heartbeat at least every JOB_MONITORING_INTERVAL, idle or busy; one silent for as
+    long as a running job's heartbeat lasts is dead (SIGKILLed, its host gone), whatever its
+    hash says, as its job is to the maintenance round.
+    """
     if last_heartbeat is None or death is not None:
         return False
     beat = parse_iso(last_heartbeat.decode())
-    return (datetime.now(UTC) - beat).total_seconds() < STALE_AFTER_SECONDS
-
-
-class ActiveCap:
-    """How many jobs of one key may be queued or running at once on a queue (KEY_MAX_ACTIVE).
-
-    Automatic (0): one less than the live workers serving the queue, at least 1, read from
-    Redis at most every REFRESH_SECONDS per queue and process.
-    """
-
-    REFRESH_SECONDS = 10.0
-
-    def __init__(self, connection: redis.Redis, configured: int) -> None:
-        self.connection = connection
-        self.configured = configured
-        self._known: dict[str, tuple[float, int]] = {}
-
-    def for_queue(self, queue: str) -> int:
-        if self.configured:
-            return self.configured
-        read_at, cap = self._known.get(queue, (float("-inf"), 1))
-        if time.monotonic() - read_at >= self.REFRESH_SECONDS:
-            # On a Redis error the last figure stays; the enqueue itself will answer 503.
-            with suppress(redis.RedisError):
-                cap = max(1, len(live_workers(self.connection, queue)) - 1)
-            self._known[queue] = (time.monotonic(), cap)
-        return cap
+    return (datetime.now(UTC) - beat).total_seconds() < get_settings().heartbeat_ttl

@@ -57,20 +57,21 @@ def test_a_canceled_job_has_ended(client):
     assert client.get(f"/jobs/{view['id']}").get_json()["ended_at"] == canceled["ended_at"]
 
 
-def stop(fake_redis, job_id: str, queue: str = "default") -> None:
-    """What a worker leaves of a job stopped by DELETE: status stopped, in RQ's failed registry."""
+def end(fake_redis, job_id: str, status: JobStatus = JobStatus.STOPPED, queue: str = "default") -> None:
+    """End a job as a worker's failure handler does: its status, then RQ's failure record."""
     fake_redis.lrem(f"rq:queue:{queue}", 0, job_id)
-    fake_redis.hset(f"rq:job:{job_id}", "status", "stopped")
-    fake_redis.zadd(f"rq:failed:{queue}", {job_id: 2_000_000_000})
+    job = Job.fetch(job_id, connection=fake_redis)
+    with fake_redis.pipeline() as pipe:
+        job.set_status(status, pipeline=pipe)
+        job._handle_failure(f"{status.value}: as a test ends it", pipe)
+        pipe.execute()
 
 
 def test_a_stopped_job_is_counted_and_listed_as_stopped_not_failed(client, fake_redis):
     stopped = post(client, "log", {"message": "stopped"}).get_json()["id"]
     failed = post(client, "log", {"message": "failed"}).get_json()["id"]
-    stop(fake_redis, stopped)
-    fake_redis.lrem("rq:queue:default", 0, failed)
-    fake_redis.hset(f"rq:job:{failed}", "status", "failed")
-    fake_redis.zadd("rq:failed:default", {failed: 2_000_000_000})
+    end(fake_redis, stopped)
+    end(fake_redis, failed, JobStatus.FAILED)
 
     default = next(q for q in client.get("/queues").get_json()["queues"] if q["name"] == "default")
     assert (default["counts"]["failed"], default["counts"]["stopped"]) == (1, 1)

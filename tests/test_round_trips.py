@@ -22,11 +22,10 @@ from service.waiting import JobWaiter
 from tests.test_security import KEY_A, make_app
 
 A = {"Authorization": f"Bearer {KEY_A}"}
-# With API keys every job goes through its key's fair share (KEY_MAX_ACTIVE): RQ's limiter
-# registers the key, saves the job as waiting and promotes it if the key has a free slot.
-ENQUEUE = [
-    "MULTI", "SADD", "SADD", "HSET", "HSET", "ZADD", "EVAL", "LPUSH", "LTRIM", "ZADD", "HINCRBY", "EXEC"
-]  # fmt: skip
+# With API keys every job goes through its key's fair share (jobs.engine.fair): the job is
+# saved, then one script queues it (or puts it behind its key's job on the queue) and rings
+# the doorbell; then its index entry and its count.
+ENQUEUE = ["MULTI", "SADD", "HSET", "HSET", "EVAL", "ZADD", "HINCRBY", "EXEC"]
 RATE_LIMIT = ["INCRBY", "EXPIRE"]
 
 

@@ -144,11 +144,12 @@ class Horse:
         self.reap()
 
 
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux); exit if it already has."""
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux); exit if it
+    already has."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the call above
         os._exit(1)
 

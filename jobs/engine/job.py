@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from typing import Any
 
 from redis.client import Pipeline
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
@@ -14,6 +16,7 @@ from rq.serializers import JSONSerializer
 from jobs import keys
 from jobs.engine.errors import UnregisteredJobError
 from jobs.settings import get_settings
+from jobs.times import now
 
 TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED})
 
@@ -58,6 +61,10 @@ class Job(RQJob):
         self.companions: list[Job] = []
         # When the worker marked the job started, as its hash says (see `perform`).
         self.recorded_started_at: datetime | None = None
+        # Whose fair share the job runs in (jobs.engine.fair), and the most jobs of that owner
+        # it may run beside (KEY_MAX_ACTIVE when it was accepted); None: no owner, no cap.
+        self.owner: str | None = None
+        self.max_active: int | None = None
 
     @property
     def func_name(self) -> str:
@@ -119,10 +126,22 @@ class Job(RQJob):
         pipeline.hincrby(self.key, keys.JOB_ATTEMPTS_FIELD, 1)
         self.attempts += 1
 
+    def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict:
+        data = super().to_dict(include_meta=include_meta, include_result=include_result)
+        if self.owner is not None:
+            data[keys.JOB_OWNER_FIELD] = self.owner
+        if self.max_active is not None:
+            data[keys.JOB_MAX_ACTIVE_FIELD] = self.max_active
+        return data
+
     def restore(self, raw_data: Any) -> Any:
         super().restore(raw_data)
         self.recorded_started_at = self.started_at
         self.attempts = int(_field(raw_data, keys.JOB_ATTEMPTS_FIELD) or 0)
+        owner = _field(raw_data, keys.JOB_OWNER_FIELD)
+        self.owner = (owner.decode() if isinstance(owner, bytes) else owner) or None
+        max_active = _field(raw_data, keys.JOB_MAX_ACTIVE_FIELD)
+        self.max_active = int(max_active) if max_active else None
         self.callback_names = {
             field: name.decode() if isinstance(name, bytes) else name
             for field in CALLBACK_FIELDS
@@ -130,6 +149,61 @@ class Job(RQJob):
         }
         callback = _field(raw_data, CALLBACK_FIELD)
         self.callback = json.loads(callback) if callback else None
+
+    # ------------------------------------------------------------------ leaving the queue
+
+    def cancel(
+        self, pipeline: Pipeline | None = None, enqueue_dependents: bool = False, **kwargs: Any
+    ) -> dict[str, list[str]]:
+        # Off its queue, and out of its owner's place in the fair share (its next job moves up).
+        moved = super().cancel(pipeline=pipeline, enqueue_dependents=enqueue_dependents, **kwargs)
+        self._leave_fair_share(pipeline)
+        return moved
+
+    def delete(self, pipeline: Pipeline | None = None, remove_from_queue: bool = True, **kwargs: Any) -> None:
+        super().delete(pipeline=pipeline, remove_from_queue=remove_from_queue, **kwargs)
+        if remove_from_queue:
+            self._leave_fair_share(pipeline)
+        connection = pipeline if pipeline is not None else self.connection
+        connection.zrem(keys.stopped(self.origin), self.id)
+        if owner := self.meta.get("owner"):
+            for status in RETRYABLE_INDEXES:
+                connection.zrem(keys.retryable(owner, status), self.id)
+
+    def _leave_fair_share(self, pipeline: Pipeline | None) -> None:
+        if self.owner is None or not self.origin:
+            return
+        from jobs.engine import fair
+        from jobs.engine.queue import Queue
+
+        queue = Queue(self.origin, connection=self.connection)
+        client = pipeline if pipeline is not None else self.connection
+        fair.forget(client, queue, self.id, self.owner, self.redis_job_namespace_prefix)
+
+    # ------------------------------------------------------------------ failing for good
+
+    def _handle_failure(self, exc_string: str, pipeline: Pipeline, *args: Any, **kwargs: Any) -> None:
+        """RQ records every final failure through here (a worker's, and maintenance's for an
+        abandoned job): also its end time, when no one set it, and the indexes GET /queues and
+        bulk retries read (jobs stopped per queue, each owner's failed and stopped jobs: the
+        owner in the job's meta, the API key's or `public`)."""
+        if self.ended_at is None:
+            self.ended_at = now()  # written with the job by the failed registry's save
+        super()._handle_failure(exc_string, pipeline, *args, **kwargs)
+        ttl = DEFAULT_FAILURE_TTL if self.failure_ttl is None else self.failure_ttl
+        stopped = self.get_status(refresh=False) == JobStatus.STOPPED
+        if stopped:  # scored like the failed registry's entry: when it expires
+            pipeline.zadd(keys.stopped(self.origin), {self.id: ttl if ttl < 0 else time.time() + ttl})
+        if owner := self.meta.get("owner"):
+            index = keys.retryable(owner, "stopped" if stopped else "failed")
+            ended = self.ended_at.timestamp()
+            pipeline.zadd(index, {self.id: ended})
+            if ttl > 0:  # entries of jobs expired since go as the index is written
+                pipeline.zremrangebyscore(index, "-inf", ended - ttl)
+
+
+# The owner's indexes of jobs a bulk retry can take (keys.retryable).
+RETRYABLE_INDEXES = ("failed", "stopped")
 
 
 def _field(raw_data: Any, name: str) -> Any:

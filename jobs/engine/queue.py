@@ -8,6 +8,9 @@ intermediate list only in the transaction that records the job as started, and a
 there by a dead worker is put back at the front of its queue by RQ's own maintenance round,
 through `IntermediateQueue.cleanup`.
 
+Which job a worker takes is fair between API keys (jobs.engine.fair): the same script picks
+the job of the key with the fewest jobs running, and pushes queue one job per key at a time.
+
 Idle workers wait on their queues' doorbell lists, which every push rings, with a one-second
 fallback poll, since Redis cannot block on "move from the first non-empty of several lists".
 """
@@ -17,21 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import redis
 from rq import Queue as RQQueue
 from rq.exceptions import DequeueTimeout
 from rq.intermediate_queue import IntermediateQueue as RQIntermediateQueue
-from rq.job import Job as RQJob
-from rq.job import JobStatus
-from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, utcformat
-from rq.utils import now as rq_now
 
 from jobs import keys
+from jobs.engine import fair
 from jobs.engine.job import Job
 from jobs.settings import get_settings
 
@@ -39,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # Longest a waiting worker sleeps before it looks at the queues again.
 IDLE_POLL_SECONDS = 1
-# Doorbell rings kept while no worker listens.
-DOORBELL_LIMIT = 1000
 
 
 class Flag:
@@ -63,32 +59,6 @@ class Flag:
 # Set when this worker process is asked to stop: a waiting dequeue then returns no job, which
 # ends RQ's work loop (jobs.engine.worker.Worker.request_stop).
 STOPPING = Flag()
-
-# Move job ids from the first non-empty queue onto its intermediate list and return each with
-# its job hash: at most ARGV[1] jobs, fewer once their data passes ARGV[2] bytes.
-_TAKE = """
-local n = #KEYS / 2
-local most, budget, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-for i = 1, n do
-  local id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
-  if id then
-    local taken, count, size = {KEYS[i]}, 0, 0
-    while id do
-      local hash = redis.call('HGETALL', prefix .. id)
-      taken[#taken + 1] = id
-      taken[#taken + 1] = hash
-      count = count + 1
-      for j = 1, #hash, 2 do
-        if hash[j] == 'data' then size = size + #hash[j + 1] end
-      end
-      if count >= most or size >= budget then break end
-      id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
-    end
-    return taken
-  end
-end
-return false
-"""
 
 # Move a job id from the intermediate list back to the front of its queue, and forget when
 # it was first seen there, in one step (a worker taking it again starts a new clock).
@@ -120,41 +90,29 @@ class Queue(RQQueue):
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=60))
 
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
-        pipe = pipeline if pipeline is not None else self.connection.pipeline()
-        super().push_job_id(job_id, pipeline=pipe, at_front=at_front)
-        ring(pipe, self.name)
-        if pipeline is None:
-            pipe.execute()
+        # Fairly between keys (jobs.engine.fair), ringing the doorbell, in one step.
+        fair.admit(
+            pipeline if pipeline is not None else self.connection,
+            self,
+            job_id,
+            at_front,
+            self.job_class.redis_job_namespace_prefix,
+        )
 
-    def enqueue_limited(self, job: Job, pipeline: Any) -> int:
-        """Enqueue a job with a concurrency limit (RQ's `RateLimit`) inside `pipeline`, a
-        transaction; returns the index of the result that lists the jobs it promoted.
+    @property
+    def count(self) -> int:
+        """Every queued job: those on the queue and those of each key waiting behind its one
+        there (what rq-dashboard and `rq info` show)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.llen(self.key)
+            pipe.get(keys.fair_waiting_count(self.name))
+            on_queue, behind = pipe.execute()
+        return on_queue + max(0, int(behind or 0))
 
-        RQ's `_enqueue_rate_limited_job`, with two differences: RQ's `enqueue_job` refuses a
-        pipeline for such jobs (a save of the job afterwards would undo its promotion; here
-        nothing else writes the job), and RQ's limiter script runs as EVAL, not as a
-        registered script, which would cost the pipeline a SCRIPT EXISTS round trip. The
-        doorbell is rung in any case: the limiter pushes a promoted job itself.
-        """
-        job.redis_server_version = self.get_redis_server_version()
-        job.origin = self.name
-        if job.timeout is None:
-            job.timeout = self._default_timeout
-        job._status = JobStatus.RATE_LIMITED
-        registry = RateLimitRegistry.from_job(job)
-        pipeline.sadd(self.redis_queues_keys, self.key)
-        registry.register(job.rate_limit_concurrency, pipeline)
-        job.save(pipeline=pipeline)
-        job.cleanup(ttl=job.ttl, pipeline=pipeline)
-        # Waiting jobs are promoted lowest score first: RQ scores them in whole seconds, which
-        # would order the jobs of one second by id; to the microsecond they keep their order.
-        registry.add_to_rate_limited(job.id, pipeline, timestamp=time.time())
-        promoted_at = len(pipeline)
-        enqueued_at = rq_now()
-        limiter_step(pipeline, ACQUIRE_AND_ENQUEUE_SCRIPT, registry, job.rate_limit_concurrency, enqueued_at)
-        job.enqueued_at = enqueued_at  # if it is promoted; the hash was written without it
-        ring(pipeline, self.name)
-        return promoted_at
+    def empty(self) -> int:
+        # The queue's jobs, and those of each key waiting behind them.
+        emptied = super().empty()
+        return emptied + fair.empty(self.connection, self, self.job_class.redis_job_namespace_prefix)
 
     @classmethod
     def batch_limits(cls) -> tuple[int, int]:
@@ -175,14 +133,17 @@ class Queue(RQQueue):
         each read with its hash in the same round trip that moved it off its queue."""
         queues = list(queues)
         by_key = {q.key: q for q in queues}
-        take = connection.register_script(_TAKE)
-        script_keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
+        take = connection.register_script(fair.TAKE)
+        script_keys = [key for q in queues for key in fair.take_keys(q, q.started_job_registry.key)]
+        waiting = [keys.fair_waiting_prefix(q.name) for q in queues]
         most, budget = cls.batch_limits()
+        prefix = Job.redis_job_namespace_prefix
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if STOPPING.is_set():  # a worker asked to stop takes no new job
                 return None
-            taken = take(keys=script_keys, args=[most, budget, Job.redis_job_namespace_prefix])
+            args = [most, budget, prefix, time.time(), fair.SCAN, fair.DOORBELL_LIMIT, *waiting]
+            taken = take(keys=script_keys, args=args)
             if taken:
                 queue = by_key[_text(taken[0])]
                 jobs = [
@@ -230,29 +191,10 @@ class EmbedQueue(Queue):
         return max(1, get_settings().embed_batch_jobs), cls.BATCH_BYTES
 
 
-def limiter_step(
-    pipe: Any, script: str, registry: RateLimitRegistry, concurrency: int, at: datetime, *extra: str
-) -> None:
-    """Queue one of RQ's rate-limit scripts (acquire, or release then acquire) on `pipe` as EVAL,
-    with the arguments RQ's RateLimitRegistry gives it; promoted jobs get `at` as enqueued_at."""
-    pipe.eval(
-        script,
-        2,
-        registry.allowed_key,
-        registry.rate_limited_key,
-        concurrency,
-        current_timestamp(),
-        utcformat(at),
-        RQQueue.redis_queue_namespace_prefix,
-        RQJob.redis_job_namespace_prefix,
-        *extra,
-    )
-
-
 def ring(pipe: Any, queue: str) -> None:
     """Wake one idle worker of `queue`: a job was just pushed onto it."""
     pipe.lpush(keys.doorbell(queue), 1)
-    pipe.ltrim(keys.doorbell(queue), 0, DOORBELL_LIMIT - 1)
+    pipe.ltrim(keys.doorbell(queue), 0, fair.DOORBELL_LIMIT - 1)
 
 
 class IntermediateQueue(RQIntermediateQueue):
@@ -261,11 +203,15 @@ class IntermediateQueue(RQIntermediateQueue):
     RQ's maintenance round (`Worker.clean_registries`) calls `cleanup` on each queue's
     intermediate list: this is the one recovery path for jobs a worker took but never
     started. Such a job never ran, so it goes back to the front of its queue with its retries
-    intact, `INTERMEDIATE_GRACE` seconds after maintenance first saw it there.
+    intact, `INTERMEDIATE_GRACE` seconds after maintenance first saw it there. The same round
+    moves on any key whose front job left the queue unannounced (jobs.engine.fair) and drops
+    expired entries of the queue's stopped-jobs count.
     """
 
     def cleanup(self, worker: Any, queue: RQQueue) -> None:
         recover_intermediate(self, queue, older_than=get_settings().intermediate_grace)
+        fair.repair(queue.connection, queue, Job.redis_job_namespace_prefix)
+        queue.connection.zremrangebyscore(keys.stopped(queue.name), "-inf", time.time())
 
 
 def recover_intermediate(

@@ -18,8 +18,9 @@ from rq.command import handle_command
 from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
-from rq.rate_limit import RateLimitRegistry
+from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.worker.base import BaseWorker
 
 
@@ -160,7 +161,7 @@ TOUCHPOINTS = (
     ),
     Touchpoint(
         "The writes of handle_job_success: Job._handle_success, Job.cleanup, cleanup_execution, "
-        "the worker's job counters, _enqueue_dependents_safely and _release_slot_safely",
+        "the worker's job counters and _enqueue_dependents_safely",
         "Worker._finish writes what RQ's handle_job_success writes, for several jobs in one "
         "transaction, through the same methods.",
         lambda: (
@@ -182,9 +183,7 @@ TOUCHPOINTS = (
                 "self.increment_successful_job_count(",
                 "self.increment_total_working_time(",
             )
-            and all(
-                hasattr(BaseWorker, name) for name in ("_enqueue_dependents_safely", "_release_slot_safely")
-            )
+            and hasattr(BaseWorker, "_enqueue_dependents_safely")
         ),
     ),
     Touchpoint(
@@ -202,20 +201,30 @@ TOUCHPOINTS = (
         lambda: _source_mentions(BaseWorker.handle_payload, "parse_payload(message)"),
     ),
     Touchpoint(
-        "RQ's rate-limit scripts: KEYS allowed, rate_limited; ARGV concurrency, timestamp, "
-        "enqueued_at, queue prefix, job prefix (and the job id to release)",
-        "Per-key fair share (KEY_MAX_ACTIVE) runs RQ's own acquire and release scripts as EVAL "
-        "inside the submit and finish transactions (jobs.engine.queue.limiter_step), where RQ's "
-        "registered scripts would cost a SCRIPT EXISTS round trip each.",
+        "Job._handle_failure(exc_string, pipeline, ...) records every final failure",
+        "The job class stamps ended_at and indexes stopped and failed jobs (GET /queues, bulk "
+        "retry) there; RQ calls it from the worker's failure handler and from the maintenance "
+        "round's record of an abandoned job.",
+        lambda: (
+            _params(Job._handle_failure, "exc_string", "pipeline")
+            and _source_mentions(BaseWorker.handle_job_failure, "job._handle_failure(")
+            and _source_mentions(record_job_failure, "job._handle_failure(")
+        ),
+    ),
+    Touchpoint(
+        "RQScheduler.enqueue_scheduled_jobs: _scheduled_job_registries, prepare_registries, "
+        "_acquired_locks, Status",
+        "The engine's scheduler queues due jobs through its own Queue (fair share, doorbell); "
+        "it walks the registries RQ's scheduler prepares, as RQ's own method does.",
         lambda: (
             _source_mentions(
-                RateLimitRegistry.acquire_and_enqueue,
-                "keys=[self.allowed_key, self.rate_limited_key]",
-                "concurrency,\n                timestamp,\n                utcformat(enqueued_at),",
+                RQScheduler.enqueue_scheduled_jobs,
+                "self._scheduled_job_registries",
+                "self.prepare_registries()",
+                "self._acquired_locks",
+                "registry.get_jobs_to_schedule(",
             )
-            and _source_mentions(RateLimitRegistry.release_and_enqueue, "job_id,\n            ],")
-            and _source_mentions(Queue._enqueue_rate_limited_job, "registry.add_to_rate_limited(job.id,")
-            and all(hasattr(Queue, name) for name in ("_enqueue_job", "get_redis_server_version"))
+            and hasattr(RQScheduler, "Status")
         ),
     ),
     Touchpoint(

@@ -26,11 +26,10 @@ from rq.exceptions import AbandonedJobError, InvalidJobOperation
 from rq.executions import Execution
 from rq.job import JobStatus, Retry
 from rq.queue import Queue as RQQueue
-from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT, RateLimitRegistry, release_slot
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
-from rq.utils import utcformat
+from rq.utils import current_timestamp, utcformat
 from rq.worker import WorkerStatus
 
 from jobs import callbacks, keys, logs, metrics, quota
@@ -45,11 +44,12 @@ from jobs.engine.horse import (
     Item,
     Order,
     ProcessState,
+    die_with_parent,
     read_orders,
     resident_mb,
 )
 from jobs.engine.job import Job
-from jobs.engine.queue import STOPPING, EmbedQueue, Queue, limiter_step, ring
+from jobs.engine.queue import STOPPING, EmbedQueue, Queue, ring
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -168,8 +168,11 @@ class Worker(ForkingWorker):
 
     @property
     def dequeue_timeout(self) -> int:
-        # Wake up for maintenance (job recovery) even when no job comes.
-        return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
+        # Wake up for maintenance (job recovery) even when no job comes, and heartbeat as often
+        # as a busy worker does: a worker silent longer than a job's heartbeat is dead
+        # (service.workers.is_live).
+        beat = get_settings().job_monitoring_interval
+        return max(1, min(self.worker_ttl - 15, self.maintenance_interval, beat))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job` and the jobs taken off its queue together with it (`job.companions`)."""
@@ -320,21 +323,11 @@ class Worker(ForkingWorker):
                 self._spawn_horse()
             return
 
-    def _release_slot_safely(self, job: Job) -> None:
-        """RQ frees the slot of the job's key (KEY_MAX_ACTIVE) and pushes the key's next waiting
-        job onto its queue; the queues are rung, so that no worker waits for its next poll."""
-        if not job.has_rate_limit:
+    def _ring_if_capped(self, jobs: list[Job]) -> None:
+        """A job that ran under its key's cap (KEY_MAX_ACTIVE) ended: a job of that key held
+        back by the cap may run now, so idle workers look at once instead of at their next poll."""
+        if not any(job.max_active for job in jobs):
             return
-        try:
-            promoted = release_slot(job)
-        except Exception:
-            log.exception("could not free the slot of job %s", job.id)
-            return
-        if promoted:
-            self._ring_all()
-
-    def _ring_all(self) -> None:
-        """Ring this worker's queues: RQ's limiter pushed jobs onto one of them."""
         with self.connection.pipeline(transaction=False) as pipe:
             for queue in self.queues:
                 ring(pipe, queue.name)
@@ -539,7 +532,6 @@ class Worker(ForkingWorker):
         whether any dependents are waiting, and those are enqueued right after it, through
         RQ. A dependent added later sees its dependency finished and is enqueued at once.
         """
-        released: list[int] = []
         with self.connection.pipeline() as pipe:
             for job, _ in running:
                 pipe.exists(job.dependents_key)
@@ -564,17 +556,8 @@ class Worker(ForkingWorker):
                 pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
                 metrics.record_end(pipe, job, "finished")
                 callbacks.due(pipe, job)
-                if job.has_rate_limit:
-                    # Its key's slot (KEY_MAX_ACTIVE) is freed and the key's next waiting job
-                    # pushed onto its queue, in the same transaction (RQ's release_slot).
-                    released.append(len(pipe))
-                    registry = RateLimitRegistry.from_job(job)
-                    limiter_step(
-                        pipe, RELEASE_AND_ENQUEUE_SCRIPT, registry, job.rate_limit_concurrency, now(), job.id
-                    )
             results = pipe.execute()
-        if any(results[index] for index in released):
-            self._ring_all()
+        self._ring_if_capped([job for job, _ in running])
         if any(job.callback is not None for job, _ in running):
             self._courier_wake()
         for (job, _), dependents in zip(running, results[: len(running)], strict=True):
@@ -689,6 +672,7 @@ class Worker(ForkingWorker):
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry, execution)
         self._announce(job, "finished")
+        self._ring_if_capped([job])
 
     def handle_job_failure(
         self,
@@ -711,6 +695,7 @@ class Worker(ForkingWorker):
         if status == JobStatus.STOPPED and error["type"] != errors.JOB_STOPPED["type"]:
             errors.record_error(job, errors.JOB_STOPPED)  # stopped through RQ's own command
         self._announce(job, {JobStatus.FAILED: "failed", JobStatus.STOPPED: "stopped"}.get(status, "retried"))
+        self._ring_if_capped([job])
 
     def _remember_error(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
         if isinstance(exc_value, AbandonedJobError):
@@ -745,15 +730,44 @@ class Worker(ForkingWorker):
 
 
 class Scheduler(RQScheduler):
-    """RQ's scheduler process, which ends without a traceback when Redis goes away."""
+    """RQ's scheduler process, which dies with its worker, ends without a traceback when Redis
+    goes away, and queues due jobs through the engine's queues (fair share, doorbell)."""
+
+    def start(self) -> Any:
+        self._worker_pid = os.getpid()
+        return super().start()
 
     def work(self) -> None:
+        # A worker killed outright (SIGKILL, OOM) cannot stop its scheduler: the kernel does,
+        # with SIGTERM, which RQ's scheduler answers by releasing its locks and exiting.
+        die_with_parent(self._worker_pid, signal.SIGTERM)
         try:
             super().work()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             self.log.info(
                 "scheduler %s: Redis is unreachable; it stops, and its worker starts another", os.getpid()
             )
+
+    def enqueue_scheduled_jobs(self) -> None:
+        """RQ's, with each due job queued by the engine's Queue: RQ's scheduler pushes onto
+        the queue list itself, past the fair share and without ringing the doorbell."""
+        self._status = self.Status.WORKING
+        if not self._scheduled_job_registries and self._acquired_locks:
+            self.prepare_registries()
+        for registry in self._scheduled_job_registries:
+            job_ids = registry.get_jobs_to_schedule(current_timestamp())
+            if not job_ids:
+                continue
+            queue = Queue(registry.name, connection=self.connection)
+            jobs = Job.fetch_many(job_ids, connection=self.connection)
+            with self.connection.pipeline() as pipe:
+                for job_id, job in zip(job_ids, jobs, strict=True):
+                    if job is not None:
+                        job.rate_limit_key = None  # RQ's cap, on a job of an earlier release
+                        queue.enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                    registry.remove(job_id, pipeline=pipe)
+                pipe.execute()
+        self._status = self.Status.STARTED
 
 
 class _OneLineOutages(logging.Filter):

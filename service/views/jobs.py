@@ -24,10 +24,19 @@ from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.jobview import check_job_id, load_job, load_with_result, recent_jobs, scheduled_times
 from service.requests import log_job
-from service.retry import Filter, NotRetryable, find_retryable, retry, retry_many
+from service.retry import (
+    RETRYABLE,
+    Filter,
+    NotRetryable,
+    find_retryable,
+    release_place,
+    reserve_place,
+    retry,
+    retry_many,
+)
 from service.security import current_owner, folds_rate_limit
 from service.state import get_state
-from service.submit import check_idempotency_key, submit
+from service.submit import check_admitted, check_idempotency_key, submit
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)
@@ -199,9 +208,19 @@ def cancel_job(job_id: str) -> Response:
 def retry_job(job_id: str) -> Response:
     state = get_state()
     job = load_job(state, job_id, current_owner())
+    if job.get_status(refresh=False) not in RETRYABLE:
+        raise ApiError(
+            409, f"Only failed or stopped jobs can be retried; this one is {job.get_status().value}."
+        )
+    # The job waits again, so it takes a place in its key's share, as a new job would.
+    answer = reserve_place(state, job)
+    if answer is not None:
+        check_admitted(answer, state.settings)
     try:
         retry(job)
     except NotRetryable as error:
+        if answer is not None:
+            release_place(state, job)
         raise ApiError(409, str(error)) from None
     return _job_response(load_job(state, job_id, current_owner()), 202)
 
@@ -213,8 +232,12 @@ def retry_jobs() -> Response:
     body = validate(BulkRetry, read_json_object(), context={"job_types": state.job_types})
     which = Filter(status=body.status, type_name=body.type, queue=body.queue, since=body.since)
     found, more = find_retryable(state, current_owner(), which, body.limit)
-    retried = retry_many(state, found)
+    retried, refused = retry_many(state, found)
     log.info("bulk retry: %d of %d found jobs requeued", len(retried), len(found))
+    if refused is not None:
+        if not retried:
+            check_admitted(refused, state.settings)  # 429: the key's share is full
+        more = True  # the rest wait for room in the key's share
     response = jsonify(BulkRetried(retried=len(retried), job_ids=retried, more=more).model_dump())
     response.status_code = 202 if retried else 200  # nothing was queued when nothing matched
     return response

@@ -19,6 +19,8 @@ from rq.registry import (
 )
 from rq.worker_registration import REDIS_WORKER_KEYS
 
+from jobs import keys
+from jobs.engine import fair
 from jobs.families import EMBED, GENERAL, family_queues
 from jobs.times import parse_iso
 from service.security import current_owner
@@ -35,68 +37,66 @@ REGISTRIES = {
     "finished": FinishedJobRegistry,
 }
 PROCESS_TYPES = {GENERAL: "worker", EMBED: "embedder"}
-# RQ keeps stopped jobs in the FailedJobRegistry. Counted apart here, in Redis, so that the
-# listing stays one round trip: a walk over the failed registry reading each job's status.
-# Its cost grows with the failed jobs kept (RESULT_TTL), which an operator endpoint can afford.
-COUNT_STOPPED = """
-local stopped = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if redis.call('HGET', ARGV[1] .. id, 'status') == 'stopped' then stopped = stopped + 1 end
+# The earliest `enqueued_at` among the first ARGV[2] jobs on the queue: with the fair share
+# (jobs.engine.fair) the queue holds each key's oldest job, in the order keys take turns.
+OLDEST_QUEUED = """
+local oldest = false
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  local at = redis.call('HGET', ARGV[1] .. id, 'enqueued_at')
+  if at and at ~= '' and (not oldest or at < oldest) then oldest = at end
 end
-return stopped
+return oldest
 """
 
 
 @bp.get("/queues")
 def list_queues() -> Response:
     """Counts by state per queue (all clients' jobs), the age of the oldest queued job, and the
-    live workers serving each queue. A worker's current jobs are named only to their owner."""
+    live workers serving each queue. A worker's current jobs are named only to their owner.
+
+    Every count is read in O(1) or O(log n) from a registry or a count kept as jobs change
+    state (jobs waiting their key's turn, stopped jobs), never by walking the jobs: the cost
+    of a call does not grow with the jobs the queues hold.
+    """
     state = get_state()
     connection = state.redis
     queues = [(family, name) for family in (GENERAL, EMBED) for name in family_queues(family)]
+    now = time.time()
     with connection.pipeline(transaction=False) as pipe:
         for _, name in queues:
             queue = state.queues[name]
             pipe.llen(queue.key)
-            pipe.lindex(queue.key, 0)
+            pipe.get(keys.fair_waiting_count(name))
+            pipe.eval(OLDEST_QUEUED, 1, queue.key, Job.redis_job_namespace_prefix, fair.SCAN)
             for registry in REGISTRIES.values():
-                pipe.zcard(registry(name, connection=connection).key)
-            pipe.eval(
-                COUNT_STOPPED,
-                1,
-                FailedJobRegistry(name, connection=connection).key,
-                Job.redis_job_namespace_prefix,
-            )
+                key = registry(name, connection=connection).key
+                if registry is FailedJobRegistry:  # scored by expiry: what is left of it
+                    pipe.zcount(key, now, "+inf")
+                else:
+                    pipe.zcard(key)
+            pipe.zcount(keys.stopped(name), now, "+inf")
         pipe.smembers(REDIS_WORKER_KEYS)
         answers = pipe.execute()
     worker_keys = sorted(key.decode() for key in answers.pop())
-    per_queue = len(REGISTRIES) + 3
-    oldest_ids = [answers[i * per_queue + 1] for i in range(len(queues))]
-    waiting = [job_id.decode() for job_id in oldest_ids if job_id]
+    per_queue = len(REGISTRIES) + 4
     with connection.pipeline(transaction=False) as pipe:
-        for job_id in waiting:
-            pipe.hget(Job.key_for(job_id), "enqueued_at")
         for key in worker_keys:
             pipe.hmget(key, "state", "last_heartbeat", "death", "queues")
             pipe.smembers(
                 WORKER_EXECUTIONS_KEY_TEMPLATE.format(key.removeprefix(Worker.redis_worker_namespace_prefix))
             )
         more = pipe.execute()
-    enqueued_at = dict(zip(waiting, more[: len(waiting)], strict=True))
-    enqueued = [enqueued_at.get(job_id.decode()) if job_id else None for job_id in oldest_ids]
-    workers = _live_workers(worker_keys, more[len(waiting) :])
+    workers = _live_workers(worker_keys, more)
     owned = _owned_jobs(connection, {job for worker in workers for job in worker["jobs"]})
-    now = time.time()
     listing = []
     for i, (family, name) in enumerate(queues):
         counts = answers[i * per_queue : (i + 1) * per_queue]
-        oldest = enqueued[i]
         listing.append(
             {
                 "name": name,
                 "process_type": PROCESS_TYPES[family],
                 "counts": _counts(counts),
-                "oldest_queued_seconds": _age(oldest, now),
+                "oldest_queued_seconds": _age(counts[2], now),
                 "workers": [
                     {
                         "name": worker["name"],
@@ -112,11 +112,13 @@ def list_queues() -> Response:
     return jsonify(queues=listing)
 
 
-def _counts(answers: list[int]) -> dict[str, int]:
-    """A queue's jobs by state, from its pipeline answers: length, oldest, registries, stopped."""
-    counts = {"queued": answers[0], **dict(zip(REGISTRIES, answers[2:-1], strict=True))}
+def _counts(answers: list[Any]) -> dict[str, int]:
+    """A queue's jobs by state, from its pipeline answers: on the queue, waiting their key's
+    turn, the oldest, the registries, stopped."""
+    counts = {"queued": answers[0] + max(0, int(answers[1] or 0))}
+    counts.update(zip(REGISTRIES, answers[3:-1], strict=True))
     counts["stopped"] = answers[-1]
-    counts["failed"] -= counts["stopped"]  # stopped jobs are in RQ's failed registry too
+    counts["failed"] = max(0, counts["failed"] - counts["stopped"])  # RQ keeps stopped jobs there too
     return counts
 
 
