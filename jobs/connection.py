@@ -8,12 +8,15 @@ timeouts its role needs.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
+from functools import cache
 from typing import Literal
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
 
@@ -98,7 +101,8 @@ class WorkerRedis(redis.Redis):
     def from_url(cls, url: str, **kwargs):  # type: ignore[override]
         check_redis_url(url)
         backoff = ExponentialBackoff(WORKER_BACKOFF_CAP, WORKER_BACKOFF_BASE)
-        kwargs.setdefault("retry", Retry(backoff, retries_within(get_settings().worker_retry_seconds)))
+        retries = retries_within(get_settings().worker_retry_seconds)
+        kwargs.setdefault("retry", ReportingRetry(backoff, retries, process_outage()))
         kwargs.setdefault("retry_on_error", [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         kwargs.setdefault("health_check_interval", 30)
         return super().from_url(url, **kwargs)
@@ -111,20 +115,102 @@ class Outage:
     def __init__(self, url: str) -> None:
         self.url = redacted(url)
         self.since: float | None = None
+        # A worker's children (its work-horse, its scheduler) leave the saying to the worker.
+        self.muted = False
+        self._lock = threading.Lock()  # the work loop, RQ's threads and the probe all report
+        # A fork (a work-horse, the scheduler) may happen while another thread holds the lock.
+        os.register_at_fork(after_in_child=self._new_lock)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def down(self, error: BaseException) -> bool:
         """Record a failed call; True for the first of an outage (the one to report)."""
-        if self.since is not None:
-            return False
-        self.since = time.monotonic()
+        with self._lock:
+            if self.since is not None or self.muted:
+                return False
+            self.since = time.monotonic()
         log.error("cannot reach Redis at %s (%s); retrying until it answers", self.url, _reason(error))
         return True
 
     def up(self) -> None:
         """Record a call that worked."""
-        if self.since is not None:
-            log.info("Redis at %s answers again, after %.0f s", self.url, time.monotonic() - self.since)
-            self.since = None
+        with self._lock:
+            since, self.since = self.since, None
+        if since is not None:
+            log.info("Redis at %s answers again, after %.0f s", self.url, time.monotonic() - since)
+
+    def __deepcopy__(self, memo: dict) -> Outage:
+        return self  # shared by every connection's copy of the retry policy (ReportingRetry)
+
+
+@cache
+def process_outage() -> Outage:
+    """This process's Outage: every worker connection reports to it."""
+    return Outage(get_settings().redis_url)
+
+
+class ReportingRetry(Retry):
+    """redis-py's retry policy, telling the process's Outage when a call failed and when one
+    that failed then worked: a restart that a call rides out with its retries is still said."""
+
+    def __init__(self, backoff: ExponentialBackoff, retries: int, outage: Outage) -> None:
+        super().__init__(backoff, retries)
+        self.outage = outage
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
+        failed = False
+
+        def report(error: Exception, *count: int) -> object:
+            nonlocal failed
+            failed = True
+            self.outage.down(error)
+            return fail(error, *count)
+
+        result = super().call_with_retry(do, report, is_retryable, with_failure_count)
+        if failed:
+            self.outage.up()
+        return result
+
+
+class RedisProbe:
+    """PINGs Redis every PROBE_SECONDS on a connection of its own, with a short timeout, and
+    reports to an Outage: a worker says that Redis is away within seconds, whether it restarts
+    (connections refused) or stops answering (paused, partitioned), even while the worker's own
+    calls still ride it out with their retries and their longer socket timeout."""
+
+    def __init__(self, url: str, outage: Outage) -> None:
+        self.outage = outage
+        self.client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=PROBE_TIMEOUT,
+            socket_timeout=PROBE_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(PROBE_TIMEOUT + 1)
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROBE_SECONDS):
+            try:
+                self.client.ping()
+            except redis.exceptions.RedisError as error:
+                self.outage.down(error)
+            else:
+                self.outage.up()
+
+
+# How often a worker's probe PINGs Redis, and how long it waits for the answer (seconds).
+PROBE_SECONDS = 1.0
+PROBE_TIMEOUT = 2.0
 
 
 def wait_for_redis(connection: redis.Redis, outage: Outage) -> None:

@@ -148,7 +148,38 @@ def test_killed_worker_and_horse_are_recovered_within_a_minute(fweb, fworkers, f
     else:
         assert view["status"] == "failed"
         assert view["error"]["type"] == "WorkerDied"
+        assert view["ended_at"] is not None  # RQ's record of an abandoned job leaves it empty
     assert pool.alive()  # the pool replaced its worker
+
+
+def test_a_killed_workers_scheduler_dies_with_it_and_readyz_counts_what_lives(fweb, fworkers, fault_db):
+    pool = fworkers(count=2)
+
+    def live_workers() -> list[psutil.Process]:
+        return [worker for worker in psutil.Process(pool.pid).children() if worker.is_running()]
+
+    def readyz_workers() -> int:
+        return requests.get(fweb.url("/readyz"), timeout=10).json()["checks"]["workers"]
+
+    wait_until(lambda: readyz_workers() == 2 and fault_db.exists("rq:scheduler-lock:default"), what="workers")
+    # A worker has no work-horse before its first job: the child one of them has is the scheduler.
+    holder = wait_until(
+        lambda: next((worker for worker in live_workers() if worker.children()), None), what="the scheduler"
+    )
+    scheduler = holder.children()[0]
+    holder.kill()  # the OOM killer, say
+    killed_at = time.monotonic()
+    psutil.wait_procs([scheduler], timeout=5)
+    assert not scheduler.is_running(), "the scheduler outlived its worker"
+    # The pool starts a new worker; the dead one stops counting once its heartbeat would have
+    # lapsed (3 x JOB_MONITORING_INTERVAL + 5 = 8 s here), not a minute later.
+    wait_until(lambda: len(live_workers()) == 2, what="the replacement worker")
+    time.sleep(max(0.0, killed_at + 8 + 1 - time.monotonic()))
+    wait_until(lambda: readyz_workers() == 2, timeout=3, what="the dead worker to stop counting")
+    assert readyz_workers() == len(live_workers()) == 2
+    # Scheduling goes on: another worker takes the scheduler's locks and runs due jobs.
+    job_id = submit(fweb, "log", {"message": "later", "delay": 1})
+    assert fweb.wait_for_status(job_id, {"finished"})["status"] == "finished"
 
 
 # ---------------------------------------------------------------- 2. SIGTERM, then SIGKILL
@@ -257,6 +288,38 @@ def test_a_worker_says_once_that_redis_is_away_and_once_that_it_is_back(
     assert log.count("answers again") == 1
     assert "could not connect to Redis" not in log and "Traceback" not in log, log[-3000:]
     assert f"cannot reach Redis at redis://127.0.0.1:{fault_redis.port}" in log
+
+
+def restart_at_once(server: EmbeddedRedis) -> None:
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(10)
+    server.start()
+
+
+def pause_for_15_seconds(server: EmbeddedRedis) -> None:
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(15)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("outage", [restart_at_once, pause_for_15_seconds])
+def test_a_worker_reports_a_quick_restart_and_a_pause_too(fweb, fworkers, fault_redis, fault_db, outage):
+    """Calls that ride an outage out with their retries used to leave the log silent."""
+    worker = fworkers(count=1)
+    wait_until(lambda: fault_db.scard("rq:workers") == 1, what="the worker")
+    job_id = fweb.post_job("log", {"message": "before"}).json()["id"]
+    fweb.wait_for_status(job_id, {"finished"})
+    outage(fault_redis)
+    wait_until(lambda: "answers again" in worker.output(), what="the worker to say Redis is back")
+    job_id = fweb.post_job("log", {"message": "after"}).json()["id"]
+    assert fweb.wait_for_status(job_id, {"finished"})["status"] == "finished"
+    log = worker.output()
+    assert log.count("cannot reach Redis") == 1, log[-3000:]
+    assert log.count("answers again") == 1, log[-3000:]
+    assert log.index("cannot reach Redis") < log.index("answers again")
+    assert "could not connect to Redis" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_a_worker_started_before_redis_waits_for_it(fault_env, fault_redis, tmp_path):

@@ -34,7 +34,7 @@ from rq.worker import WorkerStatus
 
 from jobs import callbacks, keys, logs, metrics, quota
 from jobs.callbacks import Courier
-from jobs.connection import Outage, wait_for_redis, warn_if_evicting
+from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
 from jobs.engine import errors
 from jobs.engine.horse import (
     DONE,
@@ -86,7 +86,7 @@ class Worker(ForkingWorker):
         kwargs["connection"] = connection
         # RQ's worker calls Redis as it is made: a worker started while Redis is unreachable
         # waits for it, saying so once, instead of dying with a traceback and being respawned.
-        self._outage = Outage(settings.redis_url)
+        self._outage = process_outage()
         if kwargs.get("prepare_for_work", True):
             try:
                 wait_for_redis(connection, self._outage)
@@ -104,6 +104,7 @@ class Worker(ForkingWorker):
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
         self._courier: Courier | None = None
+        self._probe: RedisProbe | None = None
         # When the worker's hash was last kept alive, and until when (time.monotonic()).
         self._beat_at = self._beat_until = float("-inf")
         self._suspension_checked_at = float("-inf")
@@ -128,6 +129,9 @@ class Worker(ForkingWorker):
         # Completion webhooks go out from beside the work loop, never from it (jobs.callbacks).
         self._courier = Courier(self.connection, self.settings)
         self._courier.start()
+        # Says within seconds when Redis stops answering and when it answers again.
+        self._probe = RedisProbe(self.settings.redis_client_url, self._outage)
+        self._probe.start()
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -417,6 +421,7 @@ class Worker(ForkingWorker):
         """The horse: run each order it is sent and report; retire when it must be replaced."""
         random.seed()
         self._in_horse = True
+        self._outage.muted = True  # the worker says when Redis is away, once
         self._reports_fd = reports_fd
         signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
         self.setup_work_horse_signals()
@@ -595,6 +600,9 @@ class Worker(ForkingWorker):
             if self._courier is not None:
                 self._courier.stop()
                 self._courier = None
+            if self._probe is not None:
+                self._probe.stop()
+                self._probe = None
             if self._horse is not None:
                 self._horse.close()
                 self._horse = None
@@ -741,6 +749,7 @@ class Scheduler(RQScheduler):
         # A worker killed outright (SIGKILL, OOM) cannot stop its scheduler: the kernel does,
         # with SIGTERM, which RQ's scheduler answers by releasing its locks and exiting.
         die_with_parent(self._worker_pid, signal.SIGTERM)
+        process_outage().muted = True  # its worker says when Redis is away, once
         try:
             super().work()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
