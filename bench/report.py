@@ -63,6 +63,24 @@ BENCHMARKS = [
         },
         [["--documents", "0,100000,1000000"]],
     ),
+    (
+        "bench.fair_share",
+        ["--jobs", "20", "--log-jobs", "40", "--documents", "20", "--clients", "4"],
+        {
+            "fair share: 0.2 s jobs": (">=", 0.95),
+            "fair share: log jobs": (">=", 0.95),
+            "fair share: single-document embeds": (">=", 0.95),
+        },
+    ),
+    (
+        "bench.operators",
+        ["--failed", "2000", "--calls", "40", "--clients", "4"],
+        {
+            "operators: GET /queues": ("<=", 1.0),
+            "operators: POST /jobs/retry": ("<=", 1.0),
+            "operators: Redis PING during the calls": ("<=", 1.0),
+        },
+    ),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
 ]
