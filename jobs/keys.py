@@ -26,6 +26,8 @@ _RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
 # Jobs with a completion webhook, by when a courier should look at them next (jobs.callbacks).
 CALLBACKS = PREFIX + "callbacks"
+# Pub/sub channel a job's id is published on when its callback becomes due: wakes every courier.
+CALLBACKS_CHANNEL = PREFIX + "callbacks-due"
 
 # Field RQ's job hash is extended with: how many times a worker started the job.
 JOB_ATTEMPTS_FIELD = "afterward_attempts"
