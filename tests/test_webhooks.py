@@ -159,6 +159,15 @@ def test_one_private_address_among_public_ones_is_enough_to_refuse(monkeypatch):
     assert refused.value.address == "10.0.0.7" and "10.0.0.7" not in str(refused.value)
 
 
+@pytest.mark.parametrize("host", ["a" * 64 + ".example.com", "hooks..example.com"])
+def test_a_host_name_that_cannot_be_looked_up_is_refused(fake_redis, tmp_path, host):
+    with pytest.raises(CallbackRefused, match="is not a valid host name"):
+        resolve(parse_url(f"https://{host}/"), Allowed.parse(()))
+    client = make_app(tmp_path, callback_secret=SECRET).test_client()
+    answer = client.post("/jobs/log", json={"message": "hi", "callback_url": f"https://{host}/"})
+    assert answer.status_code == 422 and answer.get_json()["error"]["code"] == "callback_url_refused"
+
+
 def test_an_address_the_client_wrote_is_named_in_the_refusal():
     with pytest.raises(CallbackRefused, match=r"^10\.0\.0\.1 is not a public address"):
         resolve(parse_url("http://10.0.0.1/"), Allowed.parse(()))
