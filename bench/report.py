@@ -83,6 +83,14 @@ BENCHMARKS = [
     ),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
+    (
+        "bench.webhooks",
+        ["--jobs", "60", "--hogs", "1"],
+        {
+            "webhooks: job end -> delivery": ("<=", 1.0),
+            "webhooks: job end -> delivery, CPU hogs": ("<=", 1.0),
+        },
+    ),
 ]
 
 

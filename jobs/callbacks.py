@@ -5,20 +5,27 @@
   CALLBACKS sorted set: job id -> when to look next), so any worker's courier may deliver
   any job's callback, and none is lost when a worker stops or dies mid-delivery.
 - **When.** The end of a job (finished, failed, stopped, canceled) makes its entry due at
-  once, in the transaction or round trip that records the end. Every job with a callback
-  is also looked at now and then while it has not ended, so an end recorded by a path
-  that does not say so (a dashboard action, a crash) is still delivered, only later.
+  once and publishes its id on CALLBACKS_CHANNEL, in the transaction or round trip that
+  records the end, from whichever process records it (a work-horse, a worker, the web
+  process): every courier listens there and takes what is due at once, so the first free
+  one delivers. Every job with a callback is also looked at now and then while it has not
+  ended, so an end recorded by a path that does not say so (a dashboard action, a crash)
+  is still delivered, only later.
 - **At least once.** A courier leases an entry (moves it LEASE seconds ahead) while it
   delivers; a courier that dies mid-delivery leaves it to be taken again. An answer other
   than 2xx, a timeout or a connection error is retried with back-off until CALLBACK_RETRY_FOR
   seconds after the job's end; then its status is `failed`. Receivers deduplicate on the
   `Afterward-Delivery` header: the same for every delivery of one end of one job.
-- **Signed.** `Afterward-Signature: sha256=<hex>` is the HMAC-SHA256, under CALLBACK_SECRET,
-  of `<Afterward-Timestamp>.<body>`; a receiver recomputes it and refuses old timestamps.
+- **Signed, per key.** Each API key has a secret of its own, derived from CALLBACK_SECRET and
+  the key's owner name (`key_secret`), which it reads at `GET /webhooks/secret`: a receiver
+  holds only its own key's secret, so no tenant can sign a delivery for another. The
+  signature covers the timestamp, the delivery id, the event and the body (`signed_content`).
 - **Safe.** Only http and https URLs. The host's addresses are resolved and checked when the
   job is submitted and again at every delivery, and the request goes to the address that
-  was checked: no loopback, private, link-local or otherwise non-public address unless its
-  host name or address is in CALLBACK_ALLOWED_HOSTS (names, addresses or networks).
+  was checked: no loopback, private, link-local or otherwise non-public address (IPv6 forms
+  that lead to an IPv4 address are judged by, or refused as, what they lead to) unless its
+  host name or address is in CALLBACK_ALLOWED_HOSTS (names, addresses or networks). A
+  refusal never names what a host name resolved to: internal DNS is no tenant's business.
 
 RQ 3's own `Webhook` does not fit: it fires for `finished` and `failed` only, from the
 worker's work loop (a slow receiver holds the worker up to its timeout), once, unsigned,
@@ -38,6 +45,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +65,14 @@ log = logging.getLogger(__name__)
 MAX_URL_LENGTH = 2048
 # Seconds a courier holds an entry while it delivers; longer than any one attempt.
 LEASE = 120
-# Seconds between a courier's looks at the due entries when nothing wakes it.
+# Seconds between a courier's looks at the due entries when nothing wakes it (a published end
+# wakes every courier at once; this is for ends published while a courier was not listening).
 POLL = 1.0
+# Seconds between a courier's attempts to reach Redis again.
+RECONNECT = 5.0
+# An entry announced due whose job does not look ended yet (RQ records an abandoned job's
+# failure after telling its exception handlers, which announce it) is looked at again this soon.
+ANNOUNCED_RECHECK = 0.5
 # An unended job's entry is looked at again after its age, within these bounds (seconds).
 RECHECK_MIN, RECHECK_MAX = 30, 300
 # First retry after this many seconds, doubling, at most MAX_BACKOFF.
@@ -66,16 +80,23 @@ BACKOFF, MAX_BACKOFF = 1, 600
 # Bytes of a receiver's answer that are read (and dropped).
 MAX_ANSWER_BYTES = 64 * 1024
 # How long a submission waits for the callback host's addresses before accepting it unchecked
-# (it is checked again at every delivery).
-SUBMIT_RESOLVE_SECONDS = 2
+# (it is checked again at every delivery), and how many lookups a web process runs at once:
+# name resolution has no timeout of its own, so a stuck one holds its thread until the system
+# resolver gives up; past this many, submissions are accepted unchecked at once.
+SUBMIT_RESOLVE_SECONDS = 0.5
+SUBMIT_RESOLVERS = 4
+# What a key's signing secret is derived under (with its owner name): changing it changes
+# every key's secret.
+SECRET_LABEL = b"afterward webhook signing secret\n"
 
 PENDING, RETRYING, DELIVERED, FAILED, REFUSED = "pending", "retrying", "delivered", "failed", "refused"
 FINAL = frozenset({DELIVERED, FAILED, REFUSED})
 
-# Take up to ARGV[3] entries due at ARGV[1], leasing each until ARGV[2].
+# Take up to ARGV[3] entries due at ARGV[1], leasing each until ARGV[2]; each id with the
+# score it had (0: its job's end was announced).
 _TAKE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #due, 2 do redis.call('ZADD', KEYS[1], ARGV[2], due[i]) end
 return due
 """
 # Record a delivery's state on the job, if the job still exists, and reschedule (ARGV[3]) or
@@ -90,7 +111,14 @@ else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4]) end
 
 
 class CallbackRefused(ValueError):
-    """A callback URL that may not be called: its scheme, form or addresses."""
+    """A callback URL that may not be called: its scheme, form or addresses.
+
+    The message is for the client; `address`, when a host name resolved to it, only for logs.
+    """
+
+    def __init__(self, message: str, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 @dataclass(frozen=True)
@@ -117,10 +145,36 @@ class Allowed:
         return any(address in network for network in self.networks)
 
 
+# IPv6 space a public receiver can have: global unicast (RFC 4291). Everything else in ::/8
+# (IPv4-compatible ::/96, IPv4-translated ::ffff:0:0:0/96, local-use NAT64 64:ff9b:1::/48)
+# leads nowhere public, or to an IPv4 address through a translator; Python's tables call some
+# of it global.
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+# The well-known NAT64 prefix (RFC 6052): a host behind DNS64 gets these for IPv4-only names,
+# and connecting to one reaches the IPv4 address in its last 32 bits, which is what is judged.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# Teredo and 6to4 reach IPv4 hosts through relays (the embedded address, obfuscated in
+# Teredo's case); both are deprecated and no receiver's only address: refused outright.
+_TUNNELS = (ipaddress.IPv6Network("2001::/32"), ipaddress.IPv6Network("2002::/16"))
+
+
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return _public(address.ipv4_mapped)
+        if address in _NAT64:
+            return _public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if address not in _GLOBAL_UNICAST or any(address in tunnel for tunnel in _TUNNELS):
+            return False
     return address.is_global and not address.is_multicast
+
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a URL's host is, when it is one (not a name to resolve)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -169,40 +223,68 @@ def resolve(target: Target, allowed: Allowed) -> str:
 
     CallbackRefused for a non-public address not allowed; OSError when the name does not resolve.
     """
-    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    literal = _literal(target.host)
+    if literal is not None:  # the client wrote the address: it may be named back
+        if not allowed.admits(target.host, literal):
+            raise CallbackRefused(
+                f"{target.host} is not a public address and is not in CALLBACK_ALLOWED_HOSTS"
+            )
+        return str(literal)
+    try:
+        infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # a label IDNA cannot encode (empty, or longer than 63 characters)
+        raise CallbackRefused(f"{target.host} is not a valid host name") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
     for address in addresses:
         if not allowed.admits(target.host, address):
+            # Not which address: what an internal name resolves to is none of the client's business.
             raise CallbackRefused(
-                f"{target.host} resolves to {address}, which is not a public address and is not "
-                "in CALLBACK_ALLOWED_HOSTS"
+                f"{target.host} resolves to an address that is not public and is not in "
+                "CALLBACK_ALLOWED_HOSTS",
+                address=str(address),
             )
     return str(addresses[0])
+
+
+# Lookups under way in this process (check_at_submit), each on a daemon thread of its own: a
+# stuck one must neither hold a request nor keep the process from exiting.
+_lookups = threading.BoundedSemaphore(SUBMIT_RESOLVERS)
 
 
 def check_at_submit(url: str, settings: Settings) -> None:
     """Refuse a callback URL whose form or addresses are not allowed (CallbackRefused).
 
-    A host that does not resolve, or not within SUBMIT_RESOLVE_SECONDS, is accepted: every
-    delivery checks it again.
+    Waits at most SUBMIT_RESOLVE_SECONDS. A host that does not resolve, or not in time, or
+    while SUBMIT_RESOLVERS lookups are already under way, is accepted: every delivery
+    checks it again.
     """
     target = parse_url(url)
     allowed = Allowed.parse(settings.callback_allowed_hosts)
+    if _literal(target.host) is not None:
+        resolve(target, allowed)  # nothing to look up
+        return
+    if not _lookups.acquire(blocking=False):
+        log.warning(
+            "callback host %s accepted unchecked: %d lookups under way", target.host, SUBMIT_RESOLVERS
+        )
+        return
     refused: list[CallbackRefused] = []
+    done = threading.Event()
 
-    def check() -> None:
+    def look_up() -> None:
         try:
             resolve(target, allowed)
         except CallbackRefused as error:
             refused.append(error)
         except OSError:
             pass
+        finally:
+            _lookups.release()
+            done.set()
 
-    # A thread of its own: name resolution has no timeout of its own.
-    resolver = threading.Thread(target=check, name="callback-resolve", daemon=True)
-    resolver.start()
-    resolver.join(SUBMIT_RESOLVE_SECONDS)
-    if refused:
+    threading.Thread(target=look_up, name="callback-resolve", daemon=True).start()
+    if done.wait(SUBMIT_RESOLVE_SECONDS) and refused:
+        log.info("callback URL refused: %s (%s)", refused[0], refused[0].address)
         raise refused[0]
 
 
@@ -221,9 +303,11 @@ def register(pipe: Any, job: Job, url: str) -> None:
 
 
 def due(pipe: Any, job: Job) -> None:
-    """The job has ended: its callback is due now (in the pipeline that records the end)."""
+    """The job has ended: its callback is due now, and every courier is told so (in the
+    pipeline that records the end)."""
     if job.callback is not None:
         pipe.zadd(keys.CALLBACKS, {job.id: 0})
+        pipe.publish(keys.CALLBACKS_CHANNEL, job.id)
 
 
 def reset(pipe: Any, job: Job) -> None:
@@ -234,10 +318,26 @@ def reset(pipe: Any, job: Job) -> None:
         pipe.zadd(keys.CALLBACKS, {job.id: time.time() + RECHECK_MIN})
 
 
-def signature(secret: str, timestamp: str, body: bytes) -> str:
-    """The `Afterward-Signature` header's value for a body sent at `timestamp`."""
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
+def key_secret(callback_secret: str, owner: str) -> str:
+    """The secret that signs the deliveries of `owner`'s jobs (an API key's owner name, or
+    `public` while the API is open): HMAC-SHA256 under CALLBACK_SECRET, so it is the same in
+    every process, needs nothing stored, and tells nothing of CALLBACK_SECRET or other keys'."""
+    return hmac.new(callback_secret.encode(), SECRET_LABEL + owner.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_content(timestamp: str, delivery: str, event: str, body: bytes) -> bytes:
+    """What `Afterward-Signature` signs: the three headers and the body, a line break apart.
+
+    Not dots: the delivery id and the event hold dots, so with dots a forger could move the
+    boundary between them (and defeat deduplication); a header value cannot hold a line break.
+    """
+    return f"{timestamp}\n{delivery}\n{event}\n".encode() + body
+
+
+def signature(secret: str, timestamp: str, delivery: str, event: str, body: bytes) -> str:
+    """The `Afterward-Signature` header's value."""
+    content = signed_content(timestamp, delivery, event, body)
+    return "sha256=" + hmac.new(secret.encode(), content, hashlib.sha256).hexdigest()
 
 
 # ---------------------------------------------------------------------- delivering
@@ -258,21 +358,22 @@ class Courier:
         self._busy = threading.Semaphore(self.concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="callback")
         self._thread = threading.Thread(target=self._loop, name="callback-courier", daemon=True)
         self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
+        self._listener = threading.Thread(target=self._listen, name="callback-listener", daemon=True)
+        self._listener.start()
 
     def stop(self, wait: float = 2.0) -> None:
         """Stop taking entries; deliveries under way get `wait` seconds (a lease covers the rest)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(wait)
+        for thread in (self._thread, self._listener):
+            if thread is not None:
+                thread.join(wait)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -281,11 +382,36 @@ class Courier:
             try:
                 taken = self.take_due()
             except redis.RedisError:  # the worker says so (jobs.connection.Outage)
-                self._stop.wait(POLL * 5)
+                self._stop.wait(RECONNECT)
+                continue
+            except Exception:  # a courier that stopped would leave deliveries to the others
+                log.exception("callbacks: could not take due entries")
+                self._stop.wait(POLL)
                 continue
             if not taken:
                 self._wake.wait(POLL)
                 self._wake.clear()
+
+    def _listen(self) -> None:
+        """Wake the courier whenever any process announces an end (due)."""
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(keys.CALLBACKS_CHANNEL)
+                    self._wake.set()  # what was announced before it listened
+                if pubsub.get_message(timeout=1.0) is not None:  # a second: to see a stop
+                    self._wake.set()
+            except redis.RedisError:  # the loop polls meanwhile; the worker reports the outage
+                if pubsub is not None:
+                    with suppress(redis.RedisError):
+                        pubsub.close()
+                pubsub = None
+                self._stop.wait(RECONNECT)
+        if pubsub is not None:
+            with suppress(redis.RedisError):
+                pubsub.close()
 
     def take_due(self) -> int:
         """Start delivering what is due, as many as there are free threads; how many were taken."""
@@ -295,24 +421,33 @@ class Courier:
         if not free:  # every thread is busy: the loop waits for one to finish (it wakes it)
             return 0
         at = time.time()
-        taken = [i.decode() for i in self._take(keys=[keys.CALLBACKS], args=[at, at + LEASE, free])]
+        try:
+            found = self._take(keys=[keys.CALLBACKS], args=[at, at + LEASE, free])
+        except BaseException:
+            for _ in range(free):
+                self._busy.release()
+            raise
+        taken = [(found[i].decode(), float(found[i + 1]) == 0) for i in range(0, len(found), 2)]
         for _ in range(free - len(taken)):
             self._busy.release()
-        for job_id in taken:
-            self._pool.submit(self._deliver_one, job_id)
+        for job_id, announced in taken:
+            self._pool.submit(self._deliver_one, job_id, announced)
         return len(taken)
 
-    def _deliver_one(self, job_id: str) -> None:
+    def _deliver_one(self, job_id: str, announced: bool) -> None:
         try:
-            self.deliver(job_id)
+            self.deliver(job_id, announced)
         except Exception:  # the lease brings it back
             log.exception("callback of job %s: delivery broke off", job_id)
         finally:
             self._busy.release()
             self._wake.set()
 
-    def deliver(self, job_id: str) -> None:
-        """Look at one leased entry: deliver the job's end, or look again later."""
+    def deliver(self, job_id: str, announced: bool = False) -> None:
+        """Look at one leased entry: deliver the job's end, or look again later.
+
+        `announced`: the entry was due because the job's end was announced (`due`).
+        """
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(Job.key_for(job_id))
             pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
@@ -328,10 +463,12 @@ class Courier:
             return
         if not is_terminal(job):
             age = time.time() - job.created_at.timestamp() if job.created_at else RECHECK_MIN
+            # Announced but not recorded yet: the end is on its way, look again in a moment
+            # (once; then as any running job).
+            wait = ANNOUNCED_RECHECK if announced else min(max(age, RECHECK_MIN), RECHECK_MAX)
             # Only ever brought forward: a job that ended while this courier looked at it keeps
             # the "due now" its end gave it. Its state is unchanged: nothing to write.
-            later = time.time() + min(max(age, RECHECK_MIN), RECHECK_MAX)
-            self.connection.zadd(keys.CALLBACKS, {job_id: later}, lt=True)
+            self.connection.zadd(keys.CALLBACKS, {job_id: time.time() + wait}, lt=True)
             return
         end = _end_of(job)
         if state["status"] in FINAL and state.get("end") == end:
@@ -351,7 +488,7 @@ class Courier:
             self.post(state["url"], body, job, end)
         except CallbackRefused as error:
             state.update(status=REFUSED, last_error=str(error))
-            log.warning("callback of job %s refused: %s", job_id, error)
+            log.warning("callback of job %s refused: %s (%s)", job_id, error, error.address or "")
             self._save(job, state, None)
             return
         except _Undelivered as error:
@@ -390,14 +527,18 @@ class Courier:
         except OSError as error:
             raise _Undelivered(f"cannot resolve {target.host}: {error.strerror or error}") from None
         timestamp = str(int(time.time()))
+        event = f"job.{job.get_status(refresh=False).value}"
+        delivery = f"{job.id}.{end}"
+        # Every job has the owner it was submitted by (`public` while the API is open).
+        secret = key_secret(self.settings.callback_secret, job.meta.get("owner") or "public")
         headers = {
             "Host": target.host_header,
             "Content-Type": "application/json",
             "User-Agent": "Afterward-Webhook/1",
-            "Afterward-Event": f"job.{job.get_status(refresh=False).value}",
-            "Afterward-Delivery": f"{job.id}.{end}",
+            "Afterward-Event": event,
+            "Afterward-Delivery": delivery,
             "Afterward-Timestamp": timestamp,
-            "Afterward-Signature": signature(self.settings.callback_secret, timestamp, body),
+            "Afterward-Signature": signature(secret, timestamp, delivery, event, body),
         }
         timeout = urllib3.Timeout(
             connect=min(5, self.settings.callback_timeout), read=self.settings.callback_timeout

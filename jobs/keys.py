@@ -31,6 +31,8 @@ _RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
 # Jobs with a completion webhook, by when a courier should look at them next (jobs.callbacks).
 CALLBACKS = PREFIX + "callbacks"
+# Pub/sub channel a job's id is published on when its callback becomes due: wakes every courier.
+CALLBACKS_CHANNEL = PREFIX + "callbacks-due"
 
 # Fields RQ's job hash is extended with: how many times a worker started the job; the owner
 # whose fair share the job runs in, and the most jobs of that owner it may run beside

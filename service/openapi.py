@@ -91,6 +91,16 @@ class JobView(BaseModel):
     )
 
 
+class WebhookSecret(BaseModel):
+    """The secret the calling key's completion webhooks are signed with."""
+
+    owner: str = Field(description="The key's owner name (`public` while the API is open without keys).")
+    secret: str = Field(
+        description="HMAC-SHA256 key (as text) of the key's deliveries' `Afterward-Signature`: "
+        "over `<Afterward-Timestamp>\\n<Afterward-Delivery>\\n<Afterward-Event>\\n<body>`."
+    )
+
+
 class JobList(BaseModel):
     jobs: list[JobView]
 
@@ -237,6 +247,7 @@ def build(state: AppState) -> dict[str, Any]:
         Deleted,
         IndexInfo,
         QueueList,
+        WebhookSecret,
         Health,
         Ready,
     ]
@@ -340,6 +351,12 @@ def build(state: AppState) -> dict[str, Any]:
     paths["/queues"] = {
         "get": _operation("Every queue: jobs by state, its oldest queued job's age, the workers serving it",
                           {"200": _json("QueueList", "The queues.")}, secured=True, tag="operations")
+    }  # fmt: skip
+    paths["/webhooks/secret"] = {
+        "get": _operation("The secret this key's completion webhooks are signed with",
+                          {"200": _json("WebhookSecret", "The key's signing secret."),
+                           "404": _json("Error", "`callbacks_disabled`: CALLBACK_SECRET is not set.")},
+                          secured=True, tag="jobs")
     }  # fmt: skip
     paths["/healthz"] = {"get": _operation("Liveness", {"200": _json("Health", "Up.")}, tag="operations")}
     paths["/readyz"] = {

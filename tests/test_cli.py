@@ -201,3 +201,23 @@ def test_document_and_delete_document(web, real_redis):
     assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"id": "cli-note", "deleted": True}
     gone = run("document", "cli-note", "--url", web.base)
     assert gone.returncode == 1 and "404 not_found" in gone.stderr
+
+
+@pytest.mark.integration
+def test_webhook_secret_prints_the_keys_signing_secret(keyed_web):
+    from jobs.callbacks import key_secret
+    from service.security import key_owner
+
+    # The client in this tree, whichever copy is installed.
+    answer = run(
+        "webhook-secret",
+        "--url",
+        keyed_web.base,
+        "--api-key",
+        KEY_A,
+        env={"PYTHONPATH": str(ROOT / "client")},
+    )
+    assert answer.returncode == 0, answer.stderr
+    owner = key_owner(KEY_A)
+    # The session's stack signs with CALLBACK_SECRET=test-callback-secret (tests/conftest.py).
+    assert json.loads(answer.stdout) == {"owner": owner, "secret": key_secret("test-callback-secret", owner)}

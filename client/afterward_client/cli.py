@@ -14,6 +14,7 @@
     afterward index --lines sentences.txt             # one document per line
     afterward document <id>
     afterward delete-document <id>
+    afterward webhook-secret                          # what the key's webhooks are signed with
 
 The service is --url or AFTERWARD_URL (default http://127.0.0.1:5000), the key --api-key or
 AFTERWARD_API_KEY; both options go before or after the command. A submit's fields are
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     delete = command("delete-document", run_delete_document, "remove a document from the index")
     delete.add_argument("id", help="the document's id")
+
+    command(
+        "webhook-secret", run_webhook_secret, "show the secret the key's completion webhooks are signed with"
+    )
     return parser
 
 
@@ -296,6 +301,11 @@ def run_document(client: Client, args: argparse.Namespace, extra: list[str]) -> 
 
 def run_delete_document(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
     print_json(client.delete_document(args.id))
+    return OK
+
+
+def run_webhook_secret(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    print_json(client.webhook_secret())
     return OK
 
 

@@ -118,6 +118,10 @@ class Client:
         """Every queue with its jobs by state, its oldest queued job's age and its workers."""
         return self._call("GET", "queues").json()["queues"]
 
+    def webhook_secret(self) -> dict[str, Any]:
+        """The secret this key's completion webhooks are signed with: {"owner", "secret"}."""
+        return self._call("GET", "webhooks/secret").json()
+
     def openapi(self) -> dict[str, Any]:
         """The service's OpenAPI description (job types and their fields included)."""
         return self._call("GET", "openapi.json").json()

@@ -563,8 +563,6 @@ class Worker(ForkingWorker):
                 callbacks.due(pipe, job)
             results = pipe.execute()
         self._ring_if_capped([job for job, _ in running])
-        if any(job.callback is not None for job, _ in running):
-            self._courier_wake()
         for (job, _), dependents in zip(running, results[: len(running)], strict=True):
             if dependents:
                 self._enqueue_dependents_safely(queue, job)
@@ -728,13 +726,6 @@ class Worker(ForkingWorker):
                 pipe.execute()
         except Exception:  # waiters fall back to polling, webhooks to the courier's rounds
             log.warning("could not announce the end of job %s", job.id, exc_info=True)
-        else:
-            if event in ("finished", "failed", "stopped") and job.callback is not None:
-                self._courier_wake()
-
-    def _courier_wake(self) -> None:
-        if self._courier is not None:
-            self._courier.wake()
 
 
 class Scheduler(RQScheduler):
