@@ -19,16 +19,43 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from bench.slow_clients import ATTACKS, DRIP_EVERY, drive, open_attackers, outcomes, p99, probe_until
 from tests.support import DEADLINE, WebService, wait_until
 from webserver import worker
-from webserver.worker import request_complete
+from webserver.worker import Refused, RequestFraming
 
 STALLED = 400
 PROBES = 100
 PROBE_TIMEOUT = 5  # generous: a probe that waits for a thread behind the stalled sockets waits forever
+DRIPPERS = 80  # connections per dripping attack: more than the web process's 2 x 16 threads
+CODES = {408: "request_timeout", 413: "payload_too_large", 431: "headers_too_large"}
+P99_BOUND = 0.25  # seconds: the latency bound new clients must get while the attacks go on
 
 
 # ---------------------------------------------------------------- when a request is whole
+
+MAX_BODY = 1024 * 1024
+
+
+def whole(data: bytes, max_body: int = MAX_BODY) -> bool:
+    """What RequestFraming says of `data`, given at once and given a byte at a time (it must agree)."""
+    at_once = RequestFraming(max_body).whole(bytearray(data))
+    framing, received = RequestFraming(max_body), bytearray()
+    for byte in data:
+        received.append(byte)
+        in_pieces = framing.whole(received)
+    assert in_pieces == at_once
+    return at_once
+
+
+def refusal(data: bytes, max_body: int = MAX_BODY) -> tuple[int, str]:
+    with pytest.raises(Refused) as refused:
+        RequestFraming(max_body).whole(bytearray(data))
+    status_line, _, body = refused.value.response.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(body.partition(b"\r\n\r\n")[2])["error"]["code"]
+
+
+CHUNKED = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 @pytest.mark.parametrize(
@@ -38,24 +65,61 @@ PROBE_TIMEOUT = 5  # generous: a probe that waits for a thread behind the stalle
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
         (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", False),
         (b"POST / HTTP/1.1\r\ncontent-length : 5\r\n\r\nabcde", True),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", False),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: 1\r\n", False),
-        # Framing the parser refuses goes to it at once, to be answered 400.
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n", None),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", None),
+        (CHUNKED + b"3\r\nabc\r\n", False),
+        (CHUNKED + b"3;x=y\r\nabc\r\n0\r\n\r\n", True),
+        (CHUNKED + b"0\r\nX-Trailer: 1\r\n", False),
+        (CHUNKED + b"0\r\nX-Trailer: 1\r\n\r\n", True),
+        # Framing the parser refuses goes to it at the head's end, to be answered 400 or 501.
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", True),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", True),
+        (b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n", True),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", True),
     ],
 )
 def test_a_request_is_handed_to_a_thread_once_whole(data, expected):
-    assert request_complete(data) is expected
+    assert whole(data) is expected
 
 
-def test_heads_and_bodies_past_the_buffer_go_to_the_parser_unfinished():
-    assert request_complete(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * worker.HEAD_BUFFER_BYTES) is None
-    big = worker.BUFFERED_BODY_BYTES + 1
-    assert request_complete(f"POST / HTTP/1.1\r\nContent-Length: {big}\r\n\r\n".encode()) is None
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * worker.HEAD_BUFFER_BYTES, 431, "headers_too_large"),
+        (b"GET / HTTP/1.1\nHost: x\n\n", 400, "bad_request"),  # bare LF
+        (b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1), 413, "payload_too_large"),
+        (CHUNKED + b"80000\r\n" + b"a" * 0x80000 + b"\r\n80001\r\n", 413, "payload_too_large"),
+        (CHUNKED + b"1;" + b"x" * 2000 + b"\r\na\r\n", 400, "bad_request"),  # an over-long chunk line
+        (CHUNKED + b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
+        (CHUNKED + b"0x2\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),  # int(..., 16) would take it
+        (CHUNKED + b"2\r\n{}XX0\r\n\r\n", 400, "bad_request"),
+        (CHUNKED + b"0\r\nX-Big: " + b"a" * worker.HEAD_BUFFER_BYTES, 431, "headers_too_large"),
+    ],
+)
+def test_what_cannot_be_served_is_refused_before_a_thread_sees_it(data, status, code):
+    assert refusal(data) == (status, code)
+
+
+def test_the_limits_follow_max_body_bytes():
+    assert whole(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + b"a" * 10, max_body=10)
+    assert refusal(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", max_body=10)[0] == 413
+    assert whole(CHUNKED + b"a\r\n" + b"a" * 10 + b"\r\n0\r\n\r\n", max_body=10)
+    assert refusal(CHUNKED + b"a\r\n" + b"a" * 10 + b"\r\n1\r\n", max_body=10)[0] == 413
+
+
+def test_chunk_framing_may_not_outgrow_the_body():
+    """A body in one-byte chunks with long extensions would buffer far more than MAX_BODY_BYTES."""
+    chunk = b"1;" + b"x" * 1000 + b"\r\na\r\n"
+    assert refusal(CHUNKED + chunk * (2 * 1024 * 64 // len(chunk) + 1), max_body=64 * 1024)[0] == 413
+
+
+def test_expect_100_continue_is_noticed_when_a_body_is_still_to_come():
+    framing = RequestFraming(MAX_BODY)
+    assert not framing.whole(
+        bytearray(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    )
+    assert framing.expects_continue
+    framing = RequestFraming(MAX_BODY)
+    assert framing.whole(bytearray(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"))
+    assert not framing.expects_continue
 
 
 # ---------------------------------------------------------------- a real web process
@@ -137,6 +201,54 @@ def test_stalled_connections_hold_no_thread_and_are_dropped(own_web):
     finally:
         for sock in stalled:
             sock.close()
+
+
+@pytest.mark.integration
+def test_clients_that_drip_hold_no_thread_and_are_refused_or_dropped(own_web):
+    """80 connections of each attack in bench.slow_clients.ATTACKS, all at once, each dripping a
+    byte or header line every 4 s: a head over 64 KiB and bodies over MAX_BODY_BYTES are
+    refused (431, 413) and their connections closed before their next drip; a small body that
+    never ends is answered 408 at REQUEST_TIMEOUT. Meanwhile new clients are answered: p99
+    under 250 ms for /healthz and POST /jobs/log (a bound this test holds the server to).
+    """
+    attackers = open_attackers(own_web.port, DRIPPERS)
+    opened = min(attacker.opened for attacker in attackers)
+    driver = threading.Thread(target=drive, args=(attackers, opened + worker.REQUEST_TIMEOUT + 10))
+    try:
+        driver.start()
+        bursts_by = time.monotonic() + 10
+        while time.monotonic() < bursts_by and not all(a.burst_sent or a.closed for a in attackers):
+            time.sleep(0.05)
+        # Probes for as long as the small bodies are still dripping: over 10 s, two drips or more.
+        latencies = probe_until(own_web.base, opened + worker.REQUEST_TIMEOUT - 1)
+        driver.join()
+    finally:
+        driver.join()
+        for attacker in attackers:
+            attacker.close()
+    figures = {
+        kind: f"p99 {p99(samples) * 1000:.0f} ms of {len(samples)}" for kind, samples in latencies.items()
+    }
+    print(f"\nprobes while {len(attackers)} connections dripped: {figures}")
+    for attack, outcome in outcomes(attackers).items():
+        print(f"  {attack}: {outcome}")
+
+    for kind, samples in latencies.items():
+        assert p99(samples) < P99_BOUND, f"{kind} probes: {figures[kind]}"
+    for attacker in attackers:
+        what = f"{attacker.attack}: {bytes(attacker.answer[:300])!r}"
+        assert attacker.status() == attacker.expected, what
+        assert attacker.header("content-type") == "application/json", what
+        assert attacker.header("connection") == "close", what
+        assert json.loads(attacker.body())["error"]["code"] == CODES[attacker.expected], what
+        assert attacker.closed is not None, f"{attacker.attack}: still open"
+        if attacker.expected == 408:
+            assert attacker.closed - attacker.opened > worker.REQUEST_TIMEOUT - 1, (
+                f"{what}: before the deadline"
+            )
+        else:  # refused and closed at once: nothing of the rest was waited for
+            assert attacker.closed - (attacker.burst_sent or attacker.opened) < DRIP_EVERY, f"{what}: late"
+    assert {a.attack for a in attackers} == set(ATTACKS)
 
 
 def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
