@@ -77,12 +77,18 @@ def _slow_body() -> tuple[bytes, Callable[[int], bytes]]:
     return _POST + b'Content-Length: 1000\r\n\r\n{"message": "', lambda n: b"a"
 
 
+def _never_closed() -> tuple[bytes, Callable[[int], bytes]]:
+    # A whole request that asks to close the connection, from a client that never closes it.
+    return b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", lambda n: b"a"
+
+
 # Attack name: (the status its connection must end with, the request's first bytes and drips).
 ATTACKS: dict[str, tuple[int, Callable[[], tuple[bytes, Callable[[int], bytes]]]]] = {
     "head over 64 KiB": (431, _big_head),
     "Content-Length 2 MiB": (413, _big_length),
     "chunked past 1 MiB": (413, _big_chunked),
     "small body, dripped": (408, _slow_body),
+    "Connection: close, never closed": (200, _never_closed),
 }
 
 

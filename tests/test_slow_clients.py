@@ -205,11 +205,12 @@ def test_stalled_connections_hold_no_thread_and_are_dropped(own_web):
 
 @pytest.mark.integration
 def test_clients_that_drip_hold_no_thread_and_are_refused_or_dropped(own_web):
-    """80 connections of each attack in bench.slow_clients.ATTACKS, all at once, each dripping a
-    byte or header line every 4 s: a head over 64 KiB and bodies over MAX_BODY_BYTES are
-    refused (431, 413) and their connections closed before their next drip; a small body that
-    never ends is answered 408 at REQUEST_TIMEOUT. Meanwhile new clients are answered: p99
-    under 250 ms for /healthz and POST /jobs/log (a bound this test holds the server to).
+    """80 connections of each attack in bench.slow_clients.ATTACKS at once, each dripping a byte
+    or a header line every 4 s after its first burst: a head over 64 KiB and bodies over
+    MAX_BODY_BYTES are refused (431, 413), a request that asks to close the connection is
+    answered, and each connection is closed before its next drip; a small body that never ends
+    is answered 408 at REQUEST_TIMEOUT. Meanwhile new clients are answered: p99 under 250 ms
+    for /healthz and for POST /jobs/log, each on a new connection.
     """
     attackers = open_attackers(own_web.port, DRIPPERS)
     opened = min(attacker.opened for attacker in attackers)
@@ -240,13 +241,14 @@ def test_clients_that_drip_hold_no_thread_and_are_refused_or_dropped(own_web):
         assert attacker.status() == attacker.expected, what
         assert attacker.header("content-type") == "application/json", what
         assert attacker.header("connection") == "close", what
-        assert json.loads(attacker.body())["error"]["code"] == CODES[attacker.expected], what
+        if attacker.expected >= 400:
+            assert json.loads(attacker.body())["error"]["code"] == CODES[attacker.expected], what
         assert attacker.closed is not None, f"{attacker.attack}: still open"
         if attacker.expected == 408:
             assert attacker.closed - attacker.opened > worker.REQUEST_TIMEOUT - 1, (
                 f"{what}: before the deadline"
             )
-        else:  # refused and closed at once: nothing of the rest was waited for
+        else:  # answered and closed at once: nothing of the rest was waited for
             assert attacker.closed - (attacker.burst_sent or attacker.opened) < DRIP_EVERY, f"{what}: late"
     assert {a.attack for a in attackers} == set(ATTACKS)
 
