@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -93,13 +94,26 @@ ATTACKS: dict[str, tuple[int, Callable[[], tuple[bytes, Callable[[int], bytes]]]
 
 
 class Attacker:
-    """A connection that sends its burst as fast as the server takes it, then a drip every DRIP_EVERY s."""
+    """A connection that sends its burst as fast as the server takes it, then a drip every DRIP_EVERY s.
 
-    def __init__(self, attack: str, port: int) -> None:
+    With `tls`, the connection first completes a TLS handshake, and sends and reads through it.
+    """
+
+    def __init__(
+        self,
+        attack: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        how: tuple[int | None, bytes, Callable[[int], bytes]] | None = None,
+    ) -> None:
         self.attack = attack
-        self.expected = ATTACKS[attack][0]
-        burst, self.drip = ATTACKS[attack][1]()
+        if how is None:
+            self.expected, (burst, self.drip) = ATTACKS[attack][0], ATTACKS[attack][1]()
+        else:
+            self.expected, burst, self.drip = how
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.sock.setblocking(False)
         self.opened = time.monotonic()
         self.pending = bytearray(burst)
@@ -111,7 +125,7 @@ class Attacker:
     def send(self) -> None:
         try:
             sent = self.sock.send(self.pending[:262144])
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             self.pending.clear()  # the server closed its side: what it answered is read next
@@ -122,16 +136,19 @@ class Attacker:
             self.burst_sent = time.monotonic()
 
     def receive(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = time.monotonic()
+                return
             self.answer += data
-        else:
-            self.closed = time.monotonic()
+            if not isinstance(self.sock, ssl.SSLSocket) or not self.sock.pending():
+                return
 
     def status(self) -> int | None:
         line = bytes(self.answer).partition(b"\r\n")[0].split()
@@ -152,8 +169,8 @@ class Attacker:
         self.sock.close()
 
 
-def open_attackers(port: int, per_attack: int) -> list[Attacker]:
-    return [Attacker(attack, port) for _ in range(per_attack) for attack in ATTACKS]
+def open_attackers(port: int, per_attack: int, tls: ssl.SSLContext | None = None) -> list[Attacker]:
+    return [Attacker(attack, port, tls) for _ in range(per_attack) for attack in ATTACKS]
 
 
 def drive(attackers: list[Attacker], until: float) -> None:
@@ -208,16 +225,15 @@ def outcomes(attackers: list[Attacker]) -> dict[str, str]:
 # ---------------------------------------------------------------- probes
 
 
-def probe_once(base: str, kind: str, i: int) -> float | None:
+def probe_once(base: str, kind: str, i: int, verify: str | bool = True) -> float | None:
     """Seconds one probe took on a new connection, or None if it failed."""
     started = time.perf_counter()
     try:
         if kind == "healthz":
-            response = requests.get(base + "/healthz", timeout=PROBE_TIMEOUT)
+            response = requests.get(base + "/healthz", timeout=PROBE_TIMEOUT, verify=verify)
         else:
-            response = requests.post(
-                base + "/jobs/log", json={"message": f"probe {i}"}, timeout=PROBE_TIMEOUT
-            )
+            body = {"message": f"probe {i}"}
+            response = requests.post(base + "/jobs/log", json=body, timeout=PROBE_TIMEOUT, verify=verify)
     except requests.RequestException:
         return None
     return time.perf_counter() - started if response.status_code in (200, 202) else None
@@ -257,14 +273,16 @@ def probe(base: str, total: int, budget: float = 120) -> dict[str, list[float]]:
     return latencies
 
 
-def probe_until(base: str, stop_at: float, pause: float = 0.01) -> dict[str, list[float]]:
+def probe_until(
+    base: str, stop_at: float, pause: float = 0.01, verify: str | bool = True
+) -> dict[str, list[float]]:
     """Probes of each kind, one after another from a thread per kind, until `stop_at`."""
     latencies: dict[str, list[float]] = {"healthz": [], "enqueue": []}
 
     def client(kind: str) -> None:
         i = 0
         while time.monotonic() < stop_at:
-            took = probe_once(base, kind, i)
+            took = probe_once(base, kind, i, verify)
             latencies[kind].append(PROBE_TIMEOUT if took is None else took)
             i += 1
             time.sleep(pause)

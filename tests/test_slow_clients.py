@@ -1,28 +1,50 @@
 """The web tier against slow and malformed clients: webserver/worker.py under the Procfile's gunicorn.
 
-Hundreds of connections that send half a request and go quiet must not keep anyone else
-from being answered, and are dropped with a 408 after `REQUEST_TIMEOUT`; what only the HTTP
-server sees (a header too large, a control byte, an over-long path, Content-Length with
-Transfer-Encoding) is answered in the API's JSON error shape, never an HTML page.
-The latency these stalled sockets cost is measured by bench.slow_clients, not asserted here.
+Hundreds of connections that send half a request and go quiet, or drip it a byte every few
+seconds, must not keep anyone else from being answered: a request reaches a thread only once
+whole, one too large is refused at once, one not whole after `REQUEST_TIMEOUT` gets a 408.
+What only the HTTP server sees (a header too large, a control byte, an over-long path,
+Content-Length with Transfer-Encoding) is answered in the API's JSON error shape, never an
+HTML page. The dripping attacks hold new clients to p99 < 250 ms (P99_BOUND), the one
+latency bound asserted here; bench.slow_clients measures the rest.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import selectors
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import suppress
+from pathlib import Path
 
 import pytest
 import requests
+from gunicorn.config import Config
+from gunicorn.workers.gthread import TConn
 
-from bench.slow_clients import ATTACKS, DRIP_EVERY, drive, open_attackers, outcomes, p99, probe_until
-from tests.support import DEADLINE, WebService, wait_until
+from bench.slow_clients import (
+    ATTACKS,
+    DRIP_EVERY,
+    Attacker,
+    drive,
+    open_attackers,
+    outcomes,
+    p99,
+    probe_until,
+)
+from scripts.embedded_redis import free_port
+from tests.support import DEADLINE, Process, WebService, procfile_command, wait_until
 from webserver import worker
-from webserver.worker import Refused, RequestFraming
+from webserver.worker import BufferingWorker, Refused, RequestFraming
 
 STALLED = 400
 PROBES = 100
@@ -30,6 +52,7 @@ PROBE_TIMEOUT = 5  # generous: a probe that waits for a thread behind the stalle
 DRIPPERS = 80  # connections per dripping attack: more than the web process's 2 x 16 threads
 CODES = {408: "request_timeout", 413: "payload_too_large", 431: "headers_too_large"}
 P99_BOUND = 0.25  # seconds: the latency bound new clients must get while the attacks go on
+TLS_WINDOW = 10  # seconds the TLS attackers drip while probes run (less than REQUEST_TIMEOUT)
 
 
 # ---------------------------------------------------------------- when a request is whole
@@ -120,6 +143,65 @@ def test_expect_100_continue_is_noticed_when_a_body_is_still_to_come():
     framing = RequestFraming(MAX_BODY)
     assert framing.whole(bytearray(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"))
     assert not framing.expects_continue
+
+
+# ---------------------------------------------------------------- the worker's event loop, in this process
+
+
+class _Threads:
+    """Stands in for the worker's thread pool: records the connections it is given."""
+
+    def __init__(self) -> None:
+        self.given: list = []
+
+    def submit(self, function, conn) -> Future:
+        self.given.append(conn)
+        return Future()  # never done: the request stays with its "thread"
+
+
+@pytest.fixture
+def loop_worker() -> Iterator[BufferingWorker]:
+    """A BufferingWorker whose event loop the test turns, with real sockets and no threads."""
+    loop = BufferingWorker(0, os.getpid(), [], None, 30, Config(), logging.getLogger("test"))
+    loop.poller = selectors.DefaultSelector()
+    loop.tpool = _Threads()
+    yield loop
+    for conn in [*loop.reading, *loop.lingering, *loop.tpool.given]:
+        conn.sock.close()
+    loop.poller.close()
+    loop.tmp.close()
+
+
+def connect(loop: BufferingWorker, data: bytes) -> socket.socket:
+    """A client connection to `loop` that has sent `data`; the loop reads it."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    theirs.sendall(data)
+    loop.nr_conns += 1
+    loop.enqueue_req(TConn(loop.cfg, ours, ("127.0.0.1", 0), ("127.0.0.1", 0)))
+    loop.wait_for_and_dispatch_events(timeout=0.1)
+    return theirs
+
+
+def test_past_the_budget_the_largest_unfinished_request_is_refused_and_none_goes_to_a_thread(loop_worker):
+    loop_worker.budget = 250_000
+    head = b"POST /jobs/log HTTP/1.1\r\nContent-Length: 500000\r\n\r\n"
+    first = connect(loop_worker, head + b"a" * 100_000)
+    largest = connect(loop_worker, head + b"a" * 120_000)
+    small = connect(loop_worker, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # whole: to a thread
+    assert len(loop_worker.tpool.given) == 1
+    assert loop_worker.buffered_bytes > 200_000
+
+    last = connect(loop_worker, head + b"a" * 50_000)  # past the budget
+    assert loop_worker.buffered_bytes <= loop_worker.budget
+    assert len(loop_worker.reading) == 2  # the first and the last still arriving
+    status, headers, body = _read_answer(largest)
+    assert status == 503
+    assert headers["retry-after"] == str(worker.BUSY_RETRY_AFTER)
+    assert json.loads(body)["error"]["code"] == "unavailable"
+    assert len(loop_worker.tpool.given) == 1  # nothing unfinished went to a thread
+    for sock in (first, largest, small, last):
+        sock.close()
 
 
 # ---------------------------------------------------------------- a real web process
@@ -251,6 +333,76 @@ def test_clients_that_drip_hold_no_thread_and_are_refused_or_dropped(own_web):
         else:  # answered and closed at once: nothing of the rest was waited for
             assert attacker.closed - (attacker.burst_sent or attacker.opened) < DRIP_EVERY, f"{what}: late"
     assert {a.attack for a in attackers} == set(ATTACKS)
+
+
+# ---------------------------------------------------------------- TLS served by gunicorn itself
+
+
+@pytest.fixture
+def tls_web(env, tmp_path) -> Iterator[tuple[str, int, Path]]:
+    """The Procfile's web process serving TLS itself (certfile set): its URL, port and certificate."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    settings = dict(env, WEB_CONCURRENCY="2", HOST="127.0.0.1", PORT=str(port))
+    settings["GUNICORN_CMD_ARGS"] = f"--certfile {cert} --keyfile {key}"
+    process = Process("web-tls", procfile_command("web"), settings, tmp_path / "web-tls.log")
+    base = f"https://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: requests.get(base + "/healthz", verify=str(cert), timeout=5).status_code == 200,
+            what="the TLS web process",
+            process=process,
+        )
+        yield base, port, cert
+    finally:
+        process.kill()
+
+
+def _client_hello(tls: ssl.SSLContext) -> bytes:
+    """The first flight of a TLS handshake, as this client sends it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with suppress(ssl.SSLWantReadError):
+        tls.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1").do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.integration
+def test_with_tls_served_by_gunicorn_handshakes_and_requests_are_read_on_the_event_loop(tls_web):
+    """The same attacks over TLS, and handshakes dripped a byte every 4 s: no thread is held."""
+    base, port, cert = tls_web
+    tls = ssl.create_default_context(cafile=str(cert))
+    hello = _client_hello(tls)
+    handshake = (None, hello[:10], lambda n: hello[10 + n : 11 + n])
+    attackers = open_attackers(port, DRIPPERS, tls)
+    attackers += [Attacker("TLS handshake, dripped", port, how=handshake) for _ in range(DRIPPERS)]
+    opened = min(attacker.opened for attacker in attackers)
+    driver = threading.Thread(target=drive, args=(attackers, opened + TLS_WINDOW + 1))
+    try:
+        driver.start()
+        # Probes while the attackers drip (2 drips, plenty to hold threads that read per call).
+        latencies = probe_until(base, opened + TLS_WINDOW, verify=str(cert))
+        driver.join()
+    finally:
+        driver.join()
+        for attacker in attackers:
+            attacker.close()
+    figures = {kind: f"p99 {p99(got) * 1000:.0f} ms of {len(got)}" for kind, got in latencies.items()}
+    print(f"\nprobes over TLS while {len(attackers)} TLS connections dripped: {figures}")
+    for kind, samples in latencies.items():
+        assert p99(samples) < P99_BOUND, f"{kind} probes: {figures[kind]}"
+    for attacker in attackers:
+        what = f"{attacker.attack}: {bytes(attacker.answer[:300])!r}"
+        if attacker.expected in (None, 408):  # still arriving when the window ended, and still waited for
+            assert attacker.closed is None and not attacker.answer, what
+        else:
+            assert attacker.status() == attacker.expected, what
+            assert attacker.closed is not None and attacker.closed - attacker.burst_sent < DRIP_EVERY, what
 
 
 def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
