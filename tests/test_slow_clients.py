@@ -26,9 +26,11 @@ from concurrent.futures import Future
 from contextlib import suppress
 from pathlib import Path
 
+import flask_swagger_ui
 import pytest
 import requests
 from gunicorn.config import Config
+from gunicorn.errors import ConfigError
 from gunicorn.workers.gthread import TConn
 
 from bench.slow_clients import (
@@ -44,7 +46,7 @@ from bench.slow_clients import (
 from scripts.embedded_redis import free_port
 from tests.support import DEADLINE, Process, WebService, procfile_command, wait_until
 from webserver import worker
-from webserver.worker import BufferingWorker, Refused, RequestFraming
+from webserver.worker import BufferingWorker, Refused, RequestFraming, ResponseDeadline
 
 STALLED = 400
 PROBES = 100
@@ -202,6 +204,46 @@ def test_past_the_budget_the_largest_unfinished_request_is_refused_and_none_goes
     assert len(loop_worker.tpool.given) == 1  # nothing unfinished went to a thread
     for sock in (first, largest, small, last):
         sock.close()
+
+
+# ---------------------------------------------------------------- writing a response
+
+
+def test_a_client_that_keeps_reading_slowly_is_cut_off_at_the_response_deadline():
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def read_slowly() -> None:  # always some progress: no single write waits long
+        while not stop.is_set():
+            with suppress(OSError):
+                theirs.recv(65536)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    out = ResponseDeadline(ours, timeout=0.5, per_write=0.4)
+    sent = 0
+    try:
+        with pytest.raises(TimeoutError):
+            for _ in range(1000):  # 64 MB: far more than the reader takes in 0.5 s
+                out.sendall(b"a" * 65536)
+                sent += 65536
+    finally:
+        stop.set()
+        reader.join()
+        ours.close()
+        theirs.close()
+    assert sent >= 4 * 65536  # writes went through until the deadline ended the response
+
+
+def test_a_client_that_reads_nothing_fails_the_write_after_the_per_write_bound():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        out = ResponseDeadline(ours, timeout=60, per_write=0.2)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            out.sendall(b"a" * 10_000_000)
+        assert time.monotonic() - started < 30  # the per-write bound, far before the deadline
 
 
 # ---------------------------------------------------------------- a real web process
@@ -485,6 +527,23 @@ def test_stalled_connections_do_not_hold_up_sigterm(own_web):
     finally:
         for sock in stalled:
             sock.close()
+
+
+@pytest.mark.integration
+def test_a_large_static_file_arrives_whole(web):
+    """Files (Swagger UI's bundle) are written in blocks under the response deadline, not sendfile."""
+    response = requests.get(web.url("/docs/swagger-ui-bundle.js"), timeout=30)
+    assert response.status_code == 200
+    bundle = Path(flask_swagger_ui.__file__).parent / "dist" / "swagger-ui-bundle.js"
+    assert response.content == bundle.read_bytes()
+
+
+def test_the_worker_refuses_to_start_with_a_protocol_it_does_not_frame():
+    config = Config()
+    config.set("proxy_protocol", "v1")
+    with pytest.raises(ConfigError):
+        BufferingWorker.check_config(config, logging.getLogger("test"))
+    BufferingWorker.check_config(Config(), logging.getLogger("test"))  # the defaults are fine
 
 
 @pytest.mark.integration

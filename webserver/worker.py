@@ -22,9 +22,10 @@ no thread:
   event loop too: gthread does that in a blocking read on its event loop, which a client
   that never closes stalls for 2 s each time.
 
-Responses are still written by the thread: each write on the socket fails after
-REQUEST_TIMEOUT s (SO_SNDTIMEO), and a whole response must be taken by the client within
-RESPONSE_TIMEOUT s of its first byte, after which the connection is closed.
+Responses are still written by the thread, which waits on a client that reads slowly only
+once the kernel's send buffer is full: each write on the socket fails after REQUEST_TIMEOUT
+s, as before, and a whole response must be taken within RESPONSE_TIMEOUT s of its first
+byte; then the connection is closed.
 
 The errors only the server sees (a header too large, a control byte in a header, an
 over-long request line, Content-Length with Transfer-Encoding) are answered in the API's
@@ -66,7 +67,8 @@ STOP_GRACE = 2
 # Most bytes one process buffers for unfinished requests (at least four of the largest);
 # past it, the largest unfinished requests are refused with 503 until the rest fit.
 BUFFER_BUDGET = 64 * 1024 * 1024
-# Seconds a client has to take a whole response from its first byte: then it is closed.
+# Seconds a client has to take a whole response from its first byte (each write on its
+# socket: REQUEST_TIMEOUT s); then it is closed.
 RESPONSE_TIMEOUT = 30
 # Seconds, and bytes, a closing connection is read from (and the bytes dropped) after its
 # FIN, so the client reads the answer before the close; then it is closed.
@@ -248,16 +250,19 @@ def _bound_socket_waits(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-class _ResponseDeadline:
+class ResponseDeadline:
     """A thread's socket while it writes a response: all of it must be sent within `timeout` s.
 
-    The deadline starts with the first byte; each write waits only for what is left of it,
-    and past it fails like a timed-out write, so gunicorn closes the connection.
+    The deadline starts with the first byte. Each write may take at most `per_write` s, as
+    before (SO_SNDTIMEO), and no longer than what is left of the deadline; past it, a write
+    fails like a timed-out one and the connection is closed. So a client that reads a byte
+    now and then keeps a thread `timeout` s at most, not for as long as it keeps reading.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float, per_write: float = REQUEST_TIMEOUT) -> None:
         self._sock = sock
         self._timeout = timeout
+        self._per_write = per_write
         self._deadline: float | None = None
 
     def _remaining(self) -> float:
@@ -269,7 +274,8 @@ class _ResponseDeadline:
         return self._deadline - now
 
     def sendall(self, data: bytes) -> None:
-        self._sock.settimeout(self._remaining())  # sendall's timeout bounds the whole call
+        # A socket timeout bounds a whole sendall call, however it progresses.
+        self._sock.settimeout(min(self._remaining(), self._per_write))
         try:
             self._sock.sendall(data)
         finally:
@@ -460,7 +466,7 @@ class BufferingWorker(ThreadWorker):
         # sent one while it was arriving).
         req._expected_100_continue = False
         sock = conn.sock
-        conn.sock = _ResponseDeadline(sock, RESPONSE_TIMEOUT)
+        conn.sock = ResponseDeadline(sock, RESPONSE_TIMEOUT)
         try:
             return super().handle_request(req, conn)
         except TimeoutError as error:  # a client that does not read: closed, no traceback logged
