@@ -335,17 +335,23 @@ def held_for(sockets: list[socket.socket], started: float, limit: float) -> floa
     return None if remaining else time.monotonic() - started
 
 
-def dripping_phase(base: str, port: int, per_attack: int) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Probe latencies while `per_attack` connections of each attack drip, and what the attackers got."""
-    attackers = open_attackers(port, per_attack)
-    opened = min(a.opened for a in attackers)
-    driver = threading.Thread(target=drive, args=(attackers, opened + REQUEST_TIMEOUT + 10))
+def dripping_phase(
+    base: str, attackers: list[Attacker], probe_until_: float, drive_until: float, verify: str | bool = True
+) -> dict[str, list[float]]:
+    """Probe latencies while `attackers` drip; they are closed after, what they got kept.
+
+    The attackers send their bursts first, and the server is given a second to take them in
+    (tens of megabytes); probes run from then until `probe_until_`, and the attackers keep
+    dripping (and reading their answers) until `drive_until` or until all are closed.
+    """
+    driver = threading.Thread(target=drive, args=(attackers, drive_until))
     try:
         driver.start()
-        wait_until(lambda: all(a.burst_sent or a.closed for a in attackers), timeout=30, what="the bursts")
-        latencies = probe_until(base, opened + REQUEST_TIMEOUT - 1)
-        driver.join()
-        return latencies, outcomes(attackers)
+        bursts_by = time.monotonic() + 10  # a server that does not read them may never take them all
+        while time.monotonic() < bursts_by and not all(a.burst_sent or a.closed for a in attackers):
+            time.sleep(0.05)
+        time.sleep(1)
+        return probe_until(base, probe_until_, verify=verify)
     finally:
         driver.join()
         for attacker in attackers:
@@ -372,7 +378,12 @@ def run_setup(db, tmp: Path, name: str, sockets: int, drippers: int, probes: int
             sock.close()
         if drippers:
             wait_until(lambda: serves(process, port, base + "/healthz"), what=f"web ({name}) to recover")
-            figures["dripping"], figures["attacks"] = dripping_phase(base, port, drippers)
+            attackers = open_attackers(port, drippers)
+            opened = min(attacker.opened for attacker in attackers)
+            # Probes while the small bodies still drip; then their 408s are awaited.
+            until = (opened + REQUEST_TIMEOUT - 1, opened + REQUEST_TIMEOUT + 10)
+            figures["dripping"] = dripping_phase(base, attackers, *until)
+            figures["attacks"] = outcomes(attackers)
         return figures
     finally:
         for sock in stalled:

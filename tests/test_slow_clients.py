@@ -37,11 +37,10 @@ from bench.slow_clients import (
     ATTACKS,
     DRIP_EVERY,
     Attacker,
-    drive,
+    dripping_phase,
     open_attackers,
     outcomes,
     p99,
-    probe_until,
 )
 from scripts.embedded_redis import free_port
 from tests.support import DEADLINE, Process, WebService, procfile_command, wait_until
@@ -338,19 +337,10 @@ def test_clients_that_drip_hold_no_thread_and_are_refused_or_dropped(own_web):
     """
     attackers = open_attackers(own_web.port, DRIPPERS)
     opened = min(attacker.opened for attacker in attackers)
-    driver = threading.Thread(target=drive, args=(attackers, opened + worker.REQUEST_TIMEOUT + 10))
-    try:
-        driver.start()
-        bursts_by = time.monotonic() + 10
-        while time.monotonic() < bursts_by and not all(a.burst_sent or a.closed for a in attackers):
-            time.sleep(0.05)
-        # Probes for as long as the small bodies are still dripping: over 10 s, two drips or more.
-        latencies = probe_until(own_web.base, opened + worker.REQUEST_TIMEOUT - 1)
-        driver.join()
-    finally:
-        driver.join()
-        for attacker in attackers:
-            attacker.close()
+    # Probes for as long as the small bodies are still dripping (over 10 s: two drips or more),
+    # then their 408s are awaited.
+    until = (opened + worker.REQUEST_TIMEOUT - 1, opened + worker.REQUEST_TIMEOUT + 10)
+    latencies = dripping_phase(own_web.base, attackers, *until)
     figures = {
         kind: f"p99 {p99(samples) * 1000:.0f} ms of {len(samples)}" for kind, samples in latencies.items()
     }
@@ -424,16 +414,8 @@ def test_with_tls_served_by_gunicorn_handshakes_and_requests_are_read_on_the_eve
     attackers = open_attackers(port, DRIPPERS, tls)
     attackers += [Attacker("TLS handshake, dripped", port, how=handshake) for _ in range(DRIPPERS)]
     opened = min(attacker.opened for attacker in attackers)
-    driver = threading.Thread(target=drive, args=(attackers, opened + TLS_WINDOW + 1))
-    try:
-        driver.start()
-        # Probes while the attackers drip (2 drips, plenty to hold threads that read per call).
-        latencies = probe_until(base, opened + TLS_WINDOW, verify=str(cert))
-        driver.join()
-    finally:
-        driver.join()
-        for attacker in attackers:
-            attacker.close()
+    # Probes while the attackers drip (2 drips: plenty to hold threads that read per call).
+    latencies = dripping_phase(base, attackers, opened + TLS_WINDOW, opened + TLS_WINDOW + 1, str(cert))
     figures = {kind: f"p99 {p99(got) * 1000:.0f} ms of {len(got)}" for kind, got in latencies.items()}
     print(f"\nprobes over TLS while {len(attackers)} TLS connections dripped: {figures}")
     for kind, samples in latencies.items():
