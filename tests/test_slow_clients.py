@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -491,6 +492,38 @@ def test_a_request_sent_in_pieces_is_answered(web):
         status, _, answer = _read_answer(sock)
     assert status == 202, answer
     assert json.loads(answer)["status"] == "queued"
+
+
+@pytest.mark.integration
+def test_expect_100_continue_is_answered_while_the_body_is_awaited(web):
+    body = b'{"message": "after 100 Continue"}'
+    with socket.create_connection(("127.0.0.1", web.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /jobs/log HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status, _, answer = _read_answer(sock)
+    assert status == 202, answer  # one 100 Continue only: the final answer comes next
+
+
+@pytest.mark.integration
+def test_pipelined_requests_on_one_connection_are_answered_in_order(web):
+    body = b'{"message": "pipelined"}'
+    post = (
+        b"POST /jobs/log HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", web.port), timeout=30) as sock:
+        sock.sendall(post + post + last)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [202, 202, 200]
 
 
 @pytest.mark.integration
