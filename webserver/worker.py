@@ -375,6 +375,11 @@ class BufferingWorker(ThreadWorker):
             self._stop_reading(conn)
             self._close(conn)
             return
+        except Exception:  # a fault here must cost this connection, not the process's event loop
+            self.log.exception("reading a request from %s failed", conn.client)
+            self._stop_reading(conn)
+            self._close(conn)
+            return
         if not whole and len(conn.received) > request_limit(self.max_body):  # no more is read
             self._stop_reading(conn)
             self._refuse(conn, _too_large(self.max_body).response)
