@@ -21,7 +21,7 @@ workers = _settings.web_concurrency
 # Threads per process: a long poll (`?wait=`) holds a thread, not a process, and the app
 # lets only LONG_POLL_SLOTS of them wait at once, so other requests always find a thread.
 # The worker is gunicorn's gthread reading each request whole on its event loop before a
-# thread takes it, so clients that send half a request and go quiet hold no thread
+# thread takes it, so clients that send half a request, or drip it, hold no thread
 # (webserver/worker.py; bench.slow_clients measures it).
 worker_class = "webserver.worker.BufferingWorker"
 threads = _settings.web_threads
