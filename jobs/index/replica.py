@@ -392,21 +392,22 @@ class Replica:
 
     def _search_base_among(self, query: np.ndarray, k: int, visible: np.ndarray) -> list[tuple[float, int]]:
         """Search only the snapshot positions in `visible` (a filter's, a namespace's)."""
+        # A bitmap of the positions: cheaper to build than a hash set of them, and O(1) to ask.
+        allowed = np.zeros(self.base.ntotal, dtype=bool)
+        allowed[visible] = True
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(bitmap)
+        k = min(k, len(visible))
         if not self.approximate:
-            return _search(self.base, query, min(k, len(visible)), faiss.IDSelectorBatch(visible))
+            return _search(self.base, query, k, selector)
         if len(visible) <= EXACT_FILTER_UP_TO:
-            # A graph search that may visit only a few nodes misses; these vectors are few.
-            scores = self.base.reconstruct_batch(visible) @ query[0]
-            best = np.argsort(-scores, kind="stable")[:k]
-            return [(float(scores[i]), int(visible[i])) for i in best]
+            # A graph search that may visit only a few of them misses: these vectors are few, so
+            # the graph's storage is scanned for them instead (exact; reads only their vectors).
+            return _search(self.base.storage, query, k, selector)
         # Look at as many candidates as an unfiltered search would see of them.
         share = len(visible) / max(1, self.base.ntotal)
         ef = min(MAX_EF_SEARCH, int(self.ef_search / share))
-        allowed = np.zeros(self.base.ntotal, dtype=bool)
-        allowed[visible] = True
-        # A bitmap: cheaper to build for many positions than a batch selector's hash set.
-        bitmap = np.packbits(allowed, bitorder="little")
-        return self._search_base(query, min(k, len(visible)), faiss.IDSelectorBitmap(bitmap), ef)
+        return self._search_base(query, k, selector, ef)
 
     def _base_selector(self) -> Any:
         """Excludes the base's hidden positions (built again only when they change)."""
