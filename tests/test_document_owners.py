@@ -386,3 +386,78 @@ def test_a_search_asks_the_replica_for_the_callers_namespace_only(fake_redis, tm
         )
         assert app.test_client().get("/search?q=x", headers=AS_A).status_code == 200
         assert asked.pop() == expected
+
+
+# ------------------------------------------------------------------ documents written before owners
+
+
+def legacy(fake_redis, docs: list[dict]) -> None:
+    """Documents as the store wrote them before owners: bare ids, no owner, not counted."""
+    put(DocumentStore(fake_redis), docs, PUBLIC)
+    for document in docs:
+        fake_redis.hdel(keys.document(document["id"]), "owner")
+    fake_redis.delete(keys.INDEX_OWNER_DOCUMENTS, keys.INDEX_OWNER_BYTES)
+
+
+def test_documents_written_before_owners_are_the_open_apis(fake_redis, tmp_path):
+    legacy(fake_redis, [{"id": "old", "text": "written before owners"}, {"id": "older", "text": "too"}])
+    assert make_app(tmp_path).test_client().get("/documents/old").status_code == 200
+    keyed = make_app(tmp_path, api_keys=(KEY_A,), rate_limit="off").test_client()
+    assert_error(keyed.get("/documents/old", headers=AS_A), 404, "not_found")
+    assert_error(keyed.delete("/documents/old", headers=AS_A), 404, "not_found")
+    shared = make_app(tmp_path, api_keys=(KEY_A,), rate_limit="off", index_scope="shared").test_client()
+    assert shared.get("/documents/old", headers=AS_A).get_json()["text"] == "written before owners"
+    assert_error(shared.delete("/documents/old", headers=AS_A), 403, "forbidden")
+    assert put(DocumentStore(fake_redis, scope=SHARED), [{"id": "old", "text": "mine now"}], A) == ["refused"]
+    # The open API changes them as before; they count from their next write on.
+    store = DocumentStore(fake_redis)
+    assert store.usage(PUBLIC).documents == 0
+    assert put(store, [{"id": "old", "text": "rewritten"}], PUBLIC) == ["indexed"]
+    assert store.delete("older")
+    usage = store.usage(PUBLIC)
+    assert (usage.documents, usage.bytes) == (1, size_of({"text": "rewritten"}))
+
+
+@pytest.mark.parametrize("scope", ["key", "shared"])
+def test_adopt_gives_the_open_apis_documents_to_a_key(fake_redis, tmp_path, scope):
+    from jobs.index.adopt import adopt
+    from jobs.settings import Settings
+
+    docs = [{"id": f"old{i}", "text": f"old text {i}", "metadata": {"i": i}} for i in range(300)]
+    legacy(fake_redis, docs[:200])
+    snapshot = Replica(fake_redis, DIMS, directory=tmp_path / "host")
+    snapshot.sync()
+    snapshot.write_snapshot()  # some vectors in a snapshot, some only in the stream
+    legacy(fake_redis, docs[200:])
+    put(DocumentStore(fake_redis, scope=scope), [{"id": "b's", "text": "old text 7"}], B)
+    settings = Settings(index_scope=scope)
+    assert adopt(fake_redis, A, settings) == 300
+    store = DocumentStore(fake_redis, scope=scope)
+    assert store.get("old7", A).metadata == {"i": 7}
+    usage = store.usage(A)
+    assert (usage.documents, usage.bytes) == (300, sum(size_of(d) for d in docs))
+    replica = Replica(fake_redis, DIMS, directory=tmp_path / "another")
+    replica.sync()
+    namespace = A if scope == "key" else None
+    for i in (7, 250):
+        [(found, score)] = replica.search(encode([f"old text {i}"])[0], 1, namespace=namespace)
+        assert found == owners.stored_id(scope, A, f"old{i}") and score == pytest.approx(1.0, abs=1e-3)
+    if scope == "key":
+        assert store.get("old7") is None and ids(replica, "old text 7", PUBLIC) == []
+    else:
+        assert put(store, [{"id": "old7", "text": "B's"}], B) == ["refused"]
+    assert store.delete("old7", owner=A)
+    assert store.get("b's", B).text == "old text 7"
+    assert adopt(fake_redis, A, settings) == 0
+
+
+def test_the_adopt_command_takes_a_keys_name(fake_redis, monkeypatch, capsys):
+    from jobs.index import adopt
+
+    with pytest.raises(SystemExit):
+        adopt.main(["alpha-key"])
+    assert "key- and 16 hex digits" in capsys.readouterr().err
+    legacy(fake_redis, [{"id": "old", "text": "old"}])
+    monkeypatch.setattr("jobs.connection.connect", lambda settings, role: fake_redis)
+    assert adopt.main([A]) == 0
+    assert f"1 document(s) of the open API are {A}'s now (key scope)" in capsys.readouterr().out

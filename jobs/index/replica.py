@@ -380,6 +380,17 @@ class Replica:
             sets += [_as_set(self.postings.get(filter_key(f, v))) for f, v in where.items()]
         return _intersect(sets) if sets else None
 
+    def vector(self, int_id: int) -> np.ndarray | None:
+        """The vector this replica holds for a document (a unit vector); None if it has none."""
+        with self._lock:
+            if int_id in self.tail_ids:
+                return self.tail.reconstruct(int_id)
+            position = self.base_docs.position_of(int_id) if self.base_docs is not None else None
+            if position is None or position in self.hidden:
+                return None
+            vector = self.base.reconstruct(position)
+            return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
     def _search_base(
         self, query: np.ndarray, k: int, selector: Any, ef: int | None = None
     ) -> list[tuple[float, int]]:

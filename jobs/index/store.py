@@ -165,6 +165,28 @@ return 1
 """
 )
 
+# KEYS: owners' document counts, owners' byte counts, then documents' hashes (stored ids that
+# stay: INDEX_SCOPE=shared). ARGV: the new owner, the owner of documents that record none.
+# Each document of the latter becomes the new owner's; returns how many did.
+_GIVE = """
+local given = 0
+for i = 3, #KEYS do
+  local holder = redis.call('HGET', KEYS[i], 'owner')
+  if redis.call('EXISTS', KEYS[i]) == 1 and (not holder or holder == ARGV[2]) then
+    local size = redis.call('HSTRLEN', KEYS[i], 'text') + redis.call('HSTRLEN', KEYS[i], 'metadata')
+    if holder then
+      redis.call('HINCRBY', KEYS[1], holder, -1)
+      redis.call('HINCRBY', KEYS[2], holder, -size)
+    end
+    redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+    redis.call('HINCRBY', KEYS[2], ARGV[1], size)
+    redis.call('HSET', KEYS[i], 'owner', ARGV[1])
+    given = given + 1
+  end
+end
+return given
+"""
+
 
 class IndexMismatchError(Exception):
     """The index was built with another model; its vectors cannot be mixed with these."""
@@ -257,6 +279,7 @@ class DocumentStore:
         self.max_bytes = max_bytes
         self._upsert = connection.register_script(_UPSERT)
         self._delete = connection.register_script(_DELETE)
+        self._give = connection.register_script(_GIVE)
 
     @classmethod
     def for_settings(cls, connection: redis.Redis, settings: Settings) -> DocumentStore:
@@ -352,6 +375,13 @@ class DocumentStore:
         if removed == -1:
             raise NotOwnerError(doc_id)
         return bool(removed)
+
+    def give_public(self, stored_ids: list[str], owner: str) -> int:
+        """Make these of `public`'s documents `owner`'s where they are (their ids stay: a shared
+        index); returns how many. jobs.index.adopt moves them in a namespaced one."""
+        counts = [keys.INDEX_OWNER_DOCUMENTS, keys.INDEX_OWNER_BYTES]
+        hashes = [keys.document(stored) for stored in stored_ids]
+        return int(self._give(keys=counts + hashes, args=[owner, owners.PUBLIC]))
 
     def _forget_before(self) -> int:
         """The revision before which tombstones are forgotten now."""
