@@ -15,6 +15,11 @@ The store then remembers one number, the newest forgotten delete's revision (the
 a write to an id it has no record of, from a request accepted before the horizon, may be
 the stale write of a forgotten delete, so it is refused ('superseded') like any stale
 write. Only requests accepted more than TOMBSTONE_SECONDS before they run can meet that.
+
+Every document belongs to an owner (jobs.index.owners), recorded in its hash: the scripts
+refuse ('refused') another owner's write or delete of it, and keep each owner's running
+count of documents and of their bytes of text and metadata, which the upsert holds to the
+owner's caps ('quota_exceeded': not written) in the same atomic step, whatever was accepted.
 """
 
 from __future__ import annotations

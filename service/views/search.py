@@ -179,12 +179,13 @@ def index_info() -> Response:
 def document_caps_exceeded(error: QuotaExceededError) -> Response:
     """An embed request that would take its key past its document caps (checked at submit)."""
     usage = error.usage
+    caps = [f"{usage.max_documents} documents"] if usage.max_documents else []
+    caps += [f"{usage.max_bytes / 2**20:g} MB"] if usage.max_bytes else []
     return error_response(
         429,
         f"This API key stores {usage.documents} documents ({usage.bytes / 2**20:.1f} MB of text and "
         f"metadata); this request would add {error.documents} documents and {error.size} bytes, past "
-        f"the limits of {usage.max_documents} documents and {usage.max_bytes / 2**20:g} MB. Delete "
-        "documents to make room.",
+        f"its limits of {' and '.join(caps)}. Delete documents to make room.",
         code="quota_exceeded",
         details={**usage.to_json(), "request_documents": error.documents, "request_bytes": error.size},
     )
