@@ -63,29 +63,33 @@ class SnapshotDocs:
         # immutable=1: the file never changes (a new snapshot is a new file), so no locks.
         self._db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self._db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
-        has_namespaces = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'namespaces'"
-        ).fetchone()
-        # Files written before namespaces: read them from the ids, once (until the next snapshot).
-        self._scanned: dict[str, np.ndarray] | None = None if has_namespaces else self._scan_namespaces()
+        listed = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'namespaces'"
+        self._listed = self._db.execute(listed).fetchone() is not None
+        self._scanned: dict[str, np.ndarray] | None = None
 
-    def _scan_namespaces(self) -> dict[str, np.ndarray]:
-        positions: dict[str, list[int]] = {}
-        for position, doc_id in self._db.execute("SELECT position, doc_id FROM docs ORDER BY position"):
-            positions.setdefault(namespace_of(doc_id), []).append(position)
-        return {owner: np.array(found, dtype=np.int64) for owner, found in positions.items()}
+    def _unlisted_namespaces(self) -> dict[str, np.ndarray] | None:
+        """A file written before namespaces: each one's positions, read from the ids once (until
+        the next snapshot replaces the file). None for a file that lists them."""
+        if self._listed:
+            return None
+        if self._scanned is None:
+            positions: dict[str, list[int]] = {}
+            for position, doc_id in self._db.execute("SELECT position, doc_id FROM docs ORDER BY position"):
+                positions.setdefault(namespace_of(doc_id), []).append(position)
+            self._scanned = {owner: np.array(found, dtype=np.int64) for owner, found in positions.items()}
+        return self._scanned
 
     def namespace_size(self, owner: str) -> int:
         """How many of the snapshot's documents are in `owner`'s namespace."""
-        if self._scanned is not None:
-            return len(self._scanned.get(owner, ()))
+        if (scanned := self._unlisted_namespaces()) is not None:
+            return len(scanned.get(owner, ()))
         row = self._db.execute("SELECT documents FROM owners WHERE owner = ?", (owner,)).fetchone()
         return row[0] if row else 0
 
     def namespace_positions(self, owner: str) -> np.ndarray:
         """The positions of `owner`'s documents, in order."""
-        if self._scanned is not None:
-            return self._scanned.get(owner, np.zeros(0, dtype=np.int64))
+        if (scanned := self._unlisted_namespaces()) is not None:
+            return scanned.get(owner, np.zeros(0, dtype=np.int64))
         rows = self._db.execute("SELECT position FROM namespaces WHERE owner = ? ORDER BY position", (owner,))
         return np.fromiter((position for (position,) in rows), dtype=np.int64)
 
