@@ -69,7 +69,9 @@ class Synthetic:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def fill(store: DocumentStore, count: int, dims: int, model: str, owners: list[str]) -> Synthetic:
+def fill(
+    store: DocumentStore, count: int, dims: int, model: str, owners: tuple[str, ...] = (PUBLIC,)
+) -> Synthetic:
     """`count` documents, the i-th `owners[i % len(owners)]`'s."""
     synthetic, rng = Synthetic(dims), np.random.default_rng(11)
     batch = 256
@@ -135,7 +137,7 @@ def main() -> None:
     encoder = get_encoder()
     # With --keys: the API keys, their owners, and the one whose namespace is searched.
     api_keys = [f"bench-key-{i}" for i in range(args.keys)]
-    owners = [key_owner(key) for key in api_keys] or [PUBLIC]
+    owners = tuple(key_owner(key) for key in api_keys) or (PUBLIC,)
     searched = owners[0] if args.keys else None
     headers = {"Authorization": f"Bearer {api_keys[0]}"} if args.keys else {}
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp_name:
