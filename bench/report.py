@@ -50,9 +50,16 @@ BENCHMARKS = [
         [
             ["--documents", "2000", "--repeat", "3"],
             ["--documents", "3000", "--repeat", "3", "--exact-up-to", "1000"],
+            ["--documents", "3000", "--repeat", "3", "--exact-up-to", "1000", "--keys", "10"],
         ],
-        {"index search": ("<=", 1.5), "index search, HNSW": ("<=", 1.0), "index recall@10": (">=", 0.95)},
-        [[], ["--documents", "1000000"]],
+        {
+            "index search": ("<=", 1.5),
+            "index search, HNSW": ("<=", 1.0),
+            "index recall@10": (">=", 0.95),
+            "index search, one key's documents": ("<=", 1.0),
+            "index recall@10, one key's documents": (">=", 0.95),
+        },
+        [[], ["--documents", "1000000"], ["--documents", "1000000", "--keys", "100"]],
     ),
     (
         "bench.memory",

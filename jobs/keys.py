@@ -122,6 +122,10 @@ INDEX_CHANGES = PREFIX + "index:changes"
 # Number of changes applied so far: the index version.
 INDEX_VERSION = PREFIX + "index:version"
 INDEX_COUNT = PREFIX + "index:count"
+# owner -> how many documents it stores, and their bytes of text and metadata (the caps'
+# running counts, kept by the store's scripts).
+INDEX_OWNER_DOCUMENTS = PREFIX + "index:owner-documents"
+INDEX_OWNER_BYTES = PREFIX + "index:owner-bytes"
 # Model name and vector size the index was built with; the newest forgotten delete's revision.
 INDEX_CONFIG = PREFIX + "index:config"
 # The latest snapshot of a replica (FAISS index bytes in chunks, documents, stream position).

@@ -89,6 +89,15 @@ class Settings:
     # With API_KEYS set: search cost units one key may spend a minute (0: no budget). A search
     # costs 1, plus 1 per 500 characters of query, plus 1 per 25 results asked for (k).
     search_budget: int = 600
+    # Whose documents a key sees: `key`, its own (a namespace per key), or `shared`, one index
+    # every key searches, in which only the key that wrote a document may change it.
+    index_scope: str = "key"
+    # With API_KEYS set: documents one key may store, and megabytes of their text and metadata
+    # (0: no cap). A key at both caps holds about 100,000 x 2 KB (hash, vector, graph links:
+    # bench.index) + 100 MB in Redis, the size of its KEY_MAX_WAITING_MB share; ten keys at
+    # the cap make the million documents the search budgets are measured at.
+    key_max_documents: int = 100_000
+    key_max_document_mb: int = 100
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32
@@ -200,6 +209,8 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
         return value
     if annotation in ("tuple[str, ...]",):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if name == "index_scope" and raw not in ("key", "shared"):
+        raise ValueError(f"INDEX_SCOPE must be key or shared, got {raw!r}")
     if name == "embed_backend" and raw not in BACKENDS:
         raise ValueError(f"EMBED_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}")
     return raw

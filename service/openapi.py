@@ -158,11 +158,23 @@ class SnapshotInfo(BaseModel):
     created_at: str
 
 
+class CallerDocuments(BaseModel):
+    owner: str = Field(description="The calling key's name (`public` when the API is open).")
+    documents: int = Field(description="Documents the key stores.")
+    bytes: int = Field(description="Bytes of their text and metadata.")
+    max_documents: int | None = Field(description="KEY_MAX_DOCUMENTS; null: no cap.")
+    max_bytes: int | None = Field(description="KEY_MAX_DOCUMENT_MB in bytes; null: no cap.")
+
+
 class IndexInfo(BaseModel):
-    documents: int
+    documents: int = Field(description="Documents in the whole index, every key's.")
     version: int
     model: str
     dimensions: int
+    scope: Literal["key", "shared"] = Field(
+        description="INDEX_SCOPE: `key`, each key searches its own documents; `shared`, every key's."
+    )
+    caller: CallerDocuments
     snapshot: SnapshotInfo | None = Field(description="The latest snapshot in Redis; null before the first.")
     replica: ReplicaInfo
 
@@ -341,7 +353,9 @@ def build(state: AppState) -> dict[str, Any]:
     paths["/documents/{doc_id}"] = {
         "get": _operation("An indexed document", {"200": _json("DocumentView", "The document.")},
                           parameters=[doc_id], secured=True, tag="search"),
-        "delete": _operation("Remove a document from the index", {"200": _json("Deleted", "Removed.")},
+        "delete": _operation("Remove a document from the index",
+                             {"200": _json("Deleted", "Removed."),
+                              "403": _json("Error", "INDEX_SCOPE=shared: another key's document.")},
                              parameters=[doc_id], secured=True, tag="search"),
     }  # fmt: skip
     paths["/index"] = {

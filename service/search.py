@@ -61,11 +61,14 @@ class SearchService:
                     self._loaded.set()
         return self._encoder, self._replica
 
-    def search(self, query: str, k: int, where: dict[str, Any] | None) -> list[tuple[str, float]]:
+    def search(
+        self, query: str, k: int, where: dict[str, Any] | None, namespace: str | None = None
+    ) -> list[tuple[str, float]]:
+        """The k closest documents (stored ids, jobs.index.owners), in `namespace` if given."""
         encoder, replica = self._ensure_loaded()
         replica.sync()  # everything written before this search is visible to it
         vector = encoder.encode([query])[0]
-        return replica.search(vector, k, where)
+        return replica.search(vector, k, where, namespace)
 
     def wait_loaded(self, timeout: float) -> bool:
         """Block until the model and replica are loaded (by `start_background`), or `timeout`."""

@@ -70,6 +70,8 @@ def submit(
     # Computed before `prepare`, which may add ids or stamps that differ on every call.
     fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
     kwargs = job_type.prepare(fields) if job_type.prepare else fields
+    if job_type.admit:  # e.g. the embed type: the key's document caps, and the documents' owner
+        kwargs = job_type.admit(kwargs, owner, state.redis, settings)
 
     queue = state.queues[queue_name(job_type.family, options.queue)]
     retries = options.retries

@@ -280,7 +280,7 @@ def test_a_key_spends_its_search_budget_and_no_more(fake_redis, tmp_path, monkey
     app = make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="off", search_budget=30)
     searched = []
     monkeypatch.setattr(
-        app.extensions["afterward"].search, "search", lambda q, k, w: searched.append(k) or []
+        app.extensions["afterward"].search, "search", lambda q, k, w, namespace: searched.append(k) or []
     )
     client = app.test_client()
     heavy = {"query": "x" * 10_000, "k": 100}  # costs 1 + 20 + 4

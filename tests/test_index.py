@@ -207,10 +207,11 @@ def test_embed_many_encodes_once_and_keeps_each_jobs_revision(fake_redis, monkey
     ]
     results = embed_many(calls, fake_redis)
     assert encoder.calls == [4]  # one encode for every text of the three jobs
+    nothing = {"refused": [], "quota_exceeded": []}
     assert results == [
-        {"indexed": ["a"], "superseded": ["shared"]},
-        {"indexed": ["b"], "superseded": []},
-        {"indexed": ["shared"], "superseded": []},
+        {"indexed": ["a"], "superseded": ["shared"], **nothing},
+        {"indexed": ["b"], "superseded": [], **nothing},
+        {"indexed": ["shared"], "superseded": [], **nothing},
     ]
     assert store.get("shared").text == "newest"
     assert fake_redis.hget(keys.document("b"), "revision") == b"6"

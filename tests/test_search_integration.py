@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from service.workers import live_workers
-from tests.support import Process, WebService, start_workers, wait_until
+from tests.support import Process, WebService, scratch_database, start_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -267,3 +267,143 @@ def test_above_the_exact_threshold_a_web_process_searches_an_hnsw_snapshot(
         assert "afterward_index_approximate 1.0" in scrape
     finally:
         graph.kill()
+
+
+# ------------------------------------------------------------------ documents belong to their key
+
+KEY_A, KEY_B = "alpha-key-0123456789", "beta-key-9876543210"
+
+
+def call(web: WebService, key: str, method: str, path: str, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return requests.request(method, web.url(path), headers=headers, timeout=60, **kwargs)
+
+
+def submit_as(web: WebService, key: str, body: dict) -> requests.Response:
+    return call(web, key, "POST", "/jobs/embed", json=body)
+
+
+def ended(web: WebService, key: str, job_id: str) -> dict:
+    def end() -> dict | None:
+        view = call(web, key, "GET", f"/jobs/{job_id}", params={"wait": 5}).json()
+        return view if view["status"] in {"finished", "failed"} else None
+
+    return wait_until(end, timeout=120, what=f"job {job_id} to end")
+
+
+def embed_as(web: WebService, key: str, body: dict) -> dict:
+    response = submit_as(web, key, body)
+    assert response.status_code == 202, response.text
+    view = ended(web, key, response.json()["id"])
+    assert view["status"] == "finished", view
+    return view["result"]
+
+
+def search_as(web: WebService, key: str, query: str, k: int = 10, where: dict | None = None) -> list[dict]:
+    body = {"query": query, "k": k, **({"filter": where} if where else {})}
+    response = call(web, key, "POST", "/search", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def test_two_keys_never_see_or_change_each_others_documents(embedder, module_db, session_env, tmp_path):
+    # A tiny INDEX_EXACT_UP_TO: the web process answers from an HNSW snapshot and its own tail.
+    settings = {"INDEX_EXACT_UP_TO": "4", "SNAPSHOT_EVERY": "8", "INDEX_DIR": str(tmp_path / "index")}
+    env = dict(session_env, API_KEYS=f"{KEY_A},{KEY_B}", SEARCH_WARMUP="1", WEB_CONCURRENCY="1", **settings)
+    web = WebService(env, tmp_path)
+    try:
+        run = uuid.uuid4().hex[:8]
+        ids = {key: f"{run}-{key}" for key in CORPUS}
+        mine = [{"id": ids[key], "text": text, "metadata": {"run": run}} for key, text in CORPUS.items()]
+        assert sorted(embed_as(web, KEY_A, {"documents": mine})["indexed"]) == sorted(ids.values())
+        # B writes the same ids: documents of its own, A's stay as they are.
+        theirs = {key: f"Entry {n} of the other ledger, line {7 * n}." for n, key in enumerate(CORPUS)}
+        body = [{"id": ids[key], "text": theirs[key], "metadata": {"run": run}} for key in CORPUS]
+        assert sorted(embed_as(web, KEY_B, {"documents": body})["indexed"]) == sorted(ids.values())
+
+        def index(key: str) -> dict:
+            return call(web, key, "GET", "/index").json()
+
+        wait_until(lambda: index(KEY_A)["replica"]["search"] == "approximate", timeout=60, what="a snapshot")
+
+        def check() -> None:
+            for key, query in PARAPHRASES.items():
+                found = search_as(web, KEY_A, query, k=3, where={"run": run})
+                assert found[0]["id"] == ids[key] and found[0]["text"] == CORPUS[key], (query, found)
+                for hit in search_as(web, KEY_B, query, k=20) + search_as(web, KEY_B, CORPUS[key], k=20):
+                    assert hit["text"] not in CORPUS.values(), hit
+                assert call(web, KEY_A, "GET", f"/documents/{ids[key]}").json()["text"] == CORPUS[key]
+
+        check()  # from the snapshot
+        for key in CORPUS:
+            assert call(web, KEY_B, "GET", f"/documents/{ids[key]}").json()["text"] == theirs[key]
+            deleted = call(web, KEY_B, "DELETE", f"/documents/{ids[key]}")
+            assert deleted.json() == {"id": ids[key], "deleted": True}
+            assert call(web, KEY_B, "DELETE", f"/documents/{ids[key]}").status_code == 404
+            assert call(web, KEY_B, "GET", f"/documents/{ids[key]}").status_code == 404
+        assert search_as(web, KEY_B, "ledger", k=20, where={"run": run}) == []  # read-your-deletes
+        check()  # B's deletes took nothing of A's
+        assert index(KEY_A)["caller"]["documents"] == len(CORPUS)
+        assert index(KEY_B)["caller"]["documents"] == 0
+        # B writes one of its ids again, after its delete: its own again, A's untouched.
+        again = embed_as(web, KEY_B, {"id": ids["cat"], "text": theirs["cat"], "metadata": {"run": run}})
+        assert again["indexed"] == [ids["cat"]]
+        hits = search_as(web, KEY_B, theirs["cat"], k=5, where={"run": run})
+        assert [hit["id"] for hit in hits] == [ids["cat"]]
+        check()
+    finally:
+        web.kill()
+
+
+def test_a_shared_index_refuses_other_keys_writes_and_caps_hold_under_concurrent_submits(
+    module_db, session_env, tmp_path
+):
+    # Its own database: the module's embedder writes with the default scope and caps.
+    with scratch_database(url=module_db.base_url) as db:
+        env = dict(
+            session_env,
+            REDIS_URL=db.url,
+            API_KEYS=f"{KEY_A},{KEY_B}",
+            RATE_LIMIT="off",
+            INDEX_SCOPE="shared",
+            KEY_MAX_DOCUMENTS="25",
+            INDEX_DIR=str(tmp_path / "index"),
+            LOG_FILE=str(tmp_path / "jobs.log"),
+        )
+        web = WebService(dict(env, WEB_CONCURRENCY="1"), tmp_path)
+        embedders = None
+        try:
+            # Submitted before any embedder runs: every request is accepted (nothing is stored
+            # yet), and the writes must hold the cap themselves.
+            def five(batch: int) -> requests.Response:
+                return submit_as(web, KEY_A, {"documents": [{"text": f"{batch} {i}"} for i in range(5)]})
+
+            with ThreadPoolExecutor(8) as pool:
+                responses = list(pool.map(five, range(8)))
+            assert [r.status_code for r in responses] == [202] * 8
+            embedders = start_workers(env, tmp_path, count=2, kind="embedder")
+            results = [ended(web, KEY_A, r.json()["id"])["result"] for r in responses]
+            assert sum(len(r["indexed"]) for r in results) == 25
+            assert sum(len(r["quota_exceeded"]) for r in results) == 15
+            info = call(web, KEY_A, "GET", "/index").json()
+            assert info["scope"] == "shared" and info["documents"] == 25
+            assert info["caller"]["documents"] == 25 and info["caller"]["max_documents"] == 25
+            refused = submit_as(web, KEY_A, {"text": "one more"})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+            assert refused.json()["error"]["details"]["documents"] == 25
+
+            # B can read and search A's documents, but not replace or delete them.
+            taken = results[0]["indexed"][0]
+            original = call(web, KEY_A, "GET", f"/documents/{taken}").json()["text"]
+            two = [{"id": taken, "text": "B's"}, {"id": "b", "text": "B's"}]
+            outcome = embed_as(web, KEY_B, {"documents": two})
+            assert outcome["refused"] == [taken] and outcome["indexed"] == ["b"]
+            assert call(web, KEY_B, "GET", f"/documents/{taken}").json()["text"] == original
+            assert call(web, KEY_B, "DELETE", f"/documents/{taken}").status_code == 403
+            assert taken in [hit["id"] for hit in search_as(web, KEY_B, original, k=5)]
+            assert call(web, KEY_A, "DELETE", f"/documents/{taken}").status_code == 200
+            assert embed_as(web, KEY_A, {"text": "room again"})["indexed"]
+        finally:
+            if embedders is not None:
+                embedders.kill()
+            web.kill()

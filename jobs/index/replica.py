@@ -18,6 +18,10 @@ remove on a mapped index: the base is only ever searched.
 Above INDEX_EXACT_UP_TO documents the snapshot's index is an HNSW graph: searches of it are
 approximate (INDEX_EF_SEARCH candidates), the tail's stay exact. A filter that leaves at most
 EXACT_FILTER_UP_TO snapshot documents is searched exactly, by their vectors.
+
+A search may be limited to one owner's namespace (jobs.index.owners), which is indexed like a
+metadata value: the snapshot's positions of a namespace are read once per snapshot, and a
+namespace that holds the whole snapshot (one key, or the open API) filters nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import redis
 
 from jobs import keys
 from jobs.index import snapshots
+from jobs.index.owners import namespace_of
 from jobs.index.snapshot_docs import SnapshotDocs, filter_key, filter_keys
 from jobs.settings import get_settings
 
@@ -82,10 +87,13 @@ class Replica:
         self.base_docs: SnapshotDocs | None = None
         self.base_version = 0
         self.base_dead = 0  # positions the snapshot itself marks dead
+        # Each namespace's snapshot positions, read when first searched.
+        self.base_namespaces: dict[str, np.ndarray] = {}
         # Changes since the snapshot: new vectors here, replaced or deleted base positions hidden.
         self.tail = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
         self.tail_ids: set[int] = set()
         self.hidden: set[int] = set()
+        self.hidden_mask = np.zeros(0, dtype=bool)  # the same, by position
         self._hidden_selector: Any = None
         # The tail's documents by int id. Metadata is kept as the compact JSON the store wrote,
         # with an inverted index of its field values for filters: a value one document has
@@ -93,6 +101,7 @@ class Replica:
         self.doc_ids: dict[int, str] = {}
         self.metadata: dict[int, bytes] = {}
         self.postings: dict[str, int | set[int]] = {}
+        self.namespaces: dict[str, set[int]] = {}  # the tail's int ids by namespace
         self.position = "0-0"
         self.version = 0
         self.epoch: bytes | None = None
@@ -116,10 +125,16 @@ class Replica:
                 if len(posting) == 1:
                     self.postings[key] = next(iter(posting))
         self.metadata.pop(int_id, None)
-        self.doc_ids.pop(int_id, None)
+        doc_id = self.doc_ids.pop(int_id, None)
+        if doc_id is not None:
+            members = self.namespaces[namespace_of(doc_id)]
+            members.discard(int_id)
+            if not members:
+                del self.namespaces[namespace_of(doc_id)]
 
     def _remember(self, int_id: int, doc_id: str, metadata: bytes) -> None:
         self.doc_ids[int_id] = doc_id
+        self.namespaces.setdefault(namespace_of(doc_id), set()).add(int_id)
         if metadata in (b"", b"{}"):
             return
         self.metadata[int_id] = metadata
@@ -146,6 +161,7 @@ class Replica:
         position = self.base_docs.position_of(int_id)
         if position is not None and position not in self.hidden:
             self.hidden.add(position)
+            self.hidden_mask[position] = True
             self._hidden_selector = None
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
@@ -221,6 +237,8 @@ class Replica:
             self.base, self.base_path, self.base_version = index, index_path, int(version)
             self.base_docs = SnapshotDocs(docs_path)
             self.hidden = set(self.base_docs.dead())
+            self.hidden_mask = np.zeros(index.ntotal, dtype=bool)
+            self.hidden_mask[list(self.hidden)] = True
             self.base_dead = len(self.hidden)
             self.position = position.decode()
             self.version = int(version)
@@ -302,35 +320,76 @@ class Replica:
     # ------------------------------------------------------------------ searching
 
     def search(
-        self, vector: np.ndarray, k: int, where: dict[str, Any] | None = None
+        self, vector: np.ndarray, k: int, where: dict[str, Any] | None = None, namespace: str | None = None
     ) -> list[tuple[str, float]]:
-        """The k nearest documents by cosine similarity, optionally only those matching `where`."""
+        """The k nearest documents by cosine similarity, optionally only those matching `where`
+        and only those of `namespace`; as (stored id, score)."""
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         with self._lock:
             base_hits: list[tuple[float, int]] = []
             tail_hits: list[tuple[float, int]] = []
             if self.base is not None and self.base.ntotal:
-                if where:
-                    visible = self._matching_base(where) - self.hidden
-                    if visible:
-                        base_hits = self._search_base_among(query, k, visible)
-                else:
+                visible = self._visible_base(where, namespace)
+                if visible is None:
                     base_hits = self._search_base(
                         query, min(k, self.base.ntotal - len(self.hidden)), self._base_selector()
                     )
+                elif len(visible):
+                    base_hits = self._search_base_among(query, k, visible)
             if self.tail.ntotal:
-                if where:
-                    visible = self._matching_tail(where)
-                    if visible:
-                        tail_hits = _search(self.tail, query, min(k, len(visible)), _batch(visible))
-                else:
+                among = self._visible_tail(where, namespace)
+                if among is None:
                     tail_hits = _search(self.tail, query, min(k, self.tail.ntotal), None)
+                elif among:
+                    tail_hits = _search(self.tail, query, min(k, len(among)), _batch(among))
             names = self.base_docs.doc_ids([i for _, i in base_hits]) if base_hits else {}
             hits = [(score, names[i]) for score, i in base_hits] + [
                 (score, self.doc_ids[i]) for score, i in tail_hits
             ]
             hits.sort(key=lambda hit: -hit[0])
             return [(doc_id, score) for score, doc_id in hits[:k]]
+
+    def _visible_base(self, where: dict[str, Any] | None, namespace: str | None) -> np.ndarray | None:
+        """The snapshot positions a search may return, in order; None: every live one."""
+        positions = None
+        live = self.base.ntotal - self.base_dead
+        if namespace is not None and self.base_docs.namespace_size(namespace) < live:
+            positions = self.base_namespaces.get(namespace)
+            if positions is None:
+                positions = self.base_namespaces[namespace] = self.base_docs.namespace_positions(namespace)
+        if where:
+            matching = self._matching_base(where)
+            matching_positions = np.fromiter(matching, dtype=np.int64, count=len(matching))
+            positions = (
+                np.sort(matching_positions)
+                if positions is None
+                else np.intersect1d(positions, matching_positions, assume_unique=True)
+            )
+        if positions is None:
+            return None
+        return positions[~self.hidden_mask[positions]] if self.hidden else positions
+
+    def _visible_tail(self, where: dict[str, Any] | None, namespace: str | None) -> set[int] | None:
+        """The tail's int ids a search may return; None: all of them."""
+        sets = []
+        if namespace is not None:
+            members = self.namespaces.get(namespace, set())
+            if len(members) < self.tail.ntotal:
+                sets.append(members)
+        if where:
+            sets += [_as_set(self.postings.get(filter_key(f, v))) for f, v in where.items()]
+        return _intersect(sets) if sets else None
+
+    def vector(self, int_id: int) -> np.ndarray | None:
+        """The vector this replica holds for a document (a unit vector); None if it has none."""
+        with self._lock:
+            if int_id in self.tail_ids:
+                return self.tail.reconstruct(int_id)
+            position = self.base_docs.position_of(int_id) if self.base_docs is not None else None
+            if position is None or position in self.hidden:
+                return None
+            vector = self.base.reconstruct(position)
+            return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     def _search_base(
         self, query: np.ndarray, k: int, selector: Any, ef: int | None = None
@@ -342,20 +401,24 @@ class Replica:
             return _search(self.base, query, k, None, params)
         return _search(self.base, query, k, selector)
 
-    def _search_base_among(self, query: np.ndarray, k: int, visible: set[int]) -> list[tuple[float, int]]:
-        """Search only the snapshot positions in `visible` (a filter's)."""
+    def _search_base_among(self, query: np.ndarray, k: int, visible: np.ndarray) -> list[tuple[float, int]]:
+        """Search only the snapshot positions in `visible` (a filter's, a namespace's)."""
+        # A bitmap of the positions: cheaper to build than a hash set of them, and O(1) to ask.
+        allowed = np.zeros(self.base.ntotal, dtype=bool)
+        allowed[visible] = True
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(bitmap)
+        k = min(k, len(visible))
         if not self.approximate:
-            return _search(self.base, query, min(k, len(visible)), _batch(visible))
+            return _search(self.base, query, k, selector)
         if len(visible) <= EXACT_FILTER_UP_TO:
-            # A graph search that may visit only a few nodes misses; these vectors are few.
-            positions = np.fromiter(visible, dtype=np.int64, count=len(visible))
-            scores = self.base.reconstruct_batch(positions) @ query[0]
-            best = np.argsort(-scores, kind="stable")[:k]
-            return [(float(scores[i]), int(positions[i])) for i in best]
+            # A graph search that may visit only a few of them misses: these vectors are few, so
+            # the graph's storage is scanned for them instead (exact; reads only their vectors).
+            return _search(self.base.storage, query, k, selector)
         # Look at as many candidates as an unfiltered search would see of them.
         share = len(visible) / max(1, self.base.ntotal)
         ef = min(MAX_EF_SEARCH, int(self.ef_search / share))
-        return self._search_base(query, min(k, len(visible)), _batch(visible), ef)
+        return self._search_base(query, k, selector, ef)
 
     def _base_selector(self) -> Any:
         """Excludes the base's hidden positions (built again only when they change)."""
@@ -369,9 +432,6 @@ class Replica:
 
     def _matching_base(self, where: dict[str, Any]) -> set[int]:
         return _intersect([self.base_docs.matching(filter_key(f, v)) for f, v in where.items()])
-
-    def _matching_tail(self, where: dict[str, Any]) -> set[int]:
-        return _intersect([_as_set(self.postings.get(filter_key(f, v))) for f, v in where.items()])
 
     # ------------------------------------------------------------------ snapshots
 

@@ -8,6 +8,10 @@ disk and in the page cache the host's processes share, not in each process's hea
 `dead` lists positions whose vector is still in the FAISS index but whose document is gone:
 an HNSW graph cannot remove a vector, so a snapshot extended in place (see
 jobs.index.snapshots) leaves the old ones there, and searches skip them.
+
+`namespaces` lists each owner's positions (jobs.index.owners: the namespace is part of the
+stored id), and `owners` how many each has, so that a search of one owner's namespace reads
+its positions once, and a namespace that is the whole snapshot is not filtered at all.
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from jobs.index.owners import namespace_of
+
 SCHEMA = """
 CREATE TABLE docs (position INTEGER PRIMARY KEY, int_id INTEGER NOT NULL UNIQUE,
                    doc_id TEXT NOT NULL, metadata BLOB);
 CREATE TABLE postings (key TEXT NOT NULL, position INTEGER NOT NULL,
                        PRIMARY KEY (key, position)) WITHOUT ROWID;
 CREATE TABLE dead (position INTEGER PRIMARY KEY);
+CREATE TABLE namespaces (owner TEXT NOT NULL, position INTEGER NOT NULL,
+                         PRIMARY KEY (owner, position)) WITHOUT ROWID;
+CREATE TABLE owners (owner TEXT PRIMARY KEY, documents INTEGER NOT NULL);
 """
 
 # Maps the whole file: its pages come from the page cache the host's processes share.
@@ -52,6 +63,35 @@ class SnapshotDocs:
         # immutable=1: the file never changes (a new snapshot is a new file), so no locks.
         self._db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self._db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
+        listed = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'namespaces'"
+        self._listed = self._db.execute(listed).fetchone() is not None
+        self._scanned: dict[str, np.ndarray] | None = None
+
+    def _unlisted_namespaces(self) -> dict[str, np.ndarray] | None:
+        """A file written before namespaces: each one's positions, read from the ids once (until
+        the next snapshot replaces the file). None for a file that lists them."""
+        if self._listed:
+            return None
+        if self._scanned is None:
+            positions: dict[str, list[int]] = {}
+            for position, doc_id in self._db.execute("SELECT position, doc_id FROM docs ORDER BY position"):
+                positions.setdefault(namespace_of(doc_id), []).append(position)
+            self._scanned = {owner: np.array(found, dtype=np.int64) for owner, found in positions.items()}
+        return self._scanned
+
+    def namespace_size(self, owner: str) -> int:
+        """How many of the snapshot's documents are in `owner`'s namespace."""
+        if (scanned := self._unlisted_namespaces()) is not None:
+            return len(scanned.get(owner, ()))
+        row = self._db.execute("SELECT documents FROM owners WHERE owner = ?", (owner,)).fetchone()
+        return row[0] if row else 0
+
+    def namespace_positions(self, owner: str) -> np.ndarray:
+        """The positions of `owner`'s documents, in order."""
+        if (scanned := self._unlisted_namespaces()) is not None:
+            return scanned.get(owner, np.zeros(0, dtype=np.int64))
+        rows = self._db.execute("SELECT position FROM namespaces WHERE owner = ? ORDER BY position", (owner,))
+        return np.fromiter((position for (position,) in rows), dtype=np.int64)
 
     def close(self) -> None:
         self._db.close()
@@ -129,6 +169,12 @@ def write_docs(
             db.executemany(
                 "INSERT INTO postings VALUES (?, ?)", ((key, position) for key in filter_keys(metadata))
             )
+        db.create_function("namespace_of", 1, namespace_of, deterministic=True)
+        db.execute(
+            "INSERT INTO namespaces SELECT namespace_of(doc_id) AS owner, position FROM docs"
+            " ORDER BY owner, position"
+        )
+        db.execute("INSERT INTO owners SELECT owner, count(*) FROM namespaces GROUP BY owner")
         db.commit()
     finally:
         db.close()

@@ -1,4 +1,8 @@
-"""The `embed` job: encode documents and write them, with their vectors, to the index."""
+"""The `embed` job: encode documents and write them, with their vectors, to the index.
+
+Documents belong to the key that submits them (jobs.index.owners): `admit_embed` records the
+owner in the job's arguments at submit, after checking the key's document caps.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from redis import Redis
 from rq import get_current_job
 
 from jobs.connection import connect
+from jobs.index.owners import PUBLIC
+from jobs.settings import Settings, get_settings
 from jobs.types.progress import report_progress
 from jobs.types.schema import JobInput, limits, within
 
@@ -21,6 +27,21 @@ from jobs.types.schema import JobInput, limits, within
 DOCUMENT_ID_CHARS = r"[A-Za-z0-9._:-]{1,256}"
 DOCUMENT_ID_PATTERN = rf"^{DOCUMENT_ID_CHARS}$"
 DOCUMENT_ID = re.compile(DOCUMENT_ID_CHARS)
+
+
+def check_metadata(metadata: dict[str, Any], settings: Settings, name: str = "metadata") -> dict[str, Any]:
+    """Metadata, or a search filter on it, within MAX_METADATA_BYTES and MAX_METADATA_FIELDS.
+
+    Every field is indexed for filters in every web process, so their number is bounded; a
+    filter beyond these bounds could match no document.
+    """
+    limit = settings.max_metadata_bytes
+    size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit:
+        raise ValueError(f"{name} is {size} bytes as JSON; the limit is {limit}")
+    if len(metadata) > settings.max_metadata_fields:
+        raise ValueError(f"{name} has {len(metadata)} fields; the limit is {settings.max_metadata_fields}")
+    return metadata
 
 
 class DocumentInput(JobInput):
@@ -42,18 +63,7 @@ class DocumentInput(JobInput):
     @field_validator("metadata")
     @classmethod
     def _metadata_fits(cls, metadata: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if metadata is None:
-            return None
-        limit = limits(info).max_metadata_bytes
-        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
-        if size > limit:
-            raise ValueError(f"metadata is {size} bytes as JSON; the limit is {limit}")
-        # Every field is indexed for filters in every web process: their number is bounded too.
-        if len(metadata) > limits(info).max_metadata_fields:
-            raise ValueError(
-                f"metadata has {len(metadata)} fields; the limit is {limits(info).max_metadata_fields}"
-            )
-        return metadata
+        return None if metadata is None else check_metadata(metadata, limits(info))
 
 
 class EmbedInput(JobInput):
@@ -94,12 +104,23 @@ def prepare_embed(fields: dict[str, Any]) -> dict[str, Any]:
     return {"documents": documents, "revision": new_revision()}
 
 
+def admit_embed(kwargs: dict[str, Any], owner: str, connection: Redis, settings: Settings) -> dict[str, Any]:
+    """At submit: with API keys, refuse a request that would take its key past its document
+    caps (QuotaExceededError); the documents become the submitting key's."""
+    from jobs.index.store import DocumentStore
+
+    if settings.api_keys:
+        DocumentStore.for_settings(connection, settings).check_room(owner, kwargs["documents"])
+    return dict(kwargs, owner=owner)
+
+
 def describe_embed(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"document_ids": [document["id"] for document in kwargs["documents"]]}
 
 
-def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str, Any]:
-    """Encode the texts, then write every document and vector in one atomic step.
+def embed_documents(documents: list[dict[str, Any]], revision: int, owner: str = PUBLIC) -> dict[str, Any]:
+    """Encode the texts, then write every document and vector in one atomic step, as `owner`'s
+    (jobs accepted before documents had owners have none: `public`, as they were written then).
 
     Safe to run again after a crash at any point: documents are keyed by id, and a rewrite
     with the same revision changes nothing.
@@ -114,7 +135,8 @@ def embed_documents(documents: list[dict[str, Any]], revision: int) -> dict[str,
     report_progress(80, "writing to the index")
     job = get_current_job()
     connection = job.connection if job is not None else connect(role="worker")
-    outcome = DocumentStore(connection).upsert(documents, vectors, revision, model=encoder.name)
+    store = DocumentStore.for_settings(connection, get_settings())
+    outcome = store.upsert(documents, vectors, revision, model=encoder.name, owner=owner)
     report_progress(100, _indexed_message(count))
     return _result(documents, outcome)
 
@@ -132,8 +154,10 @@ def embed_many(calls: list[dict[str, Any]], connection: Redis) -> list[dict[str,
     encoder = get_encoder()
     documents = [document for call in calls for document in call["documents"]]
     revisions = [call["revision"] for call in calls for _ in call["documents"]]
+    writers = [call.get("owner", PUBLIC) for call in calls for _ in call["documents"]]
     vectors = encoder.encode([document["text"] for document in documents])
-    outcome = DocumentStore(connection).upsert(documents, vectors, revisions, model=encoder.name)
+    store = DocumentStore.for_settings(connection, get_settings())
+    outcome = store.upsert(documents, vectors, revisions, model=encoder.name, owner=writers)
     results, start = [], 0
     for call in calls:
         end = start + len(call["documents"])
@@ -151,9 +175,11 @@ def _indexed_message(count: int) -> str:
     return f"indexed {count} document{'s' if count != 1 else ''}"
 
 
+# A document's outcome: written; not written because a newer request changed it first, it is
+# another key's (INDEX_SCOPE=shared), or its key is at a cap (KEY_MAX_DOCUMENTS, _MB).
+OUTCOMES = ("indexed", "superseded", "refused", "quota_exceeded")
+
+
 def _result(documents: list[dict[str, Any]], outcome: list[str]) -> dict[str, Any]:
     pairs = list(zip(documents, outcome, strict=True))
-    return {
-        "indexed": [document["id"] for document, result in pairs if result == "indexed"],
-        "superseded": [document["id"] for document, result in pairs if result == "superseded"],
-    }
+    return {name: [document["id"] for document, result in pairs if result == name] for name in OUTCOMES}

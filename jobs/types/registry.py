@@ -17,6 +17,7 @@ from typing import Any
 from jobs.families import EMBED, GENERAL
 from jobs.types.embed import (
     EmbedInput,
+    admit_embed,
     describe_embed,
     embed_documents,
     embed_many,
@@ -42,6 +43,10 @@ class JobType:
     family: str = GENERAL
     # Turns validated fields into the function's keyword arguments (e.g. assigns ids).
     prepare: Callable[[dict], dict] | None = None
+    # At submit, after `prepare`: checks the submission against what its owner already has and
+    # may record the owner. (keyword arguments, owner, the web's Redis client, settings) in, the
+    # keyword arguments out; raises to refuse (jobs.index.store.QuotaExceededError: a 429).
+    admit: Callable[[dict, str, Any, Any], dict] | None = None
     # Extra fields of the job view, computed once from the keyword arguments.
     describe: Callable[[dict], dict] | None = None
     # Runs several jobs of this type at once: their keyword arguments (and the worker's Redis
@@ -70,6 +75,7 @@ JOB_TYPES: dict[str, JobType] = {
         default_timeout=300,
         family=EMBED,
         prepare=prepare_embed,
+        admit=admit_embed,
         describe=describe_embed,
         run_many=embed_many,
         final_progress=embed_progress,
