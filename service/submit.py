@@ -70,8 +70,8 @@ def submit(
     # Computed before `prepare`, which may add ids or stamps that differ on every call.
     fingerprint = _fingerprint(type_name, request.model_dump(mode="json"))
     kwargs = job_type.prepare(fields) if job_type.prepare else fields
-    if job_type.admit:  # e.g. the embed type: the key's document caps, and the documents' owner
-        kwargs = job_type.admit(kwargs, owner, state.redis, settings)
+    if job_type.owned:  # e.g. an embed job's documents are its key's
+        kwargs = dict(kwargs, owner=owner)
 
     queue = state.queues[queue_name(job_type.family, options.queue)]
     retries = options.retries
@@ -120,6 +120,14 @@ def submit(
             raise
         check_admitted(admitted, settings)
 
+    if job_type.admit is not None:  # a new request: what its key holds may refuse it (a 429)
+        try:
+            job_type.admit(kwargs, owner, state.redis, settings)
+        except Exception:  # refused: neither the idempotency key nor the share keeps a place
+            if idempotency_key is not None:
+                state.redis.delete(keys.idempotency(owner, idempotency_key))
+            _release(state, reserve)
+            raise
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
         if options.delay:
             queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)

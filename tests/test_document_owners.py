@@ -284,6 +284,21 @@ def test_submit_refuses_what_would_pass_a_cap_counting_only_new_ids(keyed, fake_
     )
 
 
+def test_a_repeat_of_an_accepted_request_is_answered_at_the_cap(keyed, fake_redis):
+    client = keyed.test_client()
+    body = {"documents": [{"text": "first"}, {"text": "second"}]}  # ids assigned by the server
+    once = post(client, "embed", body, headers={**AS_A, "Idempotency-Key": "batch-1"})
+    assert once.status_code == 202
+    stored(fake_redis, A, [{"id": f"d{i}", "text": "x"} for i in range(3)])  # the key is at its cap
+    again = post(client, "embed", body, headers={**AS_A, "Idempotency-Key": "batch-1"})
+    assert again.status_code == 200 and again.get_json()["id"] == once.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    refused = post(client, "embed", body, headers={**AS_A, "Idempotency-Key": "batch-2"})
+    assert_error(refused, 429, "quota_exceeded")
+    assert not fake_redis.exists(keys.idempotency(A, "batch-2"))  # a refusal keeps no claim
+    assert fake_redis.zcard(keys.waiting(A)) == 1  # nor a place in the key's share: the first job's only
+
+
 def test_submit_counts_the_requests_bytes(fake_redis, tmp_path):
     client = make_app(tmp_path, api_keys=(KEY_A,), rate_limit="off", key_max_document_mb=1).test_client()
     # 104 x 10,002 bytes (the text and "{}"), below 1 MB; another 10,002 would pass it.

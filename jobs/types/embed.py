@@ -1,7 +1,7 @@
 """The `embed` job: encode documents and write them, with their vectors, to the index.
 
-Documents belong to the key that submits them (jobs.index.owners): `admit_embed` records the
-owner in the job's arguments at submit, after checking the key's document caps.
+Documents belong to the key that submits them (jobs.index.owners): the job's arguments name
+its owner, and `admit_embed` checks the key's document caps at submit.
 """
 
 from __future__ import annotations
@@ -104,14 +104,13 @@ def prepare_embed(fields: dict[str, Any]) -> dict[str, Any]:
     return {"documents": documents, "revision": new_revision()}
 
 
-def admit_embed(kwargs: dict[str, Any], owner: str, connection: Redis, settings: Settings) -> dict[str, Any]:
-    """At submit: with API keys, refuse a request that would take its key past its document
-    caps (QuotaExceededError); the documents become the submitting key's."""
+def admit_embed(kwargs: dict[str, Any], owner: str, connection: Redis, settings: Settings) -> None:
+    """At submit, with API keys: refuse a request that would take its key past its document
+    caps (QuotaExceededError)."""
     from jobs.index.store import DocumentStore
 
     if settings.api_keys:
         DocumentStore.for_settings(connection, settings).check_room(owner, kwargs["documents"])
-    return dict(kwargs, owner=owner)
 
 
 def describe_embed(kwargs: dict[str, Any]) -> dict[str, Any]:

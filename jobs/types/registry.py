@@ -43,10 +43,12 @@ class JobType:
     family: str = GENERAL
     # Turns validated fields into the function's keyword arguments (e.g. assigns ids).
     prepare: Callable[[dict], dict] | None = None
-    # At submit, after `prepare`: checks the submission against what its owner already has and
-    # may record the owner. (keyword arguments, owner, the web's Redis client, settings) in, the
-    # keyword arguments out; raises to refuse (jobs.index.store.QuotaExceededError: a 429).
-    admit: Callable[[dict, str, Any, Any], dict] | None = None
+    # The function takes the submitting key's owner name as its `owner` keyword argument.
+    owned: bool = False
+    # At submit, once the request is known to be a new one (not a repeat of an accepted one):
+    # checks it against what its owner already has. (keyword arguments, owner, the web's Redis
+    # client, settings) in; raises to refuse (jobs.index.store.QuotaExceededError: a 429).
+    admit: Callable[[dict, str, Any, Any], None] | None = None
     # Extra fields of the job view, computed once from the keyword arguments.
     describe: Callable[[dict], dict] | None = None
     # Runs several jobs of this type at once: their keyword arguments (and the worker's Redis
@@ -75,6 +77,7 @@ JOB_TYPES: dict[str, JobType] = {
         default_timeout=300,
         family=EMBED,
         prepare=prepare_embed,
+        owned=True,
         admit=admit_embed,
         describe=describe_embed,
         run_many=embed_many,
