@@ -5,7 +5,7 @@
 The Procfile's web process with two API keys. Key B has `--failed` failed jobs (half of them
 stopped) in RQ's failed registries, copies of a job that really failed; key A has none. With
 `--clients` clients at once, key A calls `GET /queues` and `POST /jobs/retry` (`{}`: its failed
-jobs, of which it has none) `--calls` times each, while another client PINGs Redis every 10 ms.
+jobs, of which it has none) `--calls` times each, while a process of its own PINGs Redis.
 The baseline is the same calls before key B's jobs exist: an endpoint that costs what the
 caller owns takes as long either way. Targets, as ratios to their budgets: each call under
 50 ms at p99 (the ratio is p99 / 50 ms), and Redis's PING under 5 ms at p99 meanwhile. The
@@ -57,8 +57,8 @@ def seed_failures(db, web, count: int) -> None:
 
 
 def ping(url: str, stop, latencies) -> None:
-    """A process of its own PINGs Redis every half millisecond (in the load's process, its threads would
-    measure their own turns on the interpreter lock)."""
+    """PINGs Redis every half millisecond, from a process of its own (in the load's process,
+    its threads would measure their own turns on the interpreter lock)."""
     connection = redis.Redis.from_url(url)
     measured = []
     while not stop.wait(0.0005):
