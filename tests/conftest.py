@@ -177,7 +177,9 @@ def web(session_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     (tests/test_integration.py checks that they wake on them).
     """
     # DASHBOARD_OPEN: tests act as an operator on this machine would (requeue from /rq/).
-    env = dict(session_env, WEB_CONCURRENCY="2", LONG_POLL_RECHECK="60", DASHBOARD_OPEN="1")
+    # RATE_LIMIT off: every test of a test process calls it from one address, whose budget
+    # would be theirs together (rate limits are tested on web processes of their own).
+    env = dict(session_env, WEB_CONCURRENCY="2", LONG_POLL_RECHECK="60", DASHBOARD_OPEN="1", RATE_LIMIT="off")
     service = WebService(env, tmp_path_factory.mktemp("web"))
     yield service
     service.stop()

@@ -32,8 +32,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 KEYS = ("key-one-0123456789", "key-two-0123456789", "key-three-012345678")
 WORKERS = 2
-# Jobs one embedder worker may run together (EMBED_BATCH_JOBS, its default).
-BATCH = 32
+# Jobs one embedder worker runs together (EMBED_BATCH_JOBS; 32 by default): small, so that the
+# embedder falls behind the clients and every key keeps jobs waiting.
+BATCH = 2
+# Texts of the model's 256 tokens: slow enough to encode that embed jobs too wait.
+LONG_TEXT = " ".join(["a river runs past the copper lantern of the old harbour"] * 30)
 # Longer than a job (0.3 s) or an embedder's batch takes: jobs a key started while the others
 # had nothing waiting have ended by then.
 SETTLE = 3.0
@@ -123,8 +126,8 @@ def test_no_key_runs_more_than_its_share_through_kills_and_a_redis_restart(
     accepted: list[tuple[str, str]] = []  # (key, job id)
     stop = threading.Event()
     try:
-        workers = fworkers(count=WORKERS, **{"API_KEYS": env["API_KEYS"]})
-        embedder = fworkers(count=1, kind="embedder", **{"API_KEYS": env["API_KEYS"]})
+        workers = fworkers(count=WORKERS, API_KEYS=env["API_KEYS"])
+        embedder = fworkers(count=1, kind="embedder", API_KEYS=env["API_KEYS"], EMBED_BATCH_JOBS=str(BATCH))
 
         def client(key: str, type_name: str, body: dict, per_second: float) -> None:
             session = requests.Session()
@@ -151,9 +154,7 @@ def test_no_key_runs_more_than_its_share_through_kills_and_a_redis_restart(
             threading.Thread(target=client, args=(key, "hold", {"seconds": 0.3, "retries": 2}, 2.5))
             for key in KEYS
         ] + [
-            threading.Thread(
-                target=client, args=(key, "embed", {"text": f"a note from {key}", "retries": 2}, 25)
-            )
+            threading.Thread(target=client, args=(key, "embed", {"text": LONG_TEXT, "retries": 2}, 10))
             for key in KEYS
         ]
         monitor = Monitor(fault_redis.url, {key_owner(key) for key in KEYS})
