@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rq.queue import Queue as RQQueue
+
 from jobs import keys
 
 # Jobs at the head of each queue a worker considers: one per key with work, in the usual case.
@@ -272,15 +274,15 @@ return taken
 )
 
 
-def queue_keys(queue: Any) -> list[str]:
-    """KEYS of the admit, forget and repair scripts for an RQ queue: queue, front, owners,
-    count, doorbell."""
+def queue_keys(queue: str) -> list[str]:
+    """KEYS of the admit, forget and repair scripts for the RQ queue named `queue`: queue,
+    front, owners, count, doorbell."""
     return [
-        queue.key,
-        keys.fair_front(queue.name),
-        keys.fair_owners(queue.name),
-        keys.fair_waiting_count(queue.name),
-        keys.doorbell(queue.name),
+        RQQueue.redis_queue_namespace_prefix + queue,
+        keys.fair_front(queue),
+        keys.fair_owners(queue),
+        keys.fair_waiting_count(queue),
+        keys.doorbell(queue),
     ]
 
 
@@ -302,7 +304,7 @@ def admit(pipe: Any, queue: Any, job_id: str, at_front: bool, job_prefix: str) -
     pipe.eval(
         _ADMIT,
         5,
-        *queue_keys(queue),
+        *queue_keys(queue.name),
         job_id,
         "1" if at_front else "0",
         job_prefix,
@@ -311,9 +313,9 @@ def admit(pipe: Any, queue: Any, job_id: str, at_front: bool, job_prefix: str) -
     )
 
 
-def forget(client: Any, queue: Any, job_id: str, owner: str, job_prefix: str) -> None:
-    """`job_id`, canceled or deleted, no longer holds its owner's place (on `client`, a
-    connection or a pipeline)."""
+def forget(client: Any, queue: str, job_id: str, owner: str, job_prefix: str) -> None:
+    """`job_id`, canceled or deleted off the RQ queue named `queue`, no longer holds its
+    owner's place (on `client`, a connection or a pipeline)."""
     client.eval(
         _FORGET,
         5,
@@ -321,7 +323,7 @@ def forget(client: Any, queue: Any, job_id: str, owner: str, job_prefix: str) ->
         job_id,
         owner,
         job_prefix,
-        keys.fair_waiting_prefix(queue.name),
+        keys.fair_waiting_prefix(queue),
         DOORBELL_LIMIT,
     )
 
@@ -332,7 +334,7 @@ def repair(connection: Any, queue: Any, job_prefix: str) -> int:
         connection.eval(
             _REPAIR,
             5,
-            *queue_keys(queue),
+            *queue_keys(queue.name),
             job_prefix,
             keys.fair_waiting_prefix(queue.name),
             DOORBELL_LIMIT,

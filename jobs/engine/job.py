@@ -14,6 +14,7 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
+from jobs.engine import fair
 from jobs.engine.errors import UnregisteredJobError
 from jobs.settings import get_settings
 from jobs.times import now
@@ -173,12 +174,8 @@ class Job(RQJob):
     def _leave_fair_share(self, pipeline: Pipeline | None) -> None:
         if self.owner is None or not self.origin:
             return
-        from jobs.engine import fair
-        from jobs.engine.queue import Queue
-
-        queue = Queue(self.origin, connection=self.connection)
         client = pipeline if pipeline is not None else self.connection
-        fair.forget(client, queue, self.id, self.owner, self.redis_job_namespace_prefix)
+        fair.forget(client, self.origin, self.id, self.owner, self.redis_job_namespace_prefix)
 
     # ------------------------------------------------------------------ failing for good
 
