@@ -12,9 +12,10 @@ service). Here the order jobs are taken in is fair, and nothing is capped:
 - **The fewest running first.** A worker looks at the jobs near the head of its queues and
   takes one of the key with the fewest jobs running in its process type (started with a live
   heartbeat, or taken and about to start), the higher priority and the older first among
-  equals. While n keys have jobs waiting, no key runs more than ceil(workers / n) of them: a
-  key alone may use every worker, and an embedder fills its batch from one key when only one
-  has work. A job that dies with its worker stops counting once its heartbeat lapses.
+  equals. While n keys have jobs waiting, no key runs more than ceil(workers / n) of them, once
+  the jobs it started while the others had nothing waiting have ended: a key alone may use
+  every worker, and an embedder fills its batch from one key when only one has work. A job
+  that dies with its worker stops counting once its heartbeat lapses.
 - **A cap, when asked for.** With KEY_MAX_ACTIVE set, a job runs only while fewer than that
   many jobs of its key run; the cap is the one in force when the job was accepted, recorded
   on the job.
