@@ -32,8 +32,9 @@ WORKER_BACKOFF_BASE = 0.1
 WORKER_BACKOFF_CAP = 2.0
 
 
-# A `password=` query parameter, which redis-py accepts as well as the user part.
-_PASSWORD_PARAMETER = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
+# A `password=` query parameter, which redis-py accepts as well as the user part, and the
+# Sentinels' `sentinel_password=`.
+_PASSWORD_PARAMETER = re.compile(r"([?&;](?:sentinel_)?password=)[^&;#]*", re.IGNORECASE)
 
 
 def redacted(url: str) -> str:

@@ -185,7 +185,6 @@ class SentinelConnection(SentinelManagedConnection):
     def __init__(self, *, sentinel: SentinelTarget, **kwargs: Any) -> None:
         self.sentinel = sentinel
         super().__init__(connection_pool=WATCH.primary(sentinel), **kwargs)
-        WATCH.add(self)
 
     def connect(self) -> None:
         # redis-py's Connection.connect, not SentinelManagedConnection's: both end in
@@ -200,6 +199,7 @@ class SentinelConnection(SentinelManagedConnection):
             return
         self.host, self.port = self.connection_pool.get_master_address()
         super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+        WATCH.add(self)
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
         service = self.sentinel.service_name
@@ -212,7 +212,7 @@ class SentinelSSLConnection(SentinelConnection, SSLConnection):
 
 class PrimaryWatch:
     """Per process: every Sentinel-managed connection, and a thread that shuts those held to a
-    node that is no longer the primary. The thread runs while connections exist."""
+    node that is no longer the primary. The thread runs while any of them is connected."""
 
     def __init__(self) -> None:
         self._connections: weakref.WeakSet[SentinelConnection] = weakref.WeakSet()
@@ -234,6 +234,7 @@ class PrimaryWatch:
             return self._primaries[target]
 
     def add(self, connection: SentinelConnection) -> None:
+        """Watch `connection` (it has just connected) while it is connected."""
         with self._lock:
             self._connections.add(connection)
             if self._thread is None or not self._thread.is_alive():
@@ -244,8 +245,8 @@ class PrimaryWatch:
         while True:
             threading.Event().wait(WATCH_SECONDS)
             with self._lock:
-                connections = list(self._connections)
-                if not connections:
+                connections = [c for c in self._connections if c._sock is not None]
+                if not connections:  # the next connect starts another
                     self._thread = None
                     return
             self.check(connections)
