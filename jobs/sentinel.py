@@ -45,6 +45,9 @@ DEFAULT_SENTINEL_PORT = 26379
 WATCH_SECONDS = 1.0
 # How long a question to one Sentinel may take (seconds): another one is asked next.
 SENTINEL_TIMEOUT = 1.0
+# The watch's thread, started by a process's first connection: a work-horse's first job starts
+# it in the horse, where it is the Redis client's thread, not one the job left running.
+WATCH_THREAD = "sentinel-watch"
 
 # Query parameters of a Sentinel URL, and the TLS options they carry to every connection.
 _TLS_OPTIONS = ("ssl_cert_reqs", "ssl_check_hostname", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -238,7 +241,7 @@ class PrimaryWatch:
         with self._lock:
             self._connections.add(connection)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="sentinel-watch", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=WATCH_THREAD, daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:

@@ -22,10 +22,12 @@ import psutil
 import pytest
 import redis
 import requests
+from rq import Queue as RQQueue
+from rq.serializers import JSONSerializer
 
 from scripts.embedded_redis import free_port
 from scripts.sentinel import SentinelTopology
-from tests.support import Process, base_env, serves, wait_until
+from tests.support import Process, base_env, serves, start_workers, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -271,3 +273,24 @@ def test_a_killed_primary_loses_no_accepted_job_and_keeps_every_worker(topology,
     )
     assert ended(base, fresh["id"])["status"] == "finished"
     assert search_ids(base, "birds in the cold south pole", tag)[0] == f"fresh-{tag}"
+
+
+def test_a_worker_on_sentinel_keeps_its_work_horse_from_job_to_job(topology, tmp_path):
+    # The horse's first Redis connection starts the Sentinel watch thread in it: that is no
+    # thread a job left running, and the horse must not be replaced after every job for it.
+    pool = start_workers(base_env(topology.url, tmp_path, SEARCH_WARMUP=0), tmp_path, count=1)
+    try:
+        client = topology.primary().client()
+        wait_until(lambda: client.scard("rq:workers") >= 1, what="the worker", process=pool)
+        queue = RQQueue("default", connection=client, serializer=JSONSerializer)
+        pids = set()
+        for _ in range(3):
+            job = queue.enqueue("tests.fixtures.inspect_process")
+            wait_until(
+                lambda job=job: job.get_status(refresh=True) == "finished", what="the job", process=pool
+            )
+            pids.add(job.return_value()["pid"])
+        assert len(pids) == 1, pool.output()[-3000:]
+        assert "retires" not in pool.output()
+    finally:
+        pool.kill()

@@ -34,6 +34,8 @@ from typing import BinaryIO
 
 import psutil
 
+from jobs.sentinel import WATCH_THREAD
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -189,7 +191,13 @@ class ProcessState:
                 signal.signal(signum, handler)
 
     def threads_left(self) -> list[str]:
-        return [t.name for t in threading.enumerate() if t not in self.threads and t.is_alive()]
+        """Threads started since the horse started and still running, but the Sentinel watch:
+        the horse's Redis client starts it with its first connection, during the first job."""
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t not in self.threads and t.is_alive() and t.name != WATCH_THREAD
+        ]
 
 
 def resident_mb() -> float:
