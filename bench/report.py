@@ -88,6 +88,11 @@ BENCHMARKS = [
             "operators: Redis PING during the calls": ("<=", 1.0),
         },
     ),
+    (
+        "bench.failover",
+        ["--kills", "1", "--partitions", "0", "--clients", "2", "--interval", "2"],
+        {"failover: submit p50, REDIS_MIN_REPLICAS=1 vs 0": ("<=", 1.5)},
+    ),
     ("bench.latency", ["--samples", "5"], {}),
     ("bench.longpoll", ["--pollers", "5", "--seconds", "0.5"], {"longpoll": None}),
     (
