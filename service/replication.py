@@ -43,6 +43,7 @@ def acknowledges_writes(view: Callable[..., Any]) -> Callable[..., Any]:
                     raise not_replicated(error, timeout_ms) from None
         return response
 
+    confirmed_view.acknowledges_writes = True  # type: ignore[attr-defined]
     return confirmed_view
 
 
