@@ -12,7 +12,9 @@ starts: they begin with an empty context) use the pool as before.
 The primary replicates one ordered stream, so replicas that have the mark have everything
 the request wrote before it, and everything it read (a repeated submission reads the job an
 earlier request wrote; a cancel may report a worker's write): no need to know which of the
-request's commands changed something. A connection that had to reconnect during the block
+request's commands changed something. Redis up to 7.0 moved a connection's WAIT offset on
+any command; from 7.2 only a command that writes moves it, so without the mark a repeat,
+which writes nothing, would be confirmed at once. A connection that had to reconnect during the block
 may have written on an earlier socket, perhaps to a primary since replaced, so it is never
 confirmed.
 """
