@@ -14,6 +14,7 @@ from jobs.engine.job import Job
 from jobs.replication import NotReplicated, Pin, PinnedPool, pinnable, pinned
 from jobs.settings import MAX_REPLICA_TIMEOUT_MS, Settings
 from service.state import get_state
+from tests.support import ROOT
 from tests.test_api import assert_error, post
 from tests.test_security import make_app
 
@@ -87,6 +88,12 @@ def test_bad_settings_are_refused_by_name(name, raw, says):
     with pytest.raises(ValueError, match=says) as refused:
         Settings.from_env({name: raw})
     assert name in str(refused.value)
+
+
+def test_the_settings_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("REDIS_MIN_REPLICAS", "REDIS_REPLICA_TIMEOUT_MS"):
+        assert f"| `{name}` |" in readme
 
 
 # ---------------------------------------------------------------- which answers wait
