@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
 
+from jobs import sentinel
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ WORKER_BACKOFF_BASE = 0.1
 WORKER_BACKOFF_CAP = 2.0
 
 
-# A `password=` query parameter, which redis-py accepts as well as the user part.
-_PASSWORD_PARAMETER = re.compile(r"([?&;]password=)[^&;#]*", re.IGNORECASE)
+# A `password=` query parameter, which redis-py accepts as well as the user part, and the
+# Sentinels' `sentinel_password=`.
+_PASSWORD_PARAMETER = re.compile(r"([?&;](?:sentinel_)?password=)[^&;#]*", re.IGNORECASE)
 
 
 def redacted(url: str) -> str:
@@ -45,7 +47,7 @@ def redacted(url: str) -> str:
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
-        return "(not shown: not a redis://, rediss:// or unix:// URL)"
+        return "(not shown: not a redis://, rediss://, redis+sentinel:// or unix:// URL)"
     userinfo, at, location = rest.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
@@ -55,12 +57,19 @@ def redacted(url: str) -> str:
 
 def url_problem(url: str) -> str | None:
     """Why redis-py cannot use `url`, in words that quote nothing of it; None when it can."""
+    if sentinel.is_sentinel_url(url):
+        try:
+            sentinel.parse(url)
+        except ValueError as error:
+            return str(error)
+        return None
     try:
         parse_url(url)
     except ValueError:
         # Not the error's own message: it can quote part of a password (as a "port").
         return (
-            "redis-py cannot use it (it must start with redis://, rediss:// or unix://, and a "
+            "redis-py cannot use it (it must start with redis://, rediss://, redis+sentinel://, "
+            "rediss+sentinel:// or unix://, and a "
             "password holding / ? # or @ must be percent-encoded, e.g. / as %2F)"
         )
     return None
@@ -85,8 +94,16 @@ def connect(settings: Settings | None = None, role: Role = "web") -> redis.Redis
     if role == "worker":
         return WorkerRedis.from_url(url)
     if role == "tool":
-        return redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=10)
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+        return client(url, socket_connect_timeout=10, socket_timeout=10)
+    return client(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+
+
+def client(url: str, redis_class: type[redis.Redis] = redis.Redis, **kwargs: object) -> redis.Redis:
+    """`redis_class.from_url(url, **kwargs)`, for plain URLs and `redis+sentinel://` ones alike
+    (a client of the current primary, which follows a failover: jobs.sentinel)."""
+    if sentinel.is_sentinel_url(url):
+        return sentinel.client(url, redis_class, **kwargs)
+    return redis_class.from_url(url, **kwargs)
 
 
 class WorkerRedis(redis.Redis):
@@ -105,6 +122,8 @@ class WorkerRedis(redis.Redis):
         kwargs.setdefault("retry", ReportingRetry(backoff, retries, process_outage()))
         kwargs.setdefault("retry_on_error", [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         kwargs.setdefault("health_check_interval", 30)
+        if sentinel.is_sentinel_url(url):
+            return sentinel.client(url, cls, **kwargs)
         return super().from_url(url, **kwargs)
 
 
@@ -181,7 +200,7 @@ class RedisProbe:
 
     def __init__(self, url: str, outage: Outage) -> None:
         self.outage = outage
-        self.client = redis.Redis.from_url(
+        self.client = client(
             url,
             socket_connect_timeout=PROBE_TIMEOUT,
             socket_timeout=PROBE_TIMEOUT,

@@ -21,7 +21,8 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 class Settings:
     """Configuration shared by the web process and the workers."""
 
-    # Hosted Redis add-ons set REDIS_URL; the name is fixed.
+    # Hosted Redis add-ons set REDIS_URL; the name is fixed. redis+sentinel://host:port[,…]/service
+    # (rediss+sentinel:// for TLS) reaches the primary through Sentinel and follows a failover.
     redis_url: str = "redis://localhost:6379/0"
     # 0 accepts a rediss:// server whose certificate cannot be verified (managed Redis with a
     # self-signed certificate). Off by default: it gives up protection against impostors.
@@ -176,7 +177,7 @@ class Settings:
     @property
     def redis_client_url(self) -> str:
         """REDIS_URL with the TLS options every client (web, workers, limiter) must use."""
-        if self.redis_url.startswith("rediss://") and not self.redis_tls_verify:
+        if self.redis_url.startswith(("rediss://", "rediss+sentinel://")) and not self.redis_tls_verify:
             separator = "&" if "?" in self.redis_url else "?"
             return f"{self.redis_url}{separator}ssl_cert_reqs=none&ssl_check_hostname=false"
         return self.redis_url

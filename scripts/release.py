@@ -129,7 +129,8 @@ def _min_replicas_to_write(connection: redis.Redis, info: dict, required: int) -
 def _check_replica(connection: redis.Redis, host: str, port: int) -> list[str]:
     """Warnings about one replica, reached as the primary sees it, with REDIS_URL's credentials."""
     pool = connection.connection_pool
-    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key != "path"}
+    # Not where the primary is (a unix socket, the Sentinels): where INFO says the replica is.
+    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in ("path", "sentinel")}
     kwargs.update(
         host=host, port=port, socket_timeout=REPLICA_TIMEOUT, socket_connect_timeout=REPLICA_TIMEOUT
     )

@@ -8,6 +8,7 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import redis
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from rq.command import send_stop_job_command
@@ -262,12 +263,21 @@ def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
             # The first read leaves the result out: most often the job has not ended yet (if
             # it has, `job_view` reads the result).
             job, latest = load_with_result(state, job_id, owner, with_result=False)
-            while not is_terminal(job):
+            lost: redis.exceptions.RedisError | None = None
+            while lost or not is_terminal(job):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 ended.wait(min(remaining, max(0.1, state.settings.long_poll_recheck)))
                 ended.clear()
+                # A wait rides out Redis going away (a restart, a failover to a replica) until
+                # its deadline; only a read failing at the deadline answers 503.
+                try:
+                    job, latest = load_with_result(state, job_id, owner)
+                    lost = None
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                    lost = error
+            if lost:
                 job, latest = load_with_result(state, job_id, owner)
             return job, latest
 

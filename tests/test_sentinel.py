@@ -1,0 +1,153 @@
+"""REDIS_URL through Sentinel: the URL form, the clients every process makes from it, and the
+watch that moves established connections to a new primary (no Redis needed here; the failover
+itself is tested on real Sentinels in tests/test_failover.py)."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+
+import pytest
+from redis.connection import ConnectionPool
+from rq.connections import parse_connection
+
+from jobs import sentinel
+from jobs.connection import WorkerRedis, connect, redacted, url_problem
+from jobs.settings import Settings
+
+URL = "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380,sentinel-c/mymaster/2"
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> None:
+    parsed = sentinel.parse(URL)
+    assert parsed.target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("sentinel-c", 26379))
+    assert parsed.target.service_name == "mymaster"
+    assert parsed.db == 2
+    assert parsed.password == "s3cret"
+    assert parsed.username is None
+    assert not parsed.target.tls
+    # Without a sentinel_password the Sentinels are asked without one: theirs is often different.
+    assert parsed.target.sentinel_password is None
+
+
+def test_the_sentinels_password_is_separate_and_percent_decoded() -> None:
+    parsed = sentinel.parse("redis+sentinel://app:p%2Fw@h:1/svc?sentinel_password=x%40y&db=3")
+    assert (parsed.username, parsed.password, parsed.db) == ("app", "p/w", 3)
+    assert parsed.target.sentinel_password == "x@y"
+    assert parsed.target.sentinel_kwargs()["password"] == "x@y"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://h:1", "name the service"),
+        ("redis+sentinel://h:1/svc/0/extra", "/service_name/db"),
+        ("redis+sentinel://h:notaport/svc", "host:port"),
+        ("redis+sentinel://h:1/svc/zero", "must be a number"),
+        ("redis+sentinel://h:1/svc?socket_timeout=1", "unknown parameter"),
+    ],
+)
+def test_an_unusable_sentinel_url_is_refused_with_a_reason(url: str, problem: str) -> None:
+    reason = url_problem(url)
+    assert reason is not None and problem in reason
+    with pytest.raises(SystemExit, match="unusable"):
+        connect(Settings(redis_url=url))
+
+
+def test_a_usable_sentinel_url_has_no_problem_and_its_passwords_are_never_printed() -> None:
+    assert url_problem(URL) is None
+    shown = redacted("redis+sentinel://app:s3cret@h:1,h:2/svc?sentinel_password=other")
+    assert "s3cret" not in shown and "other" not in shown
+    assert shown.startswith("redis+sentinel://app:***@h:1,h:2/svc")
+
+
+def test_tls_sentinel_urls_use_tls_for_the_sentinels_and_the_nodes() -> None:
+    settings = Settings(redis_url="rediss+sentinel://h:1/svc", redis_tls_verify=0)
+    parsed = sentinel.parse(settings.redis_client_url)
+    assert parsed.target.tls
+    kwargs = parsed.target.sentinel_kwargs()
+    assert kwargs["ssl"] is True
+    assert kwargs["ssl_cert_reqs"] == "none" and kwargs["ssl_check_hostname"] is False
+    client = connect(settings)
+    try:
+        assert client.connection_pool.connection_class is sentinel.SentinelSSLConnection
+        assert client.connection_pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("role", ["web", "worker", "tool"])
+def test_every_role_connects_through_sentinel(role: str) -> None:
+    client = connect(Settings(redis_url=URL), role=role)  # type: ignore[arg-type]
+    try:
+        pool = client.connection_pool
+        assert pool.connection_class is sentinel.SentinelConnection
+        assert pool.connection_kwargs["sentinel"].service_name == "mymaster"
+        assert pool.connection_kwargs["db"] == 2
+    finally:
+        client.close()
+
+
+def test_rq_can_rebuild_a_worker_connection_in_another_process() -> None:
+    """RQ's worker pool and scheduler rebuild the connection from its pool's keyword
+    arguments in the processes they fork: those hold plain values, never a live pool."""
+    client = WorkerRedis.from_url(URL)
+    try:
+        connection_class, pool_class, pool_kwargs = parse_connection(client)
+        assert connection_class is WorkerRedis
+        assert pool_class is sentinel.SentinelConnection
+        pool_kwargs = {k: v for k, v in pool_kwargs.items() if k != "retry"}  # deep-copied by RQ
+        copied = pickle.loads(pickle.dumps(pool_kwargs))
+        rebuilt = WorkerRedis(connection_pool=ConnectionPool(connection_class=pool_class, **copied))
+        connection = rebuilt.connection_pool.make_connection()
+        assert isinstance(connection, sentinel.SentinelConnection)
+        assert connection.sentinel == client.connection_pool.connection_kwargs["sentinel"]
+        rebuilt.close()
+    finally:
+        client.close()
+
+
+class _Primary:
+    def __init__(self, address: tuple[str, int] | None) -> None:
+        self.address = address
+
+    def get_master_address(self) -> tuple[str, int]:
+        if self.address is None:
+            raise sentinel.redis.exceptions.ConnectionError("No master found")
+        return self.address
+
+
+def test_the_watch_shuts_connections_held_to_a_node_that_is_no_longer_primary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The socket of a connection to the old primary is shut, so a call blocked on it (a
+    dequeue, a pub/sub listener) fails at once and its retry reconnects; connections to the
+    primary are left alone, and nothing is shut while the Sentinels name no primary."""
+    watch = sentinel.PrimaryWatch()
+    target = sentinel.parse(URL).target
+    primary = _Primary(("10.0.0.9", 6379))
+    monkeypatch.setattr(watch, "primary", lambda _target: primary)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        stale, current = (_held(target, pairs[0][0], "10.0.0.8"), _held(target, pairs[1][0], "10.0.0.9"))
+        primary.address = None  # between the old primary's death and the promotion
+        assert watch.check([stale, current]) == 0
+        primary.address = ("10.0.0.9", 6379)
+        assert watch.check([stale, current]) == 1
+        pairs[0][1].settimeout(2)
+        assert pairs[0][1].recv(1) == b""  # the far end sees the connection end
+        pairs[1][1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            pairs[1][1].recv(1)  # still open
+    finally:
+        for pair in pairs:
+            for end in pair:
+                end.close()
+
+
+def _held(target: sentinel.SentinelTarget, sock: socket.socket, host: str) -> sentinel.SentinelConnection:
+    connection = object.__new__(sentinel.SentinelConnection)
+    connection.sentinel = target
+    connection._sock = sock
+    connection.host, connection.port = host, 6379
+    return connection
