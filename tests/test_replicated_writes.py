@@ -8,6 +8,7 @@ acknowledges a write must be a 503 that says so, within REDIS_REPLICA_TIMEOUT_MS
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -21,13 +22,14 @@ import redis
 import requests
 
 from jobs import keys
+from jobs.connection import connect
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue
 from jobs.index.store import DocumentStore
 from jobs.replication import NotReplicated, pinnable, pinned
-from jobs.settings import get_settings
+from jobs.settings import Settings, get_settings
 from scripts import release
-from scripts.embedded_redis import EmbeddedRedis
+from scripts.embedded_redis import EmbeddedRedis, free_port, server_binary
 from tests.support import Process, WebService, base_env, start_workers, wait_until
 
 pytestmark = pytest.mark.integration
@@ -268,6 +270,43 @@ def test_a_primary_that_refuses_writes_for_want_of_replicas_answers_503(pair, st
     assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, response.text
     error = response.json()["error"]
     assert error["code"] == "not_replicated" and "min-replicas-to-write" in error["message"]
+
+
+# ---------------------------------------------------------------- through Sentinel
+
+
+@contextmanager
+def sentinel_of(pair: Pair, directory: Path) -> Iterator[str]:
+    """A Sentinel watching the pair's primary; yields the redis+sentinel:// URL naming it."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "sentinel.conf"  # Sentinel rewrites its configuration file
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor afterward 127.0.0.1 {pair.primary.port} 1\n"
+    )
+    process = subprocess.Popen(
+        [server_binary(), str(config), "--sentinel"], start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    try:
+        probe = redis.Redis(port=port, socket_timeout=1)
+        wait_until(lambda: probe.sentinel_get_master_addr_by_name("afterward"), what="the Sentinel")
+        yield f"redis+sentinel://127.0.0.1:{port}/afterward"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_writes_through_sentinel_are_confirmed_the_same_way(pair, monkeypatch, capsys, tmp_path):
+    with sentinel_of(pair, tmp_path / "sentinel") as url:
+        client = pinnable(connect(Settings(redis_url=url)))
+        with pinned(client) as pin:
+            client.set("afterward-test:through-sentinel", 1)
+            assert pin.confirm(1, TIMEOUT_MS) == 1
+        # The release check reaches the replica where the primary says it is, not at the Sentinel.
+        status, out, err = release_check(monkeypatch, capsys, url, 1)
+    assert status == 0 and "1 replica(s) online" in out, err
+    assert "cannot reach" not in err and f"replica at 127.0.0.1:{pair.replica.port}" in err
 
 
 # ---------------------------------------------------------------- the release check
