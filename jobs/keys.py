@@ -34,6 +34,10 @@ CALLBACKS = PREFIX + "callbacks"
 # Pub/sub channel a job's id is published on when its callback becomes due: wakes every courier.
 CALLBACKS_CHANNEL = PREFIX + "callbacks-due"
 
+# Written by a request just before its WAIT (REDIS_MIN_REPLICAS), on the request's connection,
+# so that WAIT covers everything the request wrote or read first (jobs.replication).
+REPLICATION_MARK = PREFIX + "replication-mark"
+
 # Fields RQ's job hash is extended with: how many times a worker started the job; the owner
 # whose fair share the job runs in, and the most jobs of that owner it may run beside
 # (KEY_MAX_ACTIVE when the job was accepted).

@@ -10,6 +10,9 @@ from typing import Any
 
 DAY = 24 * 3600
 
+# Longest REDIS_REPLICA_TIMEOUT_MS: the web process's Redis calls time out after 5 s.
+MAX_REPLICA_TIMEOUT_MS = 4000
+
 # What runs the embedding model: torch, or ONNX Runtime on an exported fp32 or int8 graph.
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
@@ -24,6 +27,13 @@ class Settings:
     # 0 accepts a rediss:// server whose certificate cannot be verified (managed Redis with a
     # self-signed certificate). Off by default: it gives up protection against impostors.
     redis_tls_verify: int = 1
+    # Replicas that must confirm (Redis WAIT) every write the API acknowledges before it answers,
+    # so that a failover promoting one of them keeps the write; 0: answer once the primary has it.
+    # Unconfirmed in REDIS_REPLICA_TIMEOUT_MS, the answer is 503 `not_replicated` (README).
+    redis_min_replicas: int = 0
+    # How long a request waits for those replicas, in ms: below the web client's 5 s socket
+    # timeout (MAX_REPLICA_TIMEOUT_MS), and never 0, which WAIT takes for "forever".
+    redis_replica_timeout_ms: int = 1000
     # API keys clients send as `Authorization: Bearer <key>`, comma-separated; unset: open API.
     api_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
@@ -207,6 +217,10 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
             raise ValueError(f"{name.upper()} must be an integer, got {raw!r}") from None
         if value < 0:
             raise ValueError(f"{name.upper()} must not be negative, got {raw!r}")
+        if name == "redis_replica_timeout_ms" and not 1 <= value <= MAX_REPLICA_TIMEOUT_MS:
+            raise ValueError(
+                f"REDIS_REPLICA_TIMEOUT_MS must be 1 to {MAX_REPLICA_TIMEOUT_MS} (ms), got {raw!r}"
+            )
         return value
     if annotation in ("tuple[str, ...]",):
         return tuple(part.strip() for part in raw.split(",") if part.strip())

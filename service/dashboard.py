@@ -35,6 +35,7 @@ from jobs.engine.queue import Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
 from service.errors import REDIS_RETRY_AFTER, ApiError, error_response
+from service.replication import acknowledges_writes
 from service.retry import NotRetryable, retry
 from service.security import count_failed_authentication, refuse_blocked_client
 from service.state import AppState
@@ -61,6 +62,9 @@ MAX_PER_PAGE = 200  # the most the dashboard's own "jobs per page" field offers
 MAX_PAGE = 1_000_000  # keeps the list offsets within what Redis accepts
 # rq-dashboard's queues page catches a Redis outage and answers 200 with this body.
 CONNECTION_ERROR_PAGE = b"<h1>Connection Error</h1>"
+
+# The dashboard's actions: with REDIS_MIN_REPLICAS they answer once replicas have them, as the API does.
+WRITE_VIEWS = ("delete_job_view", "requeue_job_view", "requeue_all", "empty_queue", "compact_queue")
 
 # Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
 UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers"})
@@ -140,6 +144,9 @@ def init_dashboard(app: Flask, state: AppState) -> None:
         return {"status": "OK"}, {"Cache-Control": "no-store"}
 
     app.view_functions[f"{BLUEPRINT}.compact_queue"] = compact_queue
+    for name in WRITE_VIEWS:
+        endpoint = f"{BLUEPRINT}.{name}"
+        app.view_functions[endpoint] = acknowledges_writes(app.view_functions[endpoint])
 
     settings = state.settings
     if not _has_credentials(settings) and settings.dashboard_open:

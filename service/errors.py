@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import redis
@@ -13,6 +14,17 @@ log = logging.getLogger(__name__)
 
 # Seconds a client should wait before trying again when Redis is unreachable.
 REDIS_RETRY_AFTER = 5
+
+# A write Redis did not confirm on REDIS_MIN_REPLICAS replicas (service.replication), or one
+# the primary refused for want of replicas (its min-replicas-to-write): 503 with this code.
+NOT_REPLICATED = "not_replicated"
+RETRY_ADVICE = (
+    "It may or may not have been applied. Retrying is safe: a submission repeated with the same "
+    "Idempotency-Key never makes a second job, and a repeated cancel, retry or delete finds its "
+    "work done or does it."
+)
+# Redis's refusal under min-replicas-to-write, however it is wrapped (pipeline, Lua script).
+_NO_REPLICAS = re.compile(r"(^|[\s:-])NOREPLICAS Not enough good replicas")
 
 _CODES = {
     400: "bad_request",
@@ -89,6 +101,19 @@ def register_error_handlers(app: Flask) -> None:
             503,
             "The job store is unreachable; try again shortly.",
             code="redis_unavailable",
+            headers={"Retry-After": str(REDIS_RETRY_AFTER)},
+        )
+
+    @app.errorhandler(redis.exceptions.ResponseError)
+    def handle_redis_refusal(error: redis.exceptions.ResponseError) -> Response:
+        if not _NO_REPLICAS.search(str(error)):
+            return handle_unexpected(error)
+        log.warning("Redis refuses writes: %s", error)
+        return error_response(
+            503,
+            "Redis refuses writes for now: its primary has fewer connected replicas than its "
+            f"min-replicas-to-write. {RETRY_ADVICE}",
+            code=NOT_REPLICATED,
             headers={"Retry-After": str(REDIS_RETRY_AFTER)},
         )
 

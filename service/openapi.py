@@ -430,7 +430,11 @@ def _operation(
         ],
         "responses": {
             **responses,
-            "default": _json("Error", "An error (4xx, or 503 when Redis is unreachable)."),
+            "default": _json(
+                "Error",
+                "An error (4xx, or 503: Redis is unreachable, or with REDIS_MIN_REPLICAS a write "
+                "is not confirmed on that many replicas, `not_replicated`).",
+            ),
         },
     }
     if body:

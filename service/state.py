@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from jobs.connection import connect
 from jobs.engine.queue import Queue
 from jobs.families import EMBED, GENERAL, family_queues
+from jobs.replication import pinnable
 from jobs.settings import Settings
 from jobs.types.registry import JobType, job_types
 from service.search import SearchService
@@ -35,6 +36,9 @@ def connect_redis(settings: Settings) -> redis.Redis:
 
 def init_state(app: Flask, settings: Settings) -> AppState:
     connection = connect_redis(settings)
+    if settings.redis_min_replicas:
+        # A request that acknowledges writes holds one connection for its WAIT (service.replication).
+        connection = pinnable(connection)
     state = AppState(
         settings=settings,
         redis=connection,

@@ -225,7 +225,7 @@ def test_a_hostile_request_path_reaches_the_web_log_escaped(web, real_redis):
         ("redis://:s3c@ret@host", "redis://:***@host"),
         ("redis://host:6379/0?password=s3cret&db=1", "redis://host:6379/0?password=***&db=1"),
         ("unix:///tmp/redis.sock?PASSWORD=s3cret", "unix:///tmp/redis.sock?PASSWORD=***"),
-        ("s3cret", "(not shown: not a redis://, rediss:// or unix:// URL)"),
+        ("s3cret", "(not shown: not a redis://, rediss://, redis+sentinel:// or unix:// URL)"),
         ("redis://localhost:6379/0", "redis://localhost:6379/0"),
     ],
 )

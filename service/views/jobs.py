@@ -24,6 +24,7 @@ from jobs.view import UNREAD, is_terminal, job_view
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError
 from service.jobview import check_job_id, load_job, load_with_result, recent_jobs, scheduled_times
+from service.replication import acknowledges_writes
 from service.requests import log_job
 from service.retry import (
     RETRYABLE,
@@ -130,6 +131,7 @@ class BulkRetried(BaseModel):
 # its key's share (jobs.quota); otherwise it is counted before the body is even read, as on
 # other routes: there is no round trip to share.
 @folds_rate_limit(when=lambda: "Idempotency-Key" in request.headers or bool(get_state().settings.api_keys))
+@acknowledges_writes
 def create_job(type_name: str) -> Response:
     state = get_state()
     job_type = state.job_types.get(type_name)
@@ -173,6 +175,7 @@ def list_jobs() -> Response:
 
 
 @bp.delete("/jobs/<job_id>")
+@acknowledges_writes
 def cancel_job(job_id: str) -> Response:
     state = get_state()
     job = load_job(state, job_id, current_owner())
@@ -206,6 +209,7 @@ def cancel_job(job_id: str) -> Response:
 
 
 @bp.post("/jobs/<job_id>/retry")
+@acknowledges_writes
 def retry_job(job_id: str) -> Response:
     state = get_state()
     job = load_job(state, job_id, current_owner())
@@ -227,6 +231,7 @@ def retry_job(job_id: str) -> Response:
 
 
 @bp.post("/jobs/retry")
+@acknowledges_writes
 def retry_jobs() -> Response:
     """Run the caller's failed (or stopped) jobs again, filtered by type, queue and end time."""
     state = get_state()

@@ -15,6 +15,7 @@ from jobs.types.embed import DOCUMENT_ID, check_metadata
 from jobs.types.schema import limits, within
 from service.body import query_args, read_json_object, validate
 from service.errors import ApiError, error_response
+from service.replication import acknowledges_writes
 from service.security import current_owner
 from service.state import get_state
 
@@ -138,6 +139,7 @@ def read_document(doc_id: str) -> Response:
 
 
 @bp.delete("/documents/<doc_id>")
+@acknowledges_writes
 def delete_document(doc_id: str) -> Response:
     try:
         deleted = DOCUMENT_ID.fullmatch(doc_id) and _store().delete(doc_id, owner=current_owner())
