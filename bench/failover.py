@@ -19,6 +19,8 @@ Redis replicates asynchronously) and REDIS_MIN_REPLICAS=1 (the API acknowledges 
 once a replica has it).
 
 - acknowledged: jobs answered 202. lost: acknowledged, then gone (404) or never ended.
+- ended failed: none of these jobs fails by itself; a failed one was recovered as abandoned
+  (its worker's record of its start or end did not reach the new primary).
 - run twice: log jobs whose line is in LOG_FILE more than once (each run writes one line).
 - other answers: any answer but 202, an idempotent replay (200) or a JSON 503.
 - kill -> 202: from the kill to the first 202 to a request sent after it.
@@ -199,7 +201,8 @@ class Outcome:
     min_replicas: int
     acknowledged: int = 0
     lost: list[Job] = field(default_factory=list)
-    failed: int = 0
+    failed: list[Job] = field(default_factory=list)
+    failure_reasons: Counter = field(default_factory=Counter)
     doubled: list[Job] = field(default_factory=list)
     runs: Counter = field(default_factory=Counter)  # executions per job id (log jobs)
     faults: list[Fault] = field(default_factory=list)
@@ -362,7 +365,9 @@ def account(
     outcome.acknowledged = len(jobs)
     outcome.answers = len(clients.answers)
     outcome.refused = sum(1 for a in clients.answers if a.status == 503)
-    outcome.other = Counter(a.describe() for a in clients.answers if not a.expected())
+    outcome.other = Counter(
+        f"{a.describe()} ({around(a.sent, faults)})" for a in clients.answers if not a.expected()
+    )
 
     # Every acknowledged job must end, on whichever node is primary now.
     def statuses() -> dict[str, str | None]:
@@ -384,7 +389,14 @@ def account(
             break
         time.sleep(0.5)
     outcome.lost = [job for job in jobs if job.vanished or now[job.job_id] not in ENDED]
-    outcome.failed = sum(1 for status in now.values() if status == "failed")
+    outcome.failed = [job for job in jobs if now[job.job_id] == "failed"]
+    client = topology.primary().client()
+    try:
+        for job in outcome.failed:
+            meta = json.loads(client.hget(f"rq:job:{job.job_id}", "meta") or "{}")
+            outcome.failure_reasons[str(meta.get("error"))[:100]] += 1
+    finally:
+        client.close()
 
     runs = Counter()
     if log_file.exists():
@@ -411,10 +423,10 @@ def account(
     ]
 
 
-def around(job: Job, faults: list[Fault]) -> str:
-    """The kind of fault a job was acknowledged around (from a second before it until it healed)."""
+def around(at: float, faults: list[Fault]) -> str:
+    """The kind of fault `at` falls in (from a second before it until it healed)."""
     for fault in faults:
-        if fault.at - 1 <= job.acknowledged <= fault.healed:
+        if fault.at - 1 <= at <= fault.healed:
             return fault.kind
     return "no fault"
 
@@ -422,7 +434,7 @@ def around(job: Job, faults: list[Fault]) -> str:
 def by_fault(jobs: list[Job], faults: list[Fault]) -> str:
     if not jobs:
         return "0"
-    counts = Counter(around(job, faults) for job in jobs)
+    counts = Counter(around(job.acknowledged, faults) for job in jobs)
     return f"{len(jobs)} ({', '.join(f'{kind} {n}' for kind, n in sorted(counts.items()))})"
 
 
@@ -442,7 +454,7 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     rows = [
         ("jobs acknowledged (202)", lambda o: str(o.acknowledged)),
         ("lost (202, then gone or never ended)", lambda o: by_fault(o.lost, o.faults)),
-        ("ended failed", lambda o: str(o.failed)),
+        ("ended failed (no job here fails by itself)", lambda o: by_fault(o.failed, o.faults)),
         ("log jobs run twice", lambda o: by_fault(o.doubled, o.faults)),
         ("answers", lambda o: str(o.answers)),
         ("JSON 503", lambda o: str(o.refused)),
@@ -465,6 +477,8 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     for o in outcomes:
         if o.other:
             print(f"  REDIS_MIN_REPLICAS={o.min_replicas} other answers: {dict(o.other)}")
+        for reason, count in o.failure_reasons.items():
+            print(f"  REDIS_MIN_REPLICAS={o.min_replicas} failed x{count}: {reason}")
         for label, jobs in (("lost", o.lost), ("run twice", o.doubled)):
             for job in jobs[:10]:
                 fault = min(o.faults, key=lambda f, job=job: abs(f.at - job.acknowledged))
