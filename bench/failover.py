@@ -21,7 +21,9 @@ once a replica has it).
 - acknowledged: jobs answered 202. lost: acknowledged, then gone (404) or never ended.
 - ended failed: none of these jobs fails by itself; a failed one was recovered as abandoned
   (its worker's record of its start or end did not reach the new primary).
-- run twice: log jobs whose line is in LOG_FILE more than once (each run writes one line).
+- run twice: log jobs whose line is in LOG_FILE more than once (each run writes one line;
+  counted per request, by its Idempotency-Key in the message, so that two jobs made for one
+  key count as well as one job run twice).
 - other answers: any answer but 202, an idempotent replay (200) or a JSON 503.
 - kill -> 202: from the kill to the first 202 to a request sent after it.
 - kill -> workers: from the kill until every worker's heartbeat is written on the new
@@ -204,7 +206,7 @@ class Outcome:
     failed: list[Job] = field(default_factory=list)
     failure_reasons: Counter = field(default_factory=Counter)
     doubled: list[Job] = field(default_factory=list)
-    runs: Counter = field(default_factory=Counter)  # executions per job id (log jobs)
+    runs: Counter = field(default_factory=Counter)  # executions per log message (request)
     faults: list[Fault] = field(default_factory=list)
     other: Counter = field(default_factory=Counter)
     answers: int = 0
@@ -402,8 +404,8 @@ def account(
     if log_file.exists():
         for line in log_file.read_text().splitlines():
             with suppress(ValueError):
-                runs[json.loads(line).get("job_id")] += 1
-    outcome.doubled = [job for job in jobs if job.kind == "log" and runs[job.job_id] > 1]
+                runs[json.loads(line).get("message")] += 1
+    outcome.doubled = [job for job in jobs if job.kind == "log" and runs[f"bench {job.key}"] > 1]
     outcome.runs = runs
     outcome.faults = faults
 
