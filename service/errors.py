@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import suppress
 from typing import Any
 
 import redis
 from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
+
+from service.state import get_state
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ RETRY_ADVICE = (
 )
 # Redis's refusal under min-replicas-to-write, however it is wrapped (pipeline, Lua script).
 _NO_REPLICAS = re.compile(r"(^|[\s:-])NOREPLICAS Not enough good replicas")
+# A node that was the primary and is now a replica (a failover behind a DNS name or a proxy;
+# behind a Sentinel URL the connection moves to the new primary by itself: jobs.sentinel).
+_READ_ONLY = re.compile(r"(^|[\s:-])READONLY You can't write against a read only replica")
 
 _CODES = {
     400: "bad_request",
@@ -106,6 +112,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.ResponseError)
     def handle_redis_refusal(error: redis.exceptions.ResponseError) -> Response:
+        if _READ_ONLY.search(str(error)):
+            # Idle connections may all lead to the demoted node: the next ones connect afresh.
+            with suppress(Exception):
+                get_state().redis.connection_pool.disconnect(inuse_connections=False)
+            return handle_redis_down(error)
         if not _NO_REPLICAS.search(str(error)):
             return handle_unexpected(error)
         log.warning("Redis refuses writes: %s", error)

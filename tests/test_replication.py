@@ -189,6 +189,26 @@ def test_a_primary_refusing_writes_for_want_of_replicas_answers_503(client, monk
     assert "min-replicas-to-write" in error["message"] and response.headers["Retry-After"]
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "READONLY You can't write against a read only replica.",
+        "Command # 2 (LPUSH q 1) of pipeline caused error: "
+        "READONLY You can't write against a read only replica.",
+    ],
+)
+def test_a_primary_demoted_to_a_replica_answers_503_unavailable(client, monkeypatch, message):
+    """A failover behind a DNS name leaves connections on the old primary, now a replica."""
+
+    def demoted(*args, **kwargs):
+        raise redis.exceptions.ReadOnlyError(message)
+
+    monkeypatch.setattr(Job, "fetch", demoted)
+    response = client.delete("/jobs/" + "0" * 32)
+    assert_error(response, 503, "redis_unavailable")
+    assert response.headers["Retry-After"]
+
+
 def test_other_redis_errors_stay_internal_errors(client, monkeypatch):
     def broken(*args, **kwargs):
         raise redis.exceptions.ResponseError(
