@@ -1,19 +1,25 @@
 """REDIS_URL through Sentinel: the URL form, the clients every process makes from it, and the
-watch that moves established connections to a new primary (no Redis needed here; the failover
-itself is tested on real Sentinels in tests/test_failover.py)."""
+watch that moves established connections to a new primary, on real Sentinels at the end (the
+whole service through a failover: tests/test_failover.py)."""
 
 from __future__ import annotations
 
 import pickle
 import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import redis
 from redis.connection import ConnectionPool
 from rq.connections import parse_connection
 
 from jobs import sentinel
 from jobs.connection import WorkerRedis, connect, redacted, url_problem
 from jobs.settings import Settings
+from scripts.sentinel import SentinelTopology
 
 URL = "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380,sentinel-c/mymaster/2"
 
@@ -151,3 +157,84 @@ def _held(target: sentinel.SentinelTarget, sock: socket.socket, host: str) -> se
     connection._sock = sock
     connection.host, connection.port = host, 6379
     return connection
+
+
+# ---------------------------------------------------------------- on real Sentinels
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[SentinelTopology]:
+    with SentinelTopology(tmp_path / "ha") as started:
+        yield started
+
+
+def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            outcome["value"] = call()
+        except Exception as error:  # the assertion says which
+            outcome["error"] = error
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.integration
+def test_calls_blocked_on_a_frozen_primary_move_to_the_new_one(topology: SentinelTopology) -> None:
+    """A partition (the primary frozen, its sockets open): a worker's blocking pop and its
+    pub/sub listener, which would wait on the frozen node until a socket timeout (a worker's
+    connection has none), are moved by the watch once a replica is promoted; when the old primary wakes
+    up it is demoted, and the process's connections stay on the new one."""
+    worker = WorkerRedis.from_url(topology.url)
+    listener = worker.pubsub(ignore_subscribe_messages=True)  # as a worker's webhook courier listens
+    try:
+        worker.delete("afterward:test:list")
+        listener.subscribe("afterward:test:channel")
+        popped, popped_outcome = _in_thread(lambda: worker.blpop(["afterward:test:list"], timeout=120))
+        heard, heard_outcome = _in_thread(lambda: _next_message(listener, deadline=120))
+        time.sleep(0.5)  # both are blocked on the primary
+        old = topology.stop_primary()
+        new = topology.wait_for_failover(old, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _connected_clients(new) < 2:
+            time.sleep(0.1)
+        publisher = new.client()
+        for _ in range(50):  # the listener re-subscribes on its own once it reconnects
+            if publisher.publish("afterward:test:channel", "after") or not heard.is_alive():
+                break
+            time.sleep(0.2)
+        publisher.rpush("afterward:test:list", "after")
+        popped.join(30)
+        heard.join(30)
+        assert popped_outcome.get("value") == (b"afterward:test:list", b"after"), popped_outcome
+        assert heard_outcome.get("value") == b"after", heard_outcome
+        topology.cont(old)
+        topology.wait_until(lambda: old.role() == "slave", 60, "the old primary to be demoted")
+        worker.set("afterward:test:key", "written after the partition healed")
+        assert new.client().get("afterward:test:key") == b"written after the partition healed"
+        ports = {c.port for c in sentinel.WATCH._connections if c._sock is not None}
+        assert ports == {new.port}, f"connections to {ports}, primary {new.port}"
+    finally:
+        listener.close()
+        worker.close()
+
+
+def _next_message(listener: redis.client.PubSub, deadline: float) -> object:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        message = listener.get_message(timeout=1.0)
+        if message is not None:
+            return message["data"]
+    raise TimeoutError("no message")
+
+
+def _connected_clients(node: object) -> int:
+    try:
+        return int(node.client().info("clients")["connected_clients"])  # type: ignore[attr-defined]
+    except redis.RedisError:
+        return 0
