@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.failover [--kills 5] [--partitions 1] [--clients 4] [--interval 4]
 
-A private primary, replica and three Sentinels (scripts.sentinel: down-after 2 s) and the
+A private primary, replica and three Sentinels (scripts.sentinel: down-after 3 s) and the
 Procfile's processes on its `redis+sentinel://` URL, every setting at its default: the web
 process (2 gunicorn processes), `rq worker-pool` with 2 workers and the embedder (1 worker).
 Each of `--clients` client threads (an API key each) submits jobs with an Idempotency-Key,
@@ -15,8 +15,9 @@ so the next kill strikes the other node. Then, `--partitions` times, the primary
 with SIGSTOP, failed over, and resumed with SIGCONT: it must come back demoted.
 
 The whole run is made twice, on a fresh topology each: REDIS_MIN_REPLICAS=0 (the default:
-Redis replicates asynchronously) and REDIS_MIN_REPLICAS=1 (the API acknowledges a job only
-once a replica has it).
+Redis replicates asynchronously, and takes writes without replicas) and REDIS_MIN_REPLICAS=1
+(the API acknowledges a job only once a replica has it), with Redis set as the release check
+asks for it: min-replicas-to-write 1, and min-replicas-max-lag (2 s) below down-after.
 
 - acknowledged: jobs answered 202. lost: acknowledged, then gone (404) or never ended.
 - ended failed: none of these jobs fails by itself; a failed one was recovered as abandoned
@@ -297,7 +298,8 @@ def run_setting(min_replicas: int, tmp: Path, args: argparse.Namespace) -> Outco
     keys = ClientKeys(args.clients + 1)
     log_file = tmp / f"jobs-{min_replicas}.log"
     faults: list[Fault] = []
-    with SentinelTopology(tmp / f"redis-{min_replicas}") as topology:
+    # Redis as the release check asks for REDIS_MIN_REPLICAS=N: min-replicas-to-write N.
+    with SentinelTopology(tmp / f"redis-{min_replicas}", min_replicas_to_write=min_replicas) as topology:
         env = procfile_env(
             topology.url,
             tmp,

@@ -1,10 +1,12 @@
 """Run every benchmark and write BENCHMARKS.md from what they print.
 
-    .venv/bin/python -m bench.report [--output BENCHMARKS.md] [--tiny]
+    .venv/bin/python -m bench.report [--output BENCHMARKS.md] [--tiny] [--only bench.x …]
 
 Each benchmark runs in a process of its own, at its default size (`--tiny`: the sizes the
 test suite uses, to check that the report can be built). The summary table is made of the
-`RESULT` lines the benchmarks print; below it, each benchmark's whole output.
+`RESULT` lines the benchmarks print; below it, each benchmark's whole output. `--only` runs
+the benchmarks named and puts their rows and sections into the report as it stands, each
+section dated.
 """
 
 from __future__ import annotations
@@ -155,12 +157,13 @@ def machine() -> str:
     )
 
 
-def build(tiny: bool) -> str:
+def build(tiny: bool, only: list[str] | None = None) -> str:
     rows, sections, notes = [], [], []
     runs = [
         (module, args, targets)
         for module, tiny_args, targets, *full in BENCHMARKS
         for args in (_runs(tiny_args) if tiny else full[0] if full else [[]])
+        if not only or module in only
     ]
     for module, args, targets in runs:
         output = run(module, args)
@@ -183,14 +186,50 @@ def build(tiny: bool) -> str:
                 )
         doc = (import_module(module).__doc__ or "").strip()
         command = f"`.venv/bin/python -m {module}{' ' + ' '.join(args) if args else ''}`"
+        dated = f" (measured {machine()})" if only else ""
         sections.append(
-            f"## {module}\n\n{command}\n\n```text\n{doc}\n```\n\n```text\n" + "\n".join(printed) + "\n```\n"
+            f"## {module}\n\n{command}{dated}\n\n```text\n{doc}\n```\n\n```text\n"
+            + "\n".join(printed)
+            + "\n```\n"
         )
+    if only:
+        return "\n".join(rows) + "\n" + _SPLIT + "\n".join(sections)
     table = "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n" + "\n".join(rows)
     size = "tiny sizes (a check that the report builds)" if tiny else "default sizes"
     noted = "\n\nWhat the measurements say about targets not met:\n\n" + "\n".join(notes) if notes else ""
     summary = f"{INTRO}\nMeasured {machine()}, at {size}.\n\n## Summary\n\n{table}{noted}\n\n"
     return summary + "\n".join(sections)
+
+
+_SPLIT = "\n<!-- sections -->\n"
+
+
+def update(report: str, measured: str) -> str:
+    """`report` with the rows and sections of `measured` (from `build(only=…)`) in place of
+    theirs: a row by its benchmark's name, a section by its heading; new ones at the end."""
+    rows, sections = measured.split(_SPLIT)
+    lines = report.splitlines()
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("| ")) + 1
+    for row in rows.splitlines():
+        name = row.split("|")[1]
+        at = next((i for i, line in enumerate(lines) if line.split("|")[1:2] == [name]), None)
+        if at is None:
+            lines.insert(table_end, row)
+            table_end += 1
+        else:
+            lines[at] = row
+    text = "\n".join(lines) + "\n"
+    for section in sections.split("\n## ")[0:]:
+        section = section if section.startswith("## ") else "## " + section
+        heading = section.splitlines()[0]
+        start = text.find("\n" + heading + "\n")
+        if start < 0:
+            text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+            continue
+        end = text.find("\n## ", start + 1)
+        end = len(text) if end < 0 else end
+        text = text[: start + 1] + section.rstrip("\n") + "\n" + text[end:]
+    return text
 
 
 def main() -> None:
@@ -199,8 +238,15 @@ def main() -> None:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--tiny", action="store_true", help="the test suite's sizes")
+    parser.add_argument("--only", nargs="+", metavar="MODULE", help="run these, keep the rest of the report")
     args = parser.parse_args()
-    args.output.write_text(build(args.tiny))
+    if args.only:
+        unknown = set(args.only) - {module for module, *_ in BENCHMARKS}
+        if unknown:
+            raise SystemExit(f"no such benchmark: {', '.join(sorted(unknown))}")
+        args.output.write_text(update(args.output.read_text(), build(args.tiny, args.only)))
+    else:
+        args.output.write_text(build(args.tiny))
     print(f"wrote {args.output}")
 
 

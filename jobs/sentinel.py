@@ -204,6 +204,20 @@ class SentinelConnection(SentinelManagedConnection):
         super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
         WATCH.add(self)
 
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.exceptions.ResponseError as error:
+            if not str(error).startswith("NOREPLICAS"):
+                raise
+            # min-replicas-to-write: this node has lost its replicas, and applied nothing. It is
+            # a primary cut off from the rest (a partition that healed after a failover: the
+            # Sentinels demote it within seconds) or one whose replicas are away. Either way a
+            # reconnect, which asks the Sentinels, is the way on: for the caller's retry policy
+            # it is a connection error, as redis-py makes READONLY from a demoted primary.
+            self.disconnect()
+            raise redis.exceptions.ConnectionError(f"the primary refuses writes: {error}") from error
+
     def repr_pieces(self) -> list[tuple[str, Any]]:
         service = self.sentinel.service_name
         return [("service", service), ("host", self.host), ("port", self.port), ("db", self.db)]

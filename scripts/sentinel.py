@@ -39,10 +39,13 @@ QUORUM = 2
 # PINGs once a second and counts from when its connection opened, so right after a failover
 # (new connections) 1000 ms can pass before the first PONG and a healthy new primary is failed
 # over again. failover-timeout also spaces a Sentinel's retries when an election splits.
-DOWN_AFTER_MS = 2000
+DOWN_AFTER_MS = 3000
 FAILOVER_TIMEOUT_MS = 5000
-# A replica serves no stale writes longer than this behind its primary (min-replicas-max-lag).
-MAX_LAG_SECONDS = 10
+# With min-replicas-to-write, a primary whose replicas have not acknowledged for longer than this
+# refuses writes (min-replicas-max-lag). Below DOWN_AFTER_MS: a primary cut off from its replica
+# stops taking writes before the Sentinels promote the replica, so a partition that heals after
+# the failover finds it taking none (Redis's own bound on what a partition loses).
+MAX_LAG_SECONDS = 2
 
 T = TypeVar("T")
 

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from bench.report import BENCHMARKS
+from bench.report import _SPLIT, BENCHMARKS, update
 from tests.support import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
-
+@pytest.mark.integration
+@pytest.mark.bench
 @pytest.mark.timeout(900)
 def test_every_benchmark_runs_and_the_report_is_built(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
@@ -32,3 +32,18 @@ def test_every_benchmark_runs_and_the_report_is_built(tmp_path):
             row = next((line for line in report.splitlines() if line.startswith(f"| {name} |")), None)
             assert row is not None, f"{module} printed no result for {name}"
             assert "x**" in row or name == "longpoll", row
+
+
+def test_one_benchmark_measured_again_replaces_its_rows_and_section_and_keeps_the_rest():
+    report = (
+        "# Benchmarks\n\n## Summary\n\n"
+        "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n"
+        "| a | 1 | 2 | **2.0x** | |\n| b | 1 | 1 | **1.0x** | |\n\n"
+        "## bench.a\n\nold a\n\n## bench.b\n\nold b\n"
+    )
+    measured = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n" + _SPLIT + "## bench.b\n\nnew b\n"
+    updated = update(report, measured)
+    rows = [line for line in updated.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| a | 1 | 2 | **2.0x** | |", "| b | 1 | 3 | **3.0x** | |", "| c | 1 | 4 | **4.0x** | |"]
+    assert "old a" in updated and "new b" in updated and "old b" not in updated
+    assert updated.index("## bench.a") < updated.index("## bench.b")

@@ -97,7 +97,8 @@ class SubmitStream:
 
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[SentinelTopology]:
-    with SentinelTopology(tmp_path / "redis") as servers:
+    # Redis as the release check asks for REDIS_MIN_REPLICAS=1 (the service runs with it).
+    with SentinelTopology(tmp_path / "redis", min_replicas_to_write=1) as servers:
         yield servers
 
 

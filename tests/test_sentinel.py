@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.connection import ConnectionPool
+from redis.sentinel import SentinelManagedConnection
 from rq.connections import parse_connection
 
 from jobs import sentinel
@@ -111,6 +112,35 @@ def test_rq_can_rebuild_a_worker_connection_in_another_process() -> None:
         rebuilt.close()
     finally:
         client.close()
+
+
+def test_a_primary_refusing_writes_for_want_of_replicas_is_left_for_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NOREPLICAS (min-replicas-to-write): the node applied nothing and has lost its replicas,
+    as an old primary does when a partition heals after a failover. The connection drops and
+    the caller's retry policy reconnects through the Sentinels, as for a demoted primary."""
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas to write.")
+
+    monkeypatch.setattr(SentinelManagedConnection, "read_response", refuse)
+    connection = sentinel.SentinelConnection(sentinel=sentinel.parse(URL).target)
+    dropped: list[bool] = []
+    monkeypatch.setattr(connection, "disconnect", lambda *args, **kwargs: dropped.append(True))
+    with pytest.raises(redis.exceptions.ConnectionError, match="refuses writes"):
+        connection.read_response()
+    assert dropped == [True]
+
+    def other(self: object, *args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ResponseError(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        )
+
+    monkeypatch.setattr(SentinelManagedConnection, "read_response", other)
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        connection.read_response()
+    assert dropped == [True]
 
 
 class _Primary:
