@@ -15,9 +15,11 @@ so the next kill strikes the other node. Then, `--partitions` times, the primary
 with SIGSTOP, failed over, and resumed with SIGCONT: it must come back demoted.
 
 The whole run is made twice, on a fresh topology each: REDIS_MIN_REPLICAS=0 (the default:
-Redis replicates asynchronously, and takes writes without replicas) and REDIS_MIN_REPLICAS=1
-(the API acknowledges a job only once a replica has it), with Redis set as the release check
-asks for it: min-replicas-to-write 1, and min-replicas-max-lag (2 s) below down-after.
+Redis replicates asynchronously, and takes writes without replicas; one replica) and
+REDIS_MIN_REPLICAS=1 (the API acknowledges a job only once a replica has it), with Redis set
+as the release check asks for it: min-replicas-to-write 1, min-replicas-max-lag (2 s) below
+down-after, and two replicas, so that a failover leaves one to confirm writes while the
+killed node restarts (with one, writes stop until it is back).
 
 - acknowledged: jobs answered 202. lost: acknowledged, then gone (404) or never ended.
 - ended failed: none of these jobs fails by itself; a failed one was recovered as abandoned
@@ -293,13 +295,20 @@ def stack(
             web.kill()
 
 
+def replicas_for(min_replicas: int) -> int:
+    return min_replicas + 1
+
+
 def run_setting(min_replicas: int, tmp: Path, args: argparse.Namespace) -> Outcome:
     outcome = Outcome(min_replicas)
     keys = ClientKeys(args.clients + 1)
     log_file = tmp / f"jobs-{min_replicas}.log"
     faults: list[Fault] = []
-    # Redis as the release check asks for REDIS_MIN_REPLICAS=N: min-replicas-to-write N.
-    with SentinelTopology(tmp / f"redis-{min_replicas}", min_replicas_to_write=min_replicas) as topology:
+    # Redis as the release check asks for REDIS_MIN_REPLICAS=N (min-replicas-to-write N), and
+    # N + 1 replicas, so that a failover leaves N and writes go on while the dead node is away.
+    with SentinelTopology(
+        tmp / f"redis-{min_replicas}", min_replicas_to_write=min_replicas, replicas=replicas_for(min_replicas)
+    ) as topology:
         env = procfile_env(
             topology.url,
             tmp,
@@ -460,6 +469,7 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
         ("lost (202, then gone or never ended)", lambda o: by_fault(o.lost, o.faults)),
         ("ended failed (no job here fails by itself)", lambda o: by_fault(o.failed, o.faults)),
         ("log jobs run twice", lambda o: by_fault(o.doubled, o.faults)),
+        ("replicas (min-replicas-to-write)", lambda o: f"{replicas_for(o.min_replicas)} ({o.min_replicas})"),
         ("answers", lambda o: str(o.answers)),
         ("JSON 503", lambda o: str(o.refused)),
         ("other answers", lambda o: str(sum(o.other.values()))),

@@ -195,7 +195,8 @@ class Node:
 
 
 class SentinelTopology:
-    """A primary, a replica and three Sentinels watching them, all children of this process."""
+    """A primary, its replicas (one unless said) and three Sentinels watching them, all children
+    of this process."""
 
     def __init__(
         self,
@@ -203,13 +204,15 @@ class SentinelTopology:
         min_replicas_to_write: int = 0,
         service: str = SERVICE,
         tls_server: str | None = None,
+        replicas: int = 1,
     ) -> None:
         """`tls_server`: a redis-server built with TLS, to run every server on TLS only."""
         self.directory = Path(directory)
         self.service = service
         self.min_replicas_to_write = min_replicas_to_write
         self.tls = Tls(self.directory / "tls", tls_server) if tls_server else None
-        self.data = [Node(name, self.directory / name, tls=self.tls) for name in ("redis-a", "redis-b")]
+        names = [f"redis-{letter}" for letter in "abcdefgh"[: replicas + 1]]
+        self.data = [Node(name, self.directory / name, tls=self.tls) for name in names]
         self.sentinels = [
             Node(f"sentinel-{i}", self.directory / f"sentinel-{i}", sentinel=True, tls=self.tls)
             for i in (1, 2, 3)
@@ -226,9 +229,10 @@ class SentinelTopology:
 
     def start(self, timeout: float = 60.0) -> SentinelTopology:
         try:
-            first, second = self.data
+            first, *replicas = self.data
             self._launch_data(first, None)
-            self._launch_data(second, first)
+            for replica in replicas:
+                self._launch_data(replica, first)
             for sentinel in self.sentinels:
                 sentinel.launch(
                     [
@@ -241,7 +245,8 @@ class SentinelTopology:
             self.wait_until(
                 self._sentinels_ready, timeout, "the Sentinels to know each other and the replica"
             )
-            self.wait_replica(second, timeout)
+            for replica in replicas:
+                self.wait_replica(replica, timeout)
         except BaseException:
             self.stop()
             raise
@@ -302,7 +307,7 @@ class SentinelTopology:
         raise RuntimeError(f"the Sentinels agree on no primary: {ports}")
 
     def replica(self) -> Node:
-        """The data node that is not the primary."""
+        """A data node that is not the primary."""
         primary = self.primary()
         return next(node for node in self.data if node is not primary)
 
@@ -313,7 +318,10 @@ class SentinelTopology:
                 master = client.sentinel_master(self.service)
             finally:
                 client.close()
-            if master["num-other-sentinels"] < len(self.sentinels) - 1 or master["num-slaves"] < 1:
+            if (
+                master["num-other-sentinels"] < len(self.sentinels) - 1
+                or master["num-slaves"] < len(self.data) - 1
+            ):
                 return False
             if not master["is_master"] or master["is_sdown"] or master["is_odown"]:
                 return False
