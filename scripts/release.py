@@ -19,6 +19,7 @@ import sys
 
 import redis
 
+from jobs import sentinel
 from jobs.connection import connect, eviction_policy
 from jobs.settings import Settings, get_settings
 
@@ -89,7 +90,45 @@ def replication_checks(connection: redis.Redis, settings: Settings) -> tuple[lis
         )
     for host, port in online:
         warnings += _check_replica(connection, host, port)
+    if sentinel.is_sentinel_url(settings.redis_url) and len(online) >= required:
+        warnings += failover_checks(connection, settings, len(online))
     return problems, warnings, f", {len(online)} replica(s) online (REDIS_MIN_REPLICAS {required})"
+
+
+def sentinels_down_after(target: sentinel.SentinelTarget) -> int:
+    """down-after-milliseconds, as the first Sentinel that answers has it."""
+    for client in sentinel.WATCH.primary(target).sentinel.sentinels:
+        try:
+            return int(client.sentinel_master(target.service_name)["down-after-milliseconds"])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            continue
+    raise redis.exceptions.ConnectionError("no Sentinel answers")
+
+
+def failover_checks(connection: redis.Redis, settings: Settings, online: int) -> list[str]:
+    """Behind Sentinel: whether a failover leaves enough replicas to confirm writes, and whether
+    a partitioned primary stops taking writes before the Sentinels promote a replica."""
+    required = settings.redis_min_replicas
+    warnings = []
+    if online < required + 1:
+        warnings.append(
+            f"{online} replica(s) for REDIS_MIN_REPLICAS {required}: a failover promotes one and "
+            f"leaves {online - 1}, so writes answer 503 until the failed node is back. Run "
+            f"{required + 1} replicas to go on taking writes through a failover."
+        )
+    target = sentinel.parse(settings.redis_client_url).target
+    try:
+        lag = int(connection.config_get("min-replicas-max-lag").get("min-replicas-max-lag", 10))
+        down_after = sentinels_down_after(target)
+    except (redis.exceptions.RedisError, KeyError, ValueError):
+        return [*warnings, "cannot compare min-replicas-max-lag with the Sentinels' down-after-milliseconds."]
+    if lag * 1000 >= down_after:
+        warnings.append(
+            f"min-replicas-max-lag ({lag} s) is not below the Sentinels' down-after-milliseconds "
+            f"({down_after} ms): a partitioned primary goes on taking writes after the Sentinels "
+            "have promoted a replica, and a partition that heals then loses them. Lower it."
+        )
+    return warnings
 
 
 def online_replicas(info: dict) -> list[tuple[str, int]]:

@@ -305,8 +305,21 @@ def test_writes_through_sentinel_are_confirmed_the_same_way(pair, monkeypatch, c
             assert pin.confirm(1, TIMEOUT_MS) == 1
         # The release check reaches the replica where the primary says it is, not at the Sentinel.
         status, out, err = release_check(monkeypatch, capsys, url, 1)
-    assert status == 0 and "1 replica(s) online" in out, err
-    assert "cannot reach" not in err and f"replica at 127.0.0.1:{pair.replica.port}" in err
+        assert status == 0 and "1 replica(s) online" in out, err
+        assert "cannot reach" not in err and f"replica at 127.0.0.1:{pair.replica.port}" in err
+        # One replica for REDIS_MIN_REPLICAS 1: a failover would leave none to confirm writes.
+        assert "Run 2 replicas to go on taking writes through a failover" in err
+        # Sentinel's default down-after (30 s) is above Redis's default max lag (10 s).
+        assert "min-replicas-max-lag" not in err
+        sentinel_port = int(url.split(":")[2].split("/")[0])
+        redis.Redis(port=sentinel_port).execute_command(
+            "SENTINEL", "SET", "afterward", "down-after-milliseconds", "5000"
+        )
+        status, _, err = release_check(monkeypatch, capsys, url, 1)
+        assert status == 0
+        assert (
+            "min-replicas-max-lag (10 s) is not below the Sentinels' down-after-milliseconds (5000 ms)" in err
+        )
 
 
 # ---------------------------------------------------------------- the release check
