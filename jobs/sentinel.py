@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import weakref
@@ -48,6 +49,10 @@ SENTINEL_TIMEOUT = 1.0
 # The watch's thread, started by a process's first connection: a work-horse's first job starts
 # it in the horse, where it is the Redis client's thread, not one the job left running.
 WATCH_THREAD = "sentinel-watch"
+
+# Redis's refusal under min-replicas-to-write, alone or from a Lua script's first write (which
+# fails before the script has written anything: the condition holds for the whole script).
+_NO_REPLICAS = re.compile(r"(^|[\s:-])NOREPLICAS Not enough good replicas")
 
 # Query parameters of a Sentinel URL, and the TLS options they carry to every connection.
 _TLS_OPTIONS = ("ssl_cert_reqs", "ssl_check_hostname", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -208,7 +213,7 @@ class SentinelConnection(SentinelManagedConnection):
         try:
             return super().read_response(*args, **kwargs)
         except redis.exceptions.ResponseError as error:
-            if not str(error).startswith("NOREPLICAS"):
+            if not _NO_REPLICAS.search(str(error)):
                 raise
             # min-replicas-to-write: this node has lost its replicas, and applied nothing. It is
             # a primary cut off from the rest (a partition that healed after a failover: the

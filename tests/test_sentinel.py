@@ -125,13 +125,20 @@ def test_a_primary_refusing_writes_for_want_of_replicas_is_left_for_another(
     def refuse(self: object, *args: object, **kwargs: object) -> None:
         raise redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas to write.")
 
-    monkeypatch.setattr(SentinelManagedConnection, "read_response", refuse)
+    def refuse_in_script(self: object, *args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ResponseError(
+            "Error running script (call to f_ca39): @user_script:54: @user_script: 54: "
+            "-NOREPLICAS Not enough good replicas to write."
+        )
+
     connection = sentinel.SentinelConnection(sentinel=sentinel.parse(URL).target)
     dropped: list[bool] = []
     monkeypatch.setattr(connection, "disconnect", lambda *args, **kwargs: dropped.append(True))
-    with pytest.raises(redis.exceptions.ConnectionError, match="refuses writes"):
-        connection.read_response()
-    assert dropped == [True]
+    for refusal in (refuse, refuse_in_script):
+        monkeypatch.setattr(SentinelManagedConnection, "read_response", refusal)
+        with pytest.raises(redis.exceptions.ConnectionError, match="refuses writes"):
+            connection.read_response()
+    assert dropped == [True, True]
 
     def other(self: object, *args: object, **kwargs: object) -> None:
         raise redis.exceptions.ResponseError(
@@ -141,7 +148,7 @@ def test_a_primary_refusing_writes_for_want_of_replicas_is_left_for_another(
     monkeypatch.setattr(SentinelManagedConnection, "read_response", other)
     with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
         connection.read_response()
-    assert dropped == [True]
+    assert dropped == [True, True]
 
 
 class _Primary:
