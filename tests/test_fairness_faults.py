@@ -111,6 +111,8 @@ class Monitor(threading.Thread):
                     self.breaches.append((family or "general", running))
 
 
+# Its drain alone takes minutes on a busy 2-core machine: more than the suite's 300 s default.
+@pytest.mark.timeout(600)
 def test_no_key_runs_more_than_its_share_through_kills_and_a_redis_restart(
     fault_env,  # noqa: F811
     fault_redis,  # noqa: F811
@@ -192,7 +194,7 @@ def test_no_key_runs_more_than_its_share_through_kills_and_a_redis_restart(
         def ended(job_id: str) -> bool:
             return fault_db.hget(f"rq:job:{job_id}", "status") in (b"finished", b"failed")
 
-        wait_until(lambda: all(ended(job) for _, job in accepted), timeout=240, what="every accepted job")
+        wait_until(lambda: all(ended(job) for _, job in accepted), timeout=420, what="every accepted job")
         monitor.stopping.set()
         monitor.join()
         assert monitor.breaches == [], monitor.breaches[:10]
