@@ -1,5 +1,5 @@
 """A Redis Cluster of three primaries on loopback, for the tests that show why Afterward does
-not run on one (README, "Redis Cluster"; tests/test_redis_cluster.py).
+not run on one (docs/deploying.md, "Redis Cluster"; tests/test_redis_cluster.py).
 
 Built from `EmbeddedRedis` servers with `cluster-enabled yes`, joined with CLUSTER ADDSLOTS
 and CLUSTER MEET, so it needs neither `redis-cli` nor Redis 7's CLUSTER ADDSLOTSRANGE.

@@ -1,6 +1,6 @@
 """What one job can leave to the next in the same worker, with real workers and work-horses.
 
-The README's promise: after a job that did not succeed, or that leaves too much behind, the
+The documented promise: after a job that did not succeed, or that leaves too much behind, the
 next job runs in a fresh fork of the worker; after any job, the working directory, the
 environment, the umask and signal handlers are put back.
 """

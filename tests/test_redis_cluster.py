@@ -1,5 +1,5 @@
 """Afterward does not run on Redis Cluster, not even with RQ's `RQ_KEY_PREFIX` hash tag: each
-claim of the README's "Redis Cluster" section, shown on a real cluster of three primaries.
+claim of the "Redis Cluster" section of docs/deploying.md, shown on a real cluster of three primaries.
 
 An assertion failing here means Redis, redis-py or RQ changed: read that section again.
 
@@ -31,7 +31,7 @@ from scripts.redis_cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 
-# The hash tag the README discusses: every RQ key then starts with it.
+# The hash tag docs/deploying.md discusses: every RQ key then starts with it.
 TAG = "{rq}"
 QUEUES = ("high", "default", "low")
 JOBS = 30

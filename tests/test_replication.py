@@ -91,7 +91,7 @@ def test_bad_settings_are_refused_by_name(name, raw, says):
 
 
 def test_the_settings_are_documented():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     for name in ("REDIS_MIN_REPLICAS", "REDIS_REPLICA_TIMEOUT_MS"):
         assert f"| `{name}` |" in readme
 

@@ -1,4 +1,4 @@
-"""Stopping under the process managers the README documents: honcho, `make run`, and a worker
+"""Stopping under the process managers the docs describe: honcho, `make run`, and a worker
 that is killed outright. A running job is put back, nothing is left running, no ghost worker.
 """
 

@@ -85,7 +85,7 @@ def test_idempotency_keys_are_per_api_key(keyed):
     assert a["id"] != b["id"]
 
 
-# Routes that answer without a key when API_KEYS is set (the README's list). The spec and its
+# Routes that answer without a key when API_KEYS is set (docs/security.md's list). The spec and its
 # docs page are public on purpose: shapes, no data; Swagger UI loads the spec before a key is
 # entered. Flask's own /static serves nothing here (the app has no static folder).
 KEYLESS_ROUTES = {

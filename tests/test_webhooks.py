@@ -779,8 +779,8 @@ def test_a_keys_deliveries_verify_with_its_secret_only(keyed_web, workers, recei
 
 
 def readme_receiver() -> str:
-    """The receiver example in README.md's "Completion webhooks" section, as printed."""
-    readme = (ROOT / "README.md").read_text()
+    """The receiver example in docs/api.md's "Completion webhooks" section, as printed."""
+    readme = (ROOT / "docs" / "api.md").read_text()
     section = readme.split("### Completion webhooks", 1)[1].split("\n### ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -795,7 +795,7 @@ def test_the_readme_receiver_accepts_a_real_delivery_once_and_nothing_forged(web
     headers, body = hook.received[0]["headers"], hook.received[0]["body"]
 
     example: dict = {}
-    exec(compile(readme_receiver(), "README.md", "exec"), example)
+    exec(compile(readme_receiver(), "docs/api.md", "exec"), example)
     handled = []
     example["handle"] = lambda event, view: handled.append((event, view["id"], view["status"]))
 
