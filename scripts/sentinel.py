@@ -145,32 +145,30 @@ class Node:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def answers(self) -> bool:
-        """True when our process answers PING on our port (not another program's server)."""
+    def ask(self, question: Callable[[redis.Redis], T]) -> T:
+        """`question` asked of this server on a short-lived client (failing fast)."""
         client = self.client(1.0)
         try:
-            return client.info("server").get("process_id") == self.pid
-        except redis.RedisError:
-            return False
+            return question(client)
         finally:
             client.close()
+
+    def answers(self) -> bool:
+        """True when our process answers PING on our port (not another program's server)."""
+        try:
+            return self.ask(lambda client: client.info("server").get("process_id") == self.pid)
+        except redis.RedisError:
+            return False
 
     def role(self) -> str | None:
         """`master` or `slave` as the server itself says; None when it does not answer."""
-        client = self.client(1.0)
         try:
-            return client.info("replication")["role"]
+            return self.ask(lambda client: client.info("replication")["role"])
         except redis.RedisError:
             return None
-        finally:
-            client.close()
 
     def replication(self) -> dict:
-        client = self.client(1.0)
-        try:
-            return client.info("replication")
-        finally:
-            client.close()
+        return self.ask(lambda client: client.info("replication"))
 
     def signal(self, sig: signal.Signals) -> None:
         if self.alive():
@@ -285,14 +283,13 @@ class SentinelTopology:
         """The primary's port according to each Sentinel (None: that Sentinel does not answer)."""
         ports: list[int | None] = []
         for sentinel in self.sentinels:
-            client = sentinel.client(1.0)
             try:
-                address = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service)
+                address = sentinel.ask(
+                    lambda client: client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service)
+                )
                 ports.append(int(address[1]) if address else None)
             except redis.RedisError:
                 ports.append(None)
-            finally:
-                client.close()
         return ports
 
     def _node_at(self, port: int | None) -> Node | None:
@@ -313,11 +310,7 @@ class SentinelTopology:
 
     def _sentinels_ready(self) -> bool:
         for sentinel in self.sentinels:
-            client = sentinel.client(1.0)
-            try:
-                master = client.sentinel_master(self.service)
-            finally:
-                client.close()
+            master = sentinel.ask(lambda client: client.sentinel_master(self.service))
             if (
                 master["num-other-sentinels"] < len(self.sentinels) - 1
                 or master["num-slaves"] < len(self.data) - 1
@@ -382,11 +375,7 @@ class SentinelTopology:
             if info.get("master_link_status") != "up" or info.get("master_sync_in_progress"):
                 return False
             for sentinel in self.sentinels:
-                client = sentinel.client(1.0)
-                try:
-                    replicas = client.sentinel_slaves(self.service)
-                finally:
-                    client.close()
+                replicas = sentinel.ask(lambda client: client.sentinel_slaves(self.service))
                 entry = next((r for r in replicas if int(r["port"]) == node.port), None)
                 if entry is None or entry["is_sdown"] or entry["is_disconnected"]:
                     return False
