@@ -89,6 +89,9 @@ SUBMIT_RESOLVERS = 4
 # every key's secret.
 SECRET_LABEL = b"afterward webhook signing secret\n"
 
+# CALLBACKS entries that are batches' ends (jobs.batches), not jobs: this, then the batch id.
+BATCH_ENTRY = "batch:"
+
 PENDING, RETRYING, DELIVERED, FAILED, REFUSED = "pending", "retrying", "delivered", "failed", "refused"
 FINAL = frozenset({DELIVERED, FAILED, REFUSED})
 
@@ -304,10 +307,15 @@ def register(pipe: Any, job: Job, url: str) -> None:
 
 def due(pipe: Any, job: Job) -> None:
     """The job has ended: its callback is due now, and every courier is told so (in the
-    pipeline that records the end)."""
+    pipeline that records the end). A job of a batch also leaves the batch's jobs to wait for
+    (jobs.batches): the last one to leave ends the batch, whose own callback is then due."""
     if job.callback is not None:
         pipe.zadd(keys.CALLBACKS, {job.id: 0})
         pipe.publish(keys.CALLBACKS_CHANNEL, job.id)
+    if job.meta.get("batch_id"):
+        from jobs import batches  # it delivers through this module's Courier
+
+        batches.job_ended(pipe, job)
 
 
 def reset(pipe: Any, job: Job) -> None:
@@ -448,6 +456,11 @@ class Courier:
 
         `announced`: the entry was due because the job's end was announced (`due`).
         """
+        if job_id.startswith(BATCH_ENTRY):  # a batch's end (jobs.batches)
+            from jobs import batches
+
+            batches.deliver(self, job_id.removeprefix(BATCH_ENTRY))
+            return
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(Job.key_for(job_id))
             pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
@@ -484,53 +497,65 @@ class Courier:
                 job_id, result_id.decode(), payload, self.connection, serializer=job.serializer
             )
         body = json.dumps(job_view(job, result), separators=(",", ":")).encode()
+        ended = job.ended_at.timestamp() if job.ended_at else time.time()
+        event = f"job.{job.get_status(refresh=False).value}"
+        # Every job has the owner it was submitted by (`public` while the API is open).
+        owner = job.meta.get("owner") or "public"
+        next_at = self.attempt(
+            state, body, event, f"{job.id}.{end}", owner, ended, what=f"callback of job {job_id}"
+        )
+        self._save(job, state, next_at)
+
+    def attempt(
+        self,
+        state: dict[str, Any],
+        body: bytes,
+        event: str,
+        delivery: str,
+        owner: str,
+        ended: float,
+        what: str,
+    ) -> float | None:
+        """One delivery attempt of `body` to `state["url"]`, its outcome recorded in `state`;
+        when to try again (None: delivered, refused or given up). `ended`: when the end being
+        delivered happened (retries stop CALLBACK_RETRY_FOR seconds after it)."""
         try:
-            self.post(state["url"], body, job, end)
+            self.send(state["url"], body, event, delivery, owner)
         except CallbackRefused as error:
             state.update(status=REFUSED, last_error=str(error))
-            log.warning("callback of job %s refused: %s (%s)", job_id, error, error.address or "")
-            self._save(job, state, None)
-            return
+            log.warning("%s refused: %s (%s)", what, error, error.address or "")
+            return None
         except _Undelivered as error:
             state["last_error"] = str(error)
-            ended = job.ended_at.timestamp() if job.ended_at else time.time()
             wait = _backoff(state["attempts"])
             if time.time() + wait > ended + self.settings.callback_retry_for:
                 state["status"] = FAILED
-                log.warning(
-                    "callback of job %s failed for good after %d attempts: %s",
-                    job_id,
-                    state["attempts"],
-                    error,
-                )
-                self._save(job, state, None)
-            else:
-                state["status"] = RETRYING
-                log.info(
-                    "callback of job %s: %s; attempt %d again in %.0f s",
-                    job_id,
-                    error,
-                    state["attempts"] + 1,
-                    wait,
-                )
-                self._save(job, state, time.time() + wait)
-            return
+                log.warning("%s failed for good after %d attempts: %s", what, state["attempts"], error)
+                return None
+            state["status"] = RETRYING
+            log.info("%s: %s; attempt %d again in %.0f s", what, error, state["attempts"] + 1, wait)
+            return time.time() + wait
         state.update(status=DELIVERED, last_error=None, delivered_at=iso(now()))
-        log.info("callback of job %s delivered (%s)", job_id, job.get_status(refresh=False).value)
-        self._save(job, state, None)
+        log.info("%s delivered (%s)", what, event)
+        return None
 
     def post(self, url: str, body: bytes, job: Job, end: str) -> None:
-        """One delivery attempt: CallbackRefused, _Undelivered, or delivered (2xx)."""
+        """One delivery attempt of the end `end` of `job`: CallbackRefused, _Undelivered, or
+        delivered (2xx)."""
+        event = f"job.{job.get_status(refresh=False).value}"
+        # Every job has the owner it was submitted by (`public` while the API is open).
+        self.send(url, body, event, f"{job.id}.{end}", job.meta.get("owner") or "public")
+
+    def send(self, url: str, body: bytes, event: str, delivery: str, owner: str) -> None:
+        """One delivery attempt, signed with `owner`'s secret: CallbackRefused, _Undelivered, or
+        delivered (2xx)."""
         target = parse_url(url)
         try:
             address = resolve(target, self.allowed)
         except OSError as error:
             raise _Undelivered(f"cannot resolve {target.host}: {error.strerror or error}") from None
         timestamp = str(int(time.time()))
-        event = f"job.{job.get_status(refresh=False).value}"
-        delivery = f"{job.id}.{end}"
-        # Every job has the owner it was submitted by (`public` while the API is open).
-        secret = key_secret(self.settings.callback_secret, job.meta.get("owner") or "public")
+        secret = key_secret(self.settings.callback_secret, owner)
         headers = {
             "Host": target.host_header,
             "Content-Type": "application/json",
@@ -580,9 +605,14 @@ class Courier:
 
     def _save(self, job: Job, state: dict[str, Any], next_at: float | None) -> None:
         job.callback = state
+        self.record(job.key, CALLBACK_FIELD, state, next_at, job.id)
+
+    def record(self, key: str, field: str, state: dict[str, Any], next_at: float | None, entry: str) -> None:
+        """Save a delivery's `state` in `field` of the hash `key`, if it still exists, and look
+        at `entry` again at `next_at` (None: drop it)."""
         self._record(
-            keys=[job.key, keys.CALLBACKS],
-            args=[CALLBACK_FIELD, json.dumps(state), "" if next_at is None else next_at, job.id],
+            keys=[key, keys.CALLBACKS],
+            args=[field, json.dumps(state), "" if next_at is None else next_at, entry],
         )
 
 

@@ -152,3 +152,24 @@ _METRICS_HISTOGRAM = PREFIX + "metrics:histogram:{name}"
 
 def metrics_histogram(name: str) -> str:
     return _METRICS_HISTOGRAM.format(name=name)
+
+
+# ---------------------------------------------------------------- batches (jobs.batches)
+
+# A batch: its hash (owner, total, created_at, ended_at, callback), its job ids in order, and
+# the ids of those not ended yet.
+_BATCH = PREFIX + "batch:{id}"
+# Open batches, by when a sweep should look at them next (an end no one announced).
+BATCHES_OPEN = PREFIX + "batches:open"
+
+
+def batch(batch_id: str) -> str:
+    return _BATCH.format(id=batch_id)
+
+
+def batch_jobs(batch_id: str) -> str:
+    return _BATCH.format(id=batch_id) + ":jobs"
+
+
+def batch_pending(batch_id: str) -> str:
+    return _BATCH.format(id=batch_id) + ":pending"

@@ -44,7 +44,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     init_security(app, state)
     init_dashboard(app, state)
 
-    from service.views import health, jobs, queues, search, webhooks
+    from service.views import batches, health, jobs, queues, search, webhooks
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
@@ -52,6 +52,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(queues.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(batches.bp)
     init_metrics(app, state)
     init_openapi(app)
     if settings.search_warmup:

@@ -7,6 +7,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -226,13 +227,21 @@ def check_admitted(answer: list, settings: Settings) -> None:
 
 
 def _claim(
-    state: AppState, key: str, job_id: str, fingerprint: str, place: _Place | None = None
-) -> Job | None:
+    state: AppState,
+    key: str,
+    job_id: str,
+    fingerprint: str,
+    place: Any = None,
+    fetch: Callable[[str], Any] | None = None,
+) -> Any:
     """Claim an idempotency key for `job_id`, or return the job an earlier request created.
 
     The key is claimed (SET NX) before the job is enqueued, so a repeat arriving meanwhile
     finds it: with its job not yet written it gets a 409 and retries; a claim whose job never
     appeared (the process died in between) is taken over after a few seconds.
+
+    `place` is a `_Place` (or anything that reserves and releases like one); `fetch` reads
+    what an earlier request made (NoSuchJobError when it is not there): a job by default.
     """
     record = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "at": time.time()})
     ttl = state.settings.idempotency_ttl
@@ -258,7 +267,7 @@ def _claim(
         return None
     admitted_now = place is not None and int(results[-1][0])
     try:
-        earlier = _repeat_of(state, key, record, fingerprint)
+        earlier = _repeat_of(state, key, record, fingerprint, fetch)
     except ApiError:
         if admitted_now:
             _release(state, place)
@@ -272,14 +281,16 @@ def _claim(
     return earlier
 
 
-def _release(state: AppState, place: _Place | None) -> None:
+def _release(state: AppState, place: Any) -> None:
     if place is not None:
         with state.redis.pipeline(transaction=False) as pipe:
             place.release(pipe)
             pipe.execute()
 
 
-def _repeat_of(state: AppState, key: str, record: str, fingerprint: str) -> Job | None:
+def _repeat_of(
+    state: AppState, key: str, record: str, fingerprint: str, fetch: Callable[[str], Any] | None = None
+) -> Any:
     """The job of the earlier request that claimed `key`; None once `key` is claimed anew."""
     ttl = state.settings.idempotency_ttl
     while True:
@@ -294,6 +305,8 @@ def _repeat_of(state: AppState, key: str, record: str, fingerprint: str) -> Job 
                     details={"job_id": earlier["job_id"]},
                 )
             try:
+                if fetch is not None:
+                    return fetch(earlier["job_id"])
                 return Job.fetch(earlier["job_id"], connection=state.redis)
             except NoSuchJobError:
                 if time.time() - earlier.get("at", 0) < CLAIM_PATIENCE:
@@ -308,6 +321,11 @@ def _repeat_of(state: AppState, key: str, record: str, fingerprint: str) -> Job 
         # Free again (expired or taken over): claim it anew.
         if state.redis.set(key, record, nx=True, ex=ttl):
             return None
+
+
+def check_callback_url(url: str, settings: Settings) -> None:
+    """A 422 unless `url` may be a callback URL (as a job's `callback_url` is checked)."""
+    _check_callback(url, settings)
 
 
 def _check_callback(url: str, settings: Settings) -> None:

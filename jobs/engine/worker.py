@@ -32,7 +32,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import current_timestamp, utcformat
 from rq.worker import WorkerStatus
 
-from jobs import callbacks, keys, logs, metrics, quota
+from jobs import batches, callbacks, keys, logs, metrics, quota
 from jobs.callbacks import Courier
 from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
 from jobs.engine import errors
@@ -605,6 +605,16 @@ class Worker(ForkingWorker):
                 self._horse.close()
                 self._horse = None
         super().teardown()
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        # After abandoned jobs are failed: batches whose last end no one announced (jobs.batches).
+        try:
+            batches.sweep(self.connection)
+        except redis.exceptions.RedisError:
+            pass  # the work loop says when Redis is away; the next round looks again
+        except Exception:
+            log.exception("could not sweep open batches")
 
     def _start_scheduler(
         self, burst: bool = False, logging_level: str | None = "INFO", *args: Any, **kwargs: Any
