@@ -20,6 +20,8 @@ from pydantic.json_schema import models_json_schema
 
 from service.state import AppState, get_state
 from service.submit import request_model
+from service.views.batches import MAX_WAIT_SECONDS as MAX_BATCH_WAIT
+from service.views.batches import BatchBody
 from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery, QueueName
 from service.views.search import SearchBody
 
@@ -242,13 +244,51 @@ class Ready(BaseModel):
     warnings: list[str]
 
 
+class BatchCounts(BaseModel):
+    """A batch's jobs by status; `expired`: ended and gone since (RESULT_TTL after its end)."""
+
+    queued: int
+    rate_limited: int
+    started: int
+    finished: int
+    failed: int
+    deferred: int
+    scheduled: int
+    canceled: int
+    stopped: int
+    expired: int
+
+
+class BatchAccepted(BaseModel):
+    """`POST /batches` answer: the batch, and its jobs' ids in the order they were sent."""
+
+    id: str
+    total: int
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    job_ids: list[str]
+    callback: dict[str, Any] | None = Field(description="`{url, status: pending}` with a callback_url.")
+
+
+class BatchView(BaseModel):
+    """A batch as `GET /batches/<id>` shows it, and as its `batch.ended` callback receives it."""
+
+    id: str
+    total: int
+    counts: BatchCounts
+    done: bool = Field(description="Every job has ended (finished, failed, stopped or canceled).")
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    ended_at: str | None = Field(description="When the last job ended; null until then.")
+    job_ids: list[str] = Field(description="Every job of the batch, in the order they were sent.")
+    callback: CallbackState | None = Field(description="The `batch.ended` webhook, with a callback_url.")
+
+
 def build(state: AppState) -> dict[str, Any]:
     settings = state.settings
     requests = {
         name: request_model(name, job_type, settings.max_job_timeout, settings.max_delay)
         for name, job_type in sorted(state.job_types.items())
     }
-    models: list[type[BaseModel]] = [*requests.values(), SearchBody, BulkRetry]
+    models: list[type[BaseModel]] = [*requests.values(), SearchBody, BulkRetry, BatchBody]
     responses = [
         JobView,
         JobList,
@@ -262,6 +302,8 @@ def build(state: AppState) -> dict[str, Any]:
         WebhookSecret,
         Health,
         Ready,
+        BatchAccepted,
+        BatchView,
     ]
     _, schemas = models_json_schema(
         [(model, "validation") for model in models] + [(model, "serialization") for model in responses],
@@ -388,6 +430,7 @@ def build(state: AppState) -> dict[str, Any]:
             tag="operations",
         )
     }  # fmt: skip
+    paths.update(_batch_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -404,6 +447,56 @@ def build(state: AppState) -> dict[str, Any]:
             },
         },
     }
+
+
+_BATCH_EXAMPLE = {
+    "jobs": [
+        {"type": "log", "message": "first"},
+        {"type": "sleep", "seconds": 2, "queue": "high", "retries": 1},
+    ],
+    "callback_url": "https://hooks.example.com/afterward",
+}
+_BATCH_VIEW_EXAMPLE = {
+    "id": "0f6c5a4b3e2d1c0b9a8f7e6d5c4b3a29",
+    "total": 2,
+    "counts": {"queued": 0, "rate_limited": 0, "started": 0, "finished": 1, "failed": 1, "deferred": 0,
+               "scheduled": 0, "canceled": 0, "stopped": 0, "expired": 0},
+    "done": True,
+    "created_at": "2026-11-29T08:00:00.000Z",
+    "ended_at": "2026-11-29T08:00:02.412Z",
+    "job_ids": ["5d2e0c8f4a1b4d7e9f3a6b2c1d0e9f8a", "8b7a6c5d4e3f4a2b9c1d0e8f7a6b5c4d"],
+    "callback": {"url": "https://hooks.example.com/afterward", "status": "delivered", "attempts": 1,
+                 "last_error": None, "delivered_at": "2026-11-29T08:00:02.530Z"},
+}  # fmt: skip
+
+
+def _batch_paths() -> dict[str, Any]:
+    create = _operation(
+        "Submit up to 1,000 jobs at once, all or none",
+        {"202": _json("BatchAccepted", "Accepted: every job is queued; the batch's URL is in Location."),
+         "200": _json("BatchAccepted", "An idempotent repeat: the batch the first request created."),
+         "422": _json("Error", "Invalid jobs, each named by its place (`jobs[3].message`); none written."),
+         "429": _json("Error", "`quota_exceeded`: the jobs do not all fit in the key share; none written.")},
+        body="BatchBody",
+        parameters=[_header("Idempotency-Key", "Repeats with the same key return the same batch.")],
+        secured=True,
+        tag="batches",
+    )  # fmt: skip
+    create["requestBody"]["content"]["application/json"]["example"] = _BATCH_EXAMPLE
+    accepted = {name: _BATCH_VIEW_EXAMPLE[name] for name in ("id", "total", "created_at", "job_ids")}
+    accepted["callback"] = {"url": _BATCH_EXAMPLE["callback_url"], "status": "pending"}
+    create["responses"]["202"]["content"]["application/json"]["example"] = accepted
+    read = _operation(
+        "A batch: its jobs counted by status, whether all have ended, its callback",
+        {"200": _json("BatchView", "The batch (404 for another key's).")},
+        parameters=[_path("batch_id", "A batch id."),
+                    _query("wait", {"type": "number", "minimum": 0, "maximum": MAX_BATCH_WAIT},
+                           "Seconds to wait for every job to end (long poll).")],
+        secured=True,
+        tag="batches",
+    )  # fmt: skip
+    read["responses"]["200"]["content"]["application/json"]["example"] = _BATCH_VIEW_EXAMPLE
+    return {"/batches": {"post": create}, "/batches/{batch_id}": {"get": read}}
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
