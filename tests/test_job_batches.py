@@ -24,8 +24,8 @@ A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 
 
-def post_batch(web: WebService, jobs: list[dict], **kwargs) -> dict:
-    body = {"jobs": jobs, **({"callback_url": kwargs.pop("callback_url")} if "callback_url" in kwargs else {})}
+def post_batch(web: WebService, jobs: list[dict], callback_url: str | None = None, **kwargs) -> dict:
+    body = {"jobs": jobs} if callback_url is None else {"jobs": jobs, "callback_url": callback_url}
     answer = web.http.post(web.url("/batches"), json=body, timeout=60, **kwargs)
     assert answer.status_code == 202, answer.text
     assert answer.headers["Location"] == f"/batches/{answer.json()['id']}"
