@@ -105,6 +105,7 @@ BENCHMARKS = [
             "webhooks: job end -> delivery, CPU hogs": ("<=", 1.0),
         },
     ),
+    ("bench.batches", ["--jobs", "200", "--clients", "2"], {"batches": (">=", 2.0)}),
 ]
 
 
