@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from jobs import keys
-from tests.support import WebService, wait_until
+from tests.support import ROOT, WebService, wait_until
 from tests.test_security import KEY_A, KEY_B
 from tests.test_webhooks import receiver, verify  # noqa: F401 - the fixture
 
@@ -163,3 +164,53 @@ def test_wait_returns_when_the_batch_is_done(web, workers):
     view = read_batch(web, batch_id, wait=30)
     assert view["done"] and view["counts"]["finished"] == 1 and view["counts"]["failed"] == 1
     assert view["callback"] is None
+
+
+def json_documents(text: str) -> list[dict]:
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while at < len(text.strip()):
+        document, end = decoder.raw_decode(text, at)
+        found.append(document)
+        at = end + (len(text[end:]) - len(text[end:].lstrip()))
+    return found
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The command line of this checkout's client/ (the virtualenv may hold an older copy)."""
+    from tests.test_cli import run
+
+    return run(*args, env={"PYTHONPATH": str(ROOT / "client")})
+
+
+def test_the_cli_sends_a_long_file_as_batches_of_1000_and_waits(web, workers, tmp_path):
+    workers(count=2)
+    lines = [json.dumps({"type": "log", "message": f"line {i}"}) for i in range(1004)]
+    lines.insert(500, "")  # blank lines are skipped
+    lines.append(json.dumps({"type": "flaky", "failures": 3}))  # fails: no retries
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    answer = cli("batch", str(path), "--wait", "--url", web.base)
+    assert answer.returncode == 3, answer.stderr  # a job did not finish
+    views = json_documents(answer.stdout)
+    assert [view["total"] for view in views] == [1000, 5]
+    assert all(view["done"] for view in views)
+    assert views[0]["counts"]["finished"] == 1000
+    assert views[1]["counts"]["finished"] == 4 and views[1]["counts"]["failed"] == 1
+    assert "1 job(s) did not finish" in answer.stderr
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"type": "log", "message": "fine"}) + "\n")
+    answer = cli("batch", str(good), "--url", web.base)
+    assert answer.returncode == 0, answer.stderr
+    (accepted,) = json_documents(answer.stdout)
+    assert accepted["total"] == 1 and len(accepted["job_ids"]) == 1
+
+
+def test_the_cli_names_a_bad_line_and_the_service_a_bad_job(web, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"type": "log", "message": "ok"}\n{"message": "no type"}\n')
+    answer = cli("batch", str(path), "--url", web.base)
+    assert answer.returncode == 2 and "bad.jsonl:2" in answer.stderr
+    path.write_text('{"type": "log", "message": "ok"}\n{"type": "log", "message": 7}\n')
+    answer = cli("batch", str(path), "--url", web.base)
+    assert answer.returncode == 1 and "jobs[1].message" in answer.stderr

@@ -15,11 +15,13 @@
     afterward document <id>
     afterward delete-document <id>
     afterward webhook-secret                          # what the key's webhooks are signed with
+    afterward batch jobs.jsonl --wait                 # one job a line, 1,000 per batch, a progress bar
 
 The service is --url or AFTERWARD_URL (default http://127.0.0.1:5000), the key --api-key or
 AFTERWARD_API_KEY; both options go before or after the command. A submit's fields are
 `--name value` pairs, typed by the job type's schema (`--message 42` is the text "42").
-Exit codes: 0 done, 1 the service refused the request, 2 a usage error or no service reached.
+Exit codes: 0 done, 1 the service refused the request, 2 a usage error or no service reached,
+3 (`batch --wait`) a job of the batch did not finish.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ STATUSES = (
 # RQ queue names, as the job view and `afterward queues` show them.
 QUEUES = ("high", "default", "low", "embed-high", "embed-default", "embed-low")
 # Exit codes.
-OK, REFUSED, USAGE = 0, 1, 2
+OK, REFUSED, USAGE, JOBS_FAILED = 0, 1, 2, 3
+# Most jobs the service takes in one batch: a longer file is sent as several batches.
+BATCH_SIZE = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "webhook-secret", run_webhook_secret, "show the secret the key's completion webhooks are signed with"
     )
+
+    batch = command(
+        "batch",
+        run_batch,
+        f'submit the jobs of a JSON Lines file ({{"type": ..., fields...}} a line), {BATCH_SIZE:,} '
+        "per batch, each batch all or none",
+    )
+    batch.add_argument("file", type=Path, help="a .jsonl file: one job a line; blank lines are skipped")
+    batch.add_argument(
+        "--wait", action="store_true", help="follow the batches, with a progress bar, until every job ends"
+    )
+    batch.add_argument("--callback-url", help="receives a signed batch.ended delivery as each batch ends")
     return parser
 
 
@@ -307,6 +323,53 @@ def run_delete_document(client: Client, args: argparse.Namespace, extra: list[st
 def run_webhook_secret(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
     print_json(client.webhook_secret())
     return OK
+
+
+def run_batch(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        jobs = read_jobs(args.file)
+    except ValueError as error:
+        args.parser.error(str(error))
+    accepted = []
+    for start in range(0, len(jobs), BATCH_SIZE):
+        chunk = jobs[start : start + BATCH_SIZE]
+        answer = client.submit_batch(chunk, callback_url=args.callback_url)
+        err.print(f"submitted batch {answer['id']}: {answer['total']} job(s)", highlight=False)
+        accepted.append(answer)
+    if not args.wait:
+        for answer in accepted:
+            print_json(answer)
+        return OK
+    views = follow_batches(client, accepted)
+    for view in views:
+        print_json({name: value for name, value in view.items() if name != "job_ids"})
+    ended_badly = sum(
+        view["counts"][status] for view in views for status in ("failed", "stopped", "canceled")
+    )
+    if ended_badly:
+        err.print(f"[red]{ended_badly} job(s) did not finish[/red]", markup=True, highlight=False)
+        return JOBS_FAILED
+    return OK
+
+
+def read_jobs(path: Path) -> list[dict[str, Any]]:
+    """The jobs of a JSON Lines file: one object with a "type" a line (ValueError naming the line)."""
+    jobs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(job, dict) or not isinstance(job.get("type"), str):
+            raise ValueError(
+                f'{path}:{number}: a job is an object with a "type", e.g. {{"type": "log", ...}}'
+            )
+        jobs.append(job)
+    if not jobs:
+        raise ValueError(f"{path}: no jobs")
+    return jobs
 
 
 # ---------------------------------------------------------------- a job type's fields
@@ -487,6 +550,40 @@ def follow(client: Client, view: dict[str, Any]) -> dict[str, Any]:
             bar.update(task, completed=done, status=current["status"], message=progress.get("message", ""))
 
         return client.wait(view, on_update=update)
+
+
+def follow_batches(client: Client, accepted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Long-poll each batch until it is done, drawing the jobs ended of all of them."""
+    total = sum(answer["total"] for answer in accepted)
+    ended = {answer["id"]: 0 for answer in accepted}
+    with Progress(
+        TextColumn("[bold]{task.fields[status]}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[message]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("batch", total=total, status="running", message="")
+        failed: dict[str, int] = {}
+
+        def update(view: dict[str, Any]) -> None:
+            counts = view["counts"]
+            ended[view["id"]] = sum(counts[status] for status in _ENDED)
+            failed[view["id"]] = sum(counts[status] for status in ("failed", "stopped", "canceled"))
+            done = sum(ended.values())
+            message = f"{done} of {total} ended" + (
+                f", {sum(failed.values())} failed" if any(failed.values()) else ""
+            )
+            bar.update(task, completed=done, message=message)
+
+        views = [client.wait_batch(answer, on_update=update, poll=30) for answer in accepted]
+        bar.update(task, status="done")
+    return views
+
+
+# What a batch view counts as ended.
+_ENDED = ("finished", "failed", "stopped", "canceled", "expired")
 
 
 def read_documents(files: list[Path], per_line: bool) -> list[dict[str, Any]]:

@@ -126,6 +126,40 @@ class Client:
         """The service's OpenAPI description (job types and their fields included)."""
         return self._call("GET", "openapi.json").json()
 
+    # ------------------------------------------------------------------ batches
+
+    def submit_batch(
+        self, jobs: list[dict[str, Any]], callback_url: str | None = None, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit up to 1,000 jobs (`{"type": ..., fields...}` each), all or none: {"id", "total",
+        "job_ids", ...}. Retries are safe (an Idempotency-Key goes with every submission)."""
+        body: dict[str, Any] = {"jobs": jobs}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        key = idempotency_key or uuid.uuid4().hex
+        return self._call("POST", "batches", json=body, headers={"Idempotency-Key": key}, timeout=60).json()
+
+    def batch(self, batch: str | dict[str, Any], wait: float = 0) -> dict[str, Any]:
+        """A batch's view: its jobs counted by status, `done` once every one has ended."""
+        params = {"wait": wait} if wait else None
+        return self._call("GET", f"batches/{_id(batch)}", params=params, timeout=wait + 30).json()
+
+    def wait_batch(
+        self,
+        batch: str | dict[str, Any],
+        timeout: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        poll: float = 1.0,
+    ) -> dict[str, Any]:
+        """Long-poll until every job of the batch has ended; `on_update` sees each view on the way."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.batch(batch, wait=poll)
+            if on_update is not None:
+                on_update(view)
+            if view["done"] or (deadline is not None and time.monotonic() > deadline):
+                return view
+
     # ------------------------------------------------------------------ index and search
 
     def index(self, documents: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
