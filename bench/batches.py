@@ -11,8 +11,9 @@ every job finished, and sends the next.
 Stock RQ at its best documented setting, on the same private redis-server in the same run:
 `--workers` `rq worker` processes (a worker-pool) with the job's module imported before they
 fork (bench.stock_worker), RQ's default serializer; each client thread enqueues `--batch` jobs
-in one round trip with `Queue.enqueue_many` (each made by `Queue.prepare_data`), then polls
-their statuses (one pipeline every 20 ms) until all have finished, and sends the next.
+in one round trip with `Queue.enqueue_many` (each made by `Queue.prepare_data`), reads the
+last one's status every 20 ms until it has ended (workers take a queue in order), then every
+status in one pipeline (again every 20 ms until all have finished), and sends the next.
 
 The clock runs from the first submission until every client has seen its last batch done.
 Target: >= 2x stock.
@@ -76,7 +77,11 @@ def stock(db, tmp: Path, jobs: int, batch: int, clients: int, workers: int) -> f
                     for n in range(batch)
                 ]
             )
+            # Workers take a queue in order: the last job ends about last. Its status alone
+            # until it has ended, then all of them in one pipeline (again, if need be).
             keys = [job.key for job in made]
+            while connection.hget(keys[-1], "status") not in (b"finished", b"failed"):
+                time.sleep(STOCK_POLL)
             while True:
                 with connection.pipeline(transaction=False) as pipe:
                     for key in keys:
