@@ -152,3 +152,23 @@ _METRICS_HISTOGRAM = PREFIX + "metrics:histogram:{name}"
 
 def metrics_histogram(name: str) -> str:
     return _METRICS_HISTOGRAM.format(name=name)
+
+
+# ---------------------------------------------------------------- recurring schedules (jobs.schedules)
+
+# One hash per schedule: its job request, its timing and what its ticks did.
+_SCHEDULE = PREFIX + "schedule:{id}"
+# Each owner's schedule ids (a set): GET /schedules and the KEY_MAX_SCHEDULES cap.
+_OWNER_SCHEDULES = PREFIX + "schedules:{owner}"
+# Active (not paused) schedule ids scored by their next tick (Unix time): what the ticker reads.
+SCHEDULES_DUE = PREFIX + "schedules-due"
+# The ticker's leader lock: which worker process ticks, "host:pid:token", renewed while it lives.
+SCHEDULES_TICKER = PREFIX + "schedules-ticker"
+
+
+def schedule(schedule_id: str) -> str:
+    return _SCHEDULE.format(id=schedule_id)
+
+
+def owner_schedules(owner: str) -> str:
+    return _OWNER_SCHEDULES.format(owner=owner)

@@ -109,6 +109,10 @@ class Settings:
     # the cap make the million documents the search budgets are measured at.
     key_max_documents: int = 100_000
     key_max_document_mb: int = 100
+    # Recurring schedules one key (or, without API_KEYS, the open API) may keep (0: no cap);
+    # beyond, POST /schedules answers 429. Each tick's job also takes a place in
+    # KEY_MAX_WAITING like any submission.
+    key_max_schedules: int = 100
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32

@@ -40,7 +40,7 @@ from service.state import AppState
 log = logging.getLogger(__name__)
 
 # Blueprints that make up the API; health probes and the dashboard have rules of their own.
-API_BLUEPRINTS = frozenset({"jobs", "search", "queues", "webhooks"})
+API_BLUEPRINTS = frozenset({"jobs", "search", "queues", "webhooks", "schedules"})
 # Need an API key too, but are not rate limited (Prometheus scrapes on its own schedule).
 KEYED_BLUEPRINTS = API_BLUEPRINTS | {"metrics"}
 

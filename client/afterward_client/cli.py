@@ -15,6 +15,10 @@
     afterward document <id>
     afterward delete-document <id>
     afterward webhook-secret                          # what the key's webhooks are signed with
+    afterward schedules create log --every 300 --message "every five minutes"
+    afterward schedules create log --cron "0 9 * * 1-5" --timezone Europe/Berlin --message hi
+    afterward schedules list                          # a table of the key's schedules
+    afterward schedules show|pause|resume|delete <id>
 
 The service is --url or AFTERWARD_URL (default http://127.0.0.1:5000), the key --api-key or
 AFTERWARD_API_KEY; both options go before or after the command. A submit's fields are
@@ -66,7 +70,7 @@ OK, REFUSED, USAGE = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "submit":
+    if extra and not (args.command == "submit" or getattr(args, "takes_fields", False)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "submit" and args.type is None:
         if args.help:
@@ -192,7 +196,42 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "webhook-secret", run_webhook_secret, "show the secret the key's completion webhooks are signed with"
     )
+    _schedule_commands(
+        command("schedules", run_schedules, "recurring jobs: create, list, show, pause, resume, delete"),
+        after,
+    )
     return parser
+
+
+def _schedule_commands(schedules: argparse.ArgumentParser, after: argparse.ArgumentParser) -> None:
+    actions = schedules.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help, parents=[after], allow_abbrev=False)
+        sub.set_defaults(parser=sub)
+        return sub
+
+    create = action(
+        "create",
+        "submit a job at every tick: create TYPE (--cron EXPR | --every N) [--timezone TZ] [--paused] "
+        "--field value ...; the fields are those of `submit TYPE` (`submit TYPE --help` lists them)",
+    )
+    create.set_defaults(takes_fields=True)
+    create.add_argument("type", help="the job type, e.g. log, sleep, embed")
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='a five-field cron expression, e.g. "*/5 * * * *"')
+    when.add_argument("--every", type=int, metavar="N", help="every N seconds (1 to a year)")
+    create.add_argument("--timezone", metavar="TZ", help="IANA timezone of --cron (default UTC)")
+    create.add_argument("--paused", action="store_true", help="create it paused")
+    create.add_argument("--name", help="a label")
+    action("list", "list the key's schedules as a table")
+    for name, help in (
+        ("show", "show a schedule"),
+        ("pause", "pause a schedule from its next tick on"),
+        ("resume", "resume a schedule, from its first tick after now"),
+        ("delete", "delete a schedule (the jobs it made stay)"),
+    ):
+        action(name, help).add_argument("id", help="the schedule's id")
 
 
 def _service_options(parser: argparse.ArgumentParser, url: Any, api_key: Any) -> None:
@@ -306,6 +345,57 @@ def run_delete_document(client: Client, args: argparse.Namespace, extra: list[st
 
 def run_webhook_secret(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
     print_json(client.webhook_secret())
+    return OK
+
+
+def run_schedules(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.action == "create":
+        schema = request_schema(client, args.type)
+        fields = field_parser(args.type, schema)
+        values, unknown = fields.parse_known_args(extra)
+        if unknown:
+            known = ", ".join(f"--{name}" for name in schema.get("properties", {}))
+            args.parser.error(f"unknown field(s) {' '.join(unknown)}; a {args.type} job's fields are {known}")
+        body = {name: value for name, value in vars(values).items() if value is not None}
+        schedule = client.create_schedule(
+            args.type,
+            body,
+            cron=args.cron,
+            every=args.every,
+            timezone=args.timezone,
+            paused=args.paused,
+            name=args.name,
+        )
+        err.print(f"created schedule {schedule['id']}", highlight=False)
+        print_json(schedule)
+    elif args.action == "list":
+        table = Table("id", "name", "type", "when", "paused", "next run", "runs", "last job")
+        table.columns[0].no_wrap = True
+        for schedule in client.schedules():
+            when = (
+                f"every {schedule['every']} s"
+                if schedule["every"]
+                else f"{schedule['cron']} ({schedule['timezone']})"
+            )
+            table.add_row(
+                schedule["id"],
+                schedule["name"] or "",
+                schedule["type"],
+                when,
+                "yes" if schedule["paused"] else "",
+                _time(schedule["next_run_at"]),
+                str(schedule["runs"]),
+                schedule["last_job_id"] or "",
+            )
+        out.print(table)
+    else:
+        run = {
+            "show": client.schedule,
+            "pause": client.pause_schedule,
+            "resume": client.resume_schedule,
+            "delete": client.delete_schedule,
+        }[args.action]
+        print_json(run(args.id))
     return OK
 
 

@@ -50,6 +50,7 @@ from jobs.engine.horse import (
 )
 from jobs.engine.job import Job
 from jobs.engine.queue import STOPPING, EmbedQueue, Queue, ring
+from jobs.schedules import Ticker
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -104,6 +105,7 @@ class Worker(ForkingWorker):
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
         self._courier: Courier | None = None
+        self._ticker: Ticker | None = None
         self._probe: RedisProbe | None = None
         # When the worker's hash was last kept alive, and until when (time.monotonic()).
         self._beat_at = self._beat_until = float("-inf")
@@ -132,6 +134,9 @@ class Worker(ForkingWorker):
         # Says within seconds when Redis stops answering and when it answers again.
         self._probe = RedisProbe(self.settings.redis_client_url, self._outage)
         self._probe.start()
+        # Recurring schedules: one worker process of all ticks them (jobs.schedules).
+        self._ticker = Ticker(self.connection, self.settings)
+        self._ticker.start()
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -601,6 +606,9 @@ class Worker(ForkingWorker):
             if self._probe is not None:
                 self._probe.stop()
                 self._probe = None
+            if self._ticker is not None:
+                self._ticker.stop()
+                self._ticker = None
             if self._horse is not None:
                 self._horse.close()
                 self._horse = None
