@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from datetime import datetime
@@ -186,6 +187,17 @@ def test_a_tick_refused_by_the_keys_share_is_recorded_and_the_schedule_goes_on(r
     assert len(jobs_of(real_redis, schedule.id, owner)) == 2
 
 
+def test_a_body_a_lowered_limit_now_refuses_is_a_refused_tick(real_redis):
+    start = time.time()
+    schedule = stored(real_redis, every=10, at=start)  # {"message": "tick"}: 4 characters
+    clock = Clock(start + 10.1)
+    lead(ticker(real_redis, clock, max_log_chars=3))
+    refused = schedules.load(real_redis, schedule.id, "public")
+    assert (refused.runs, refused.refused, refused.last_error["code"]) == (0, 1, "validation_failed")
+    assert refused.next_run_at == pytest.approx(start + 20, abs=0.002)
+    assert jobs_of(real_redis, schedule.id) == []
+
+
 # ---------------------------------------------------------------- the Procfile's processes
 
 
@@ -326,6 +338,19 @@ def api_free_read(connection: redis.Redis, path: str) -> Schedule:
 def cli(*args: str) -> Any:
     """The `afterward` command line of this tree, whichever copy is installed."""
     return run(*args, env={"PYTHONPATH": str(ROOT / "client")})
+
+
+def test_the_curl_example_in_the_api_docs(web, real_redis):
+    section = (ROOT / "docs" / "api.md").read_text().split("### Schedules", 1)[1]
+    command = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("localhost:5000", web.base)
+    answer = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, check=True)
+    schedule = json.loads(answer.stdout)
+    assert (schedule["cron"], schedule["timezone"], schedule["job"]) == (
+        "0 9 * * 1-5",
+        "Europe/Berlin",
+        {"message": "good morning"},
+    )
+    assert schedules.load(real_redis, schedule["id"], "public").next_run_at is not None
 
 
 def test_the_command_line_manages_schedules(web, real_redis):
