@@ -89,6 +89,15 @@ class JobView(BaseModel):
     document_ids: list[str] | None = Field(
         default=None, description="Embed jobs: the ids of their documents."
     )
+    depends_on: list[str] | None = Field(
+        default=None,
+        description="Jobs submitted with `depends_on`: the ids of the jobs this one waits for "
+        "(it is `deferred` until they end).",
+    )
+    allow_failure: bool | None = Field(
+        default=None,
+        description="Jobs with `depends_on`: whether it runs even if one of them does not finish.",
+    )
 
 
 class WebhookSecret(BaseModel):

@@ -339,6 +339,12 @@ def field_parser(job_type: str, schema: dict[str, Any]) -> argparse.ArgumentPars
     for name, field in schema.get("properties", {}).items():
         names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kinds = _kinds(field)
+        if _is_string_list(field):  # e.g. --depends-on ID, repeated or a comma list
+            parser.add_argument(
+                *names, dest=name, action="extend", type=_comma_list, metavar="ID[,ID...]",
+                help=_field_help(field, name in required),
+            )  # fmt: skip
+            continue
         parser.add_argument(
             *names,
             dest=name,
@@ -378,6 +384,15 @@ def _kinds(field: dict[str, Any]) -> set[str]:
     if "const" in field:
         return {_json_type(field["const"])}
     return {"object"}  # a $ref: a model
+
+
+def _is_string_list(field: dict[str, Any]) -> bool:
+    options = field.get("anyOf", [field])
+    return any(each.get("type") == "array" and each.get("items", {}).get("type") == "string" for each in options)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _json_type(value: Any) -> str:

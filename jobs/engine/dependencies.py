@@ -43,8 +43,6 @@ from jobs.times import now
 
 log = logging.getLogger(__name__)
 
-# Most dependencies one job may have (the API's limit; RQ has none).
-MAX_DEPENDENCIES = 100
 # Ends that hold a dependent back for good, unless it allows failures.
 ENDED_BADLY = frozenset({JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value})
 # Every end; a dependency that is gone (deleted, expired) counts as finished, as in RQ.
