@@ -388,7 +388,9 @@ def _kinds(field: dict[str, Any]) -> set[str]:
 
 def _is_string_list(field: dict[str, Any]) -> bool:
     options = field.get("anyOf", [field])
-    return any(each.get("type") == "array" and each.get("items", {}).get("type") == "string" for each in options)
+    return any(
+        each.get("type") == "array" and (each.get("items") or {}).get("type") == "string" for each in options
+    )
 
 
 def _comma_list(text: str) -> list[str]:
