@@ -82,7 +82,8 @@ def test_only_an_operators_key_pauses_and_resumes_a_queue(fake_redis, tmp_path):
     for _ in range(2):  # resuming a running queue changes nothing either
         resumed = client.post("/queues/default/resume", headers=A)
         assert resumed.status_code == 200
-        assert resumed.get_json() == {"name": "default", "paused": False, "paused_at": None, "paused_by": None}
+        running = {"name": "default", "paused": False, "paused_at": None, "paused_by": None}
+        assert resumed.get_json() == running
     assert not any(queue["paused"] for queue in client.get("/queues", headers=B).get_json()["queues"])
 
 
