@@ -20,6 +20,7 @@ from rq.job import JobStatus
 
 from jobs import callbacks, keys, metrics, quota
 from jobs.engine.job import Job
+from jobs.engine.queue import Queue
 from jobs.families import queue_name
 from jobs.settings import Settings
 from jobs.times import now
@@ -51,15 +52,33 @@ def request_model(type_name: str, job_type: JobType, max_timeout: int, max_delay
     return create_model(title, __base__=(job_type.input, options_model(max_timeout, max_delay)))
 
 
-def submit(
-    state: AppState,
+@dataclass
+class Prepared:
+    """A validated request turned into an RQ job, not yet written: `enqueue` writes it."""
+
+    job: Job
+    queue: Queue
+    type_name: str
+    job_type: JobType
+    kwargs: dict[str, Any]
+    options: JobOptions
+    owner: str
+    # The request's fields, canonical: equal for equal requests (idempotent replays).
+    fingerprint: str
+
+
+def prepare(
+    settings: Settings,
+    queues: dict[str, Queue],
     type_name: str,
     job_type: JobType,
     body: dict[str, Any],
     owner: str,
-    idempotency_key: str | None,
-) -> Submission:
-    settings = state.settings
+    request_id: str | None = None,
+) -> Prepared:
+    """Validate `body` as a `POST /jobs/<type_name>` body (an ApiError with a 4xx when it is
+    not) and build its job. Nothing is written: a web request, a batch or a schedule's tick
+    writes it with `enqueue`, in a transaction of its own making."""
     model = request_model(type_name, job_type, settings.max_job_timeout, settings.max_delay)
     request = validate(model, body, context={"settings": settings})
     # The request model subclasses the type's input and JobOptions: it is both.
@@ -73,11 +92,11 @@ def submit(
     if job_type.owned:  # e.g. an embed job's documents are its key's
         kwargs = dict(kwargs, owner=owner)
 
-    queue = state.queues[queue_name(job_type.family, options.queue)]
+    queue = queues[queue_name(job_type.family, options.queue)]
     retries = options.retries
     meta: dict[str, Any] = {"type": type_name, "owner": owner, "queue": options.queue, "retries": retries}
-    if current_request_id():
-        meta["request_id"] = current_request_id()
+    if request_id:
+        meta["request_id"] = request_id
     if job_type.describe:
         meta["view"] = job_type.describe(kwargs)
     if settings.api_keys:
@@ -99,12 +118,40 @@ def submit(
         # Workers take turns between keys (jobs.engine.fair); a cap, when set, is the job's own.
         job.owner = owner
         job.max_active = settings.key_max_active or None
+    return Prepared(job, queue, type_name, job_type, kwargs, options, owner, fingerprint)
+
+
+def enqueue(pipe: Any, prepared: Prepared, settings: Settings) -> None:
+    """Write the prepared job on `pipe` (a transaction): queued, or scheduled when it has a
+    delay, with its webhook, its place in its owner's recent jobs and the accepted count."""
+    job, options = prepared.job, prepared.options
+    if options.delay:
+        prepared.queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
+    else:
+        prepared.queue.enqueue_job(job, pipeline=pipe)
+    if options.callback_url is not None:
+        callbacks.register(pipe, job, options.callback_url)
+    _index(pipe, prepared.owner, job.id, settings)
+    metrics.count(pipe, "accepted", prepared.type_name, options.queue)
+
+
+def submit(
+    state: AppState,
+    type_name: str,
+    job_type: JobType,
+    body: dict[str, Any],
+    owner: str,
+    idempotency_key: str | None,
+) -> Submission:
+    settings = state.settings
+    prepared = prepare(settings, state.queues, type_name, job_type, body, owner, current_request_id())
+    job, kwargs = prepared.job, prepared.kwargs
     # With API keys, the job takes its place in its key's share of Redis first (jobs.quota),
     # in the round trip of the request's rate-limit hit and idempotency claim.
     reserve = _reservation(settings, owner, job.id) if settings.api_keys else None
     if idempotency_key is not None:
         key = keys.idempotency(owner, idempotency_key)
-        earlier = _claim(state, key, job.id, fingerprint, reserve)
+        earlier = _claim(state, key, job.id, prepared.fingerprint, reserve)
         if earlier is not None:
             return Submission(earlier, created=False)
     elif reserve is not None:
@@ -129,14 +176,7 @@ def submit(
             _release(state, reserve)
             raise
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
-        if options.delay:
-            queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
-        else:
-            queue.enqueue_job(job, pipeline=pipe)
-        if options.callback_url is not None:
-            callbacks.register(pipe, job, options.callback_url)
-        _index(pipe, owner, job.id, settings)
-        metrics.count(pipe, "accepted", type_name, options.queue)
+        enqueue(pipe, prepared, settings)
         pipe.execute()
     return Submission(job, created=True)
 
