@@ -152,3 +152,12 @@ _METRICS_HISTOGRAM = PREFIX + "metrics:histogram:{name}"
 
 def metrics_histogram(name: str) -> str:
     return _METRICS_HISTOGRAM.format(name=name)
+
+
+# A queue an operator paused (POST /queues/<name>/pause): JSON of when and by whom. While it
+# exists workers take no job off that queue (jobs.engine.fair's TAKE skips it).
+_PAUSED = PREFIX + "paused:{queue}"
+
+
+def paused(queue: str) -> str:
+    return _PAUSED.format(queue=queue)
