@@ -172,3 +172,12 @@ def schedule(schedule_id: str) -> str:
 
 def owner_schedules(owner: str) -> str:
     return _OWNER_SCHEDULES.format(owner=owner)
+
+
+# A queue an operator paused (POST /queues/<name>/pause): JSON of when and by whom. While it
+# exists workers take no job off that queue (jobs.engine.fair's TAKE skips it).
+_PAUSED = PREFIX + "paused:{queue}"
+
+
+def paused(queue: str) -> str:
+    return _PAUSED.format(queue=queue)

@@ -461,7 +461,7 @@ class Ticker:
         tick was refused."""
         # Imported by the leader only: importing the web side loads Flask and the dashboard,
         # which the other worker processes have no use for.
-        from service.submit import enqueue
+        from service.submit import enqueue, settle
 
         key = keys.schedule(schedule_id)
         with self.connection.pipeline() as pipe:
@@ -516,6 +516,7 @@ class Ticker:
                         place.release(undo)
                         undo.execute()
                 return None
+        settle(self.connection, [prepared])  # a job with depends_on whose dependencies ended meanwhile
         log.info("schedule %s: job %s for the tick at %s", schedule_id, prepared.job.id, iso_timestamp(due))
         return prepared.job.id
 

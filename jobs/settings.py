@@ -36,6 +36,9 @@ class Settings:
     redis_replica_timeout_ms: int = 1000
     # API keys clients send as `Authorization: Bearer <key>`, comma-separated; unset: open API.
     api_keys: tuple[str, ...] = ()
+    # Those of API_KEYS that are operators' keys: only they may pause and resume queues. With no
+    # API_KEYS (the open, single-tenant mode) everyone is the operator.
+    admin_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
     rate_limit: str = "6000 per minute"
     # Failed authentications (API key or dashboard password) one client address may make, in

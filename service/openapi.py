@@ -90,6 +90,15 @@ class JobView(BaseModel):
     document_ids: list[str] | None = Field(
         default=None, description="Embed jobs: the ids of their documents."
     )
+    depends_on: list[str] | None = Field(
+        default=None,
+        description="Jobs submitted with `depends_on`: the ids of the jobs this one waits for "
+        "(it is `deferred` until they end).",
+    )
+    allow_failure: bool | None = Field(
+        default=None,
+        description="Jobs with `depends_on`: whether it runs even if one of them does not finish.",
+    )
 
 
 class WebhookSecret(BaseModel):
@@ -207,10 +216,23 @@ class QueueInfo(BaseModel):
         description="Age of the oldest queued job; null when none is."
     )
     workers: list[QueueWorker] = Field(description="Live workers serving the queue.")
+    paused: bool = Field(description="Paused by an operator: workers take none of its jobs.")
+    paused_at: str | None = Field(description="When it was paused; null when it is not.")
 
 
 class QueueList(BaseModel):
     queues: list[QueueInfo]
+
+
+class QueueState(BaseModel):
+    """A queue's pause: POST /queues/<name>/pause and /resume answer it."""
+
+    name: str
+    paused: bool = Field(description="Workers take none of its jobs; running ones run on, submissions wait.")
+    paused_at: str | None = Field(description="When the pause began (a second keeps it); null if not paused.")
+    paused_by: str | None = Field(
+        description="Owner name of the key that paused it (`public` without API_KEYS); null if not paused."
+    )
 
 
 class Health(BaseModel):
@@ -260,6 +282,7 @@ def build(state: AppState) -> dict[str, Any]:
         Deleted,
         IndexInfo,
         QueueList,
+        QueueState,
         WebhookSecret,
         Health,
         Ready,
@@ -372,6 +395,34 @@ def build(state: AppState) -> dict[str, Any]:
         "get": _operation("Every queue: jobs by state, its oldest queued job's age, the workers serving it",
                           {"200": _json("QueueList", "The queues.")}, secured=True, tag="operations")
     }  # fmt: skip
+    queue_name = dict(_path("name", "A queue, as GET /queues names it."),
+                      schema={"type": "string", "enum": list(state.queues)})  # fmt: skip
+    for action, summary, example in (
+        (
+            "pause",
+            "Pause a queue: workers take none of its jobs until it is resumed (operators' keys)",
+            {
+                "name": "low",
+                "paused": True,
+                "paused_at": "2026-12-06T19:30:00.000Z",
+                "paused_by": "key-1f0c9a7e52d3b864",
+            },
+        ),
+        (
+            "resume",
+            "Resume a paused queue: workers take its jobs again at once (operators' keys)",
+            {"name": "low", "paused": False, "paused_at": None, "paused_by": None},
+        ),
+    ):
+        answer = _json("QueueState", "The queue's state (the same when it already was).")
+        answer["content"]["application/json"]["example"] = example
+        paths[f"/queues/{{name}}/{action}"] = {
+            "post": _operation(summary,
+                               {"200": answer,
+                                "403": _json("Error", "`forbidden`: the key is not one of ADMIN_KEYS."),
+                                "404": _json("Error", "`not_found`: no such queue.")},
+                               parameters=[queue_name], secured=True, tag="operations")
+        }  # fmt: skip
     paths["/webhooks/secret"] = {
         "get": _operation("The secret this key's completion webhooks are signed with",
                           {"200": _json("WebhookSecret", "The key's signing secret."),

@@ -9,6 +9,8 @@
     afterward retry <id>                              # run a failed or stopped job again
     afterward retry --failed --type sleep --since 2026-11-29T08:00:00Z
     afterward queues                                  # jobs by state and workers, per queue
+    afterward queues pause low                        # workers take no job off it (operators)
+    afterward queues resume low
     afterward search "a kitten in the sun" -k 3
     afterward index notes/*.txt                       # one document per file
     afterward index --lines sentences.txt             # one document per line
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error("the job type is required: afterward submit TYPE --field value ...")
     if args.command == "retry" and (args.id is None) == (args.status is None):
         args.parser.error("give a job id, or --failed (or --stopped) to retry many")
+    if args.command == "queues" and (args.action is None) != (args.name is None):
+        args.parser.error("give both: queues pause NAME, or queues resume NAME")
     client = Client(args.url, api_key=args.api_key)
     try:
         return args.run(client, args, extra)
@@ -173,7 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, help="with --failed: at most this many (the server's default: 100)"
     )
 
-    command("queues", run_queues, "show every queue: jobs by state, the oldest queued job's age, workers")
+    queues = command(
+        "queues",
+        run_queues,
+        "show every queue: jobs by state, the oldest queued job's age, workers; or pause or resume one",
+    )
+    queues.add_argument(
+        "action", nargs="?", choices=("pause", "resume"), help="pause or resume a queue (operators' keys)"
+    )
+    queues.add_argument(
+        "name", nargs="?", choices=QUEUES, metavar="NAME", help=f"the queue: {', '.join(QUEUES)}"
+    )
 
     search = command("search", run_search, "find documents by meaning")
     search.add_argument("query", help="what to look for, in plain words")
@@ -304,13 +318,17 @@ def run_retry(client: Client, args: argparse.Namespace, extra: list[str]) -> int
 
 
 def run_queues(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.action is not None:
+        change = client.pause_queue if args.action == "pause" else client.resume_queue
+        print_json(change(args.name))
+        return OK
     states = ("queued", "started", "scheduled", "deferred", "failed", "stopped", "finished")
     table = Table("queue", "process", *states, "oldest queued", "workers")
     for queue in client.queues():
         oldest = queue["oldest_queued_seconds"]
         busy = sum(1 for worker in queue["workers"] if worker["state"] == "busy")
         table.add_row(
-            queue["name"],
+            f"{queue['name']} (paused)" if queue.get("paused") else queue["name"],
             queue["process_type"],
             *(str(queue["counts"][state]) for state in states),
             "" if oldest is None else f"{oldest:.1f} s",
@@ -429,6 +447,12 @@ def field_parser(job_type: str, schema: dict[str, Any]) -> argparse.ArgumentPars
     for name, field in schema.get("properties", {}).items():
         names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kinds = _kinds(field)
+        if _is_string_list(field):  # e.g. --depends-on ID, repeated or a comma list
+            parser.add_argument(
+                *names, dest=name, action="extend", type=_comma_list, metavar="ID[,ID...]",
+                help=_field_help(field, name in required),
+            )  # fmt: skip
+            continue
         parser.add_argument(
             *names,
             dest=name,
@@ -468,6 +492,17 @@ def _kinds(field: dict[str, Any]) -> set[str]:
     if "const" in field:
         return {_json_type(field["const"])}
     return {"object"}  # a $ref: a model
+
+
+def _is_string_list(field: dict[str, Any]) -> bool:
+    options = field.get("anyOf", [field])
+    return any(
+        each.get("type") == "array" and (each.get("items") or {}).get("type") == "string" for each in options
+    )
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _json_type(value: Any) -> str:

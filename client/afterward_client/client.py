@@ -120,6 +120,14 @@ class Client:
         """Every queue with its jobs by state, its oldest queued job's age and its workers."""
         return self._call("GET", "queues").json()["queues"]
 
+    def pause_queue(self, name: str) -> dict[str, Any]:
+        """Workers take no further job off queue `name` (an operator's key only): its state."""
+        return self._call("POST", f"queues/{quote(name, safe='')}/pause").json()
+
+    def resume_queue(self, name: str) -> dict[str, Any]:
+        """Workers take queue `name`'s jobs again (an operator's key only): its state."""
+        return self._call("POST", f"queues/{quote(name, safe='')}/resume").json()
+
     def webhook_secret(self) -> dict[str, Any]:
         """The secret this key's completion webhooks are signed with: {"owner", "secret"}."""
         return self._call("GET", "webhooks/secret").json()
