@@ -154,6 +154,35 @@ def metrics_histogram(name: str) -> str:
     return _METRICS_HISTOGRAM.format(name=name)
 
 
+# ---------------------------------------------------------------- recurring schedules (jobs.schedules)
+
+# One hash per schedule: its job request, its timing and what its ticks did.
+_SCHEDULE = PREFIX + "schedule:{id}"
+# Each owner's schedule ids (a set): GET /schedules and the KEY_MAX_SCHEDULES cap.
+_OWNER_SCHEDULES = PREFIX + "schedules:{owner}"
+# Active (not paused) schedule ids scored by their next tick (Unix time): what the ticker reads.
+SCHEDULES_DUE = PREFIX + "schedules-due"
+# The ticker's leader lock: which worker process ticks, "host:pid:token", renewed while it lives.
+SCHEDULES_TICKER = PREFIX + "schedules-ticker"
+
+
+def schedule(schedule_id: str) -> str:
+    return _SCHEDULE.format(id=schedule_id)
+
+
+def owner_schedules(owner: str) -> str:
+    return _OWNER_SCHEDULES.format(owner=owner)
+
+
+# A queue an operator paused (POST /queues/<name>/pause): JSON of when and by whom. While it
+# exists workers take no job off that queue (jobs.engine.fair's TAKE skips it).
+_PAUSED = PREFIX + "paused:{queue}"
+
+
+def paused(queue: str) -> str:
+    return _PAUSED.format(queue=queue)
+
+
 # ---------------------------------------------------------------- batches (jobs.batches)
 
 # A batch: its hash (owner, total, created_at, ended_at, callback), its job ids in order, and

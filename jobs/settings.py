@@ -36,6 +36,9 @@ class Settings:
     redis_replica_timeout_ms: int = 1000
     # API keys clients send as `Authorization: Bearer <key>`, comma-separated; unset: open API.
     api_keys: tuple[str, ...] = ()
+    # Those of API_KEYS that are operators' keys: only they may pause and resume queues. With no
+    # API_KEYS (the open, single-tenant mode) everyone is the operator.
+    admin_keys: tuple[str, ...] = ()
     # Requests one API key (or, without keys, one address) may make, in the `limits` notation.
     rate_limit: str = "6000 per minute"
     # Failed authentications (API key or dashboard password) one client address may make, in
@@ -109,6 +112,10 @@ class Settings:
     # the cap make the million documents the search budgets are measured at.
     key_max_documents: int = 100_000
     key_max_document_mb: int = 100
+    # Recurring schedules one key (or, without API_KEYS, the open API) may keep (0: no cap);
+    # beyond, POST /schedules answers 429. Each tick's job also takes a place in
+    # KEY_MAX_WAITING like any submission.
+    key_max_schedules: int = 100
     # Embed jobs an embedder takes off its queue together, to start, encode, index and finish
     # as one batch (each keeps its own status and result).
     embed_batch_jobs: int = 32

@@ -46,9 +46,18 @@ def job_view(
         "scheduled_for": iso_timestamp(scheduled_for),
         # The completion webhook, when the job has a callback_url (jobs.callbacks).
         "callback": _callback(job.callback),
+        # The jobs it waits for, when it has any (`depends_on`), and whether it runs even if
+        # one of them does not finish.
+        **_dependencies(job),
         # Fields particular to the job type (e.g. an embed job's document ids).
         **meta.get("view", {}),
     }
+
+
+def _dependencies(job: Job) -> dict[str, Any]:
+    if not job._dependency_ids:
+        return {}
+    return {"depends_on": list(job._dependency_ids), "allow_failure": bool(job.allow_dependency_failures)}
 
 
 def _return_value(job: Job, latest: Result | None) -> Any:

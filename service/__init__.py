@@ -44,13 +44,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     init_security(app, state)
     init_dashboard(app, state)
 
-    from service.views import batches, health, jobs, queues, search, webhooks
+    from service.views import batches, health, jobs, queues, schedules, search, webhooks
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(search.bp)
     app.register_blueprint(queues.bp)
     app.register_blueprint(webhooks.bp)
+    app.register_blueprint(schedules.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(batches.bp)
     init_metrics(app, state)

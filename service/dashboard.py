@@ -3,6 +3,7 @@
 rq-dashboard's blueprint has no authentication and offers destructive actions, so every
 request to it passes `guard()` first. It also loads jobs with RQ's default (pickle)
 classes; pointing its module-level names at ours makes it read and write JSON jobs only.
+Its queue list marks a paused queue (jobs.engine.pause) with a badge by the queue's name.
 
 Without credentials the dashboard answers no one, unless DASHBOARD_OPEN=1 opens it to
 requests made on this machine to a loopback name. A loopback client alone is not enough:
@@ -29,6 +30,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus, parse_job_id, validate_job_id
 from rq.serializers import JSONSerializer
 
+from jobs import keys
+from jobs.engine import pause
 from jobs.engine.errors import plain_message
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue
@@ -65,6 +68,14 @@ CONNECTION_ERROR_PAGE = b"<h1>Connection Error</h1>"
 
 # The dashboard's actions: with REDIS_MIN_REPLICAS they answer once replicas have them, as the API does.
 WRITE_VIEWS = ("delete_job_view", "requeue_job_view", "requeue_all", "empty_queue", "compact_queue")
+
+# The queue list's row template (rq-dashboard 0.9's queues.html) shows the name in this cell;
+# the badge of a paused queue goes beside it (tests/test_dashboard_browser.py looks for it).
+QUEUE_NAME_CELL = "<td><%= d.name %></td>"
+PAUSED_BADGE = (
+    '<td><%= d.name %><% if (d.paused) { %> <span class="badge badge-warning" data-role="paused" '
+    'title="Paused since <%- d.paused_at %>: workers take none of its jobs">paused</span><% } %></td>'
+)
 
 # Dashboard data that its pages insert as raw HTML; every string in it is escaped here.
 UNESCAPED_VIEWS = frozenset({f"{BLUEPRINT}.job_info", f"{BLUEPRINT}.list_workers"})
@@ -104,6 +115,24 @@ def serialize_job(job: Any) -> dict[str, Any]:
     return data
 
 
+_rq_serialize_queues = rq_dashboard.web.serialize_queues
+
+
+def serialize_queues(instance_number: int, queues: list[Any]) -> list[dict[str, Any]]:
+    """The dashboard's queue list, with whether each queue is paused (one key read per queue)."""
+    data = _rq_serialize_queues(instance_number, queues)
+    if not queues:
+        return data
+    with queues[0].connection.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.get(keys.paused(queue.name))
+        stored = pipe.execute()
+    for item, value in zip(data, stored, strict=True):
+        state = pause.state(item["name"], value)
+        item.update(paused=state["paused"], paused_at=state["paused_at"])
+    return data
+
+
 def requeue_job(job_id: str, connection: Any, serializer: Any = None) -> Job:
     """rq's requeue_job, with our job class (JSON, registered functions only), resetting the job
     as `POST /jobs/<id>/retry` does (its old error and progress go). Both of rq-dashboard's
@@ -126,6 +155,7 @@ def init_dashboard(app: Flask, state: AppState) -> None:
     web.config.serializer = JSONSerializer
     web.format_job_description = describe
     web.serialize_job = serialize_job
+    web.serialize_queues = serialize_queues
     # One shared client instead of a new connection per dashboard request.
     web.from_url = lambda *args, **kwargs: (None, state.redis)
 
@@ -179,6 +209,14 @@ def init_dashboard(app: Flask, state: AppState) -> None:
                 job = Job.fetch(data["id"], connection=state.redis)
                 data["exc_info"] = error_summary(job, data["exc_info"])
             response.set_data(json.dumps(_escaped(data)))
+        return response
+
+    @app.after_request
+    def show_paused_queues(response: Response) -> Response:
+        if request.endpoint == f"{BLUEPRINT}.queues_overview" and response.status_code == 200:
+            page = response.get_data(as_text=True)
+            if QUEUE_NAME_CELL in page:
+                response.set_data(page.replace(QUEUE_NAME_CELL, PAUSED_BADGE, 1))
         return response
 
     @app.after_request

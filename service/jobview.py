@@ -81,6 +81,7 @@ def recent_jobs(
     queue: str | None,
     limit: int,
     type_name: str | None = None,
+    schedule: str | None = None,
 ) -> list[Job]:
     """Newest first, filtered; reads the recent-jobs index a page at a time."""
     index = keys.recent_jobs(owner)
@@ -100,6 +101,8 @@ def recent_jobs(
             if queue and job.origin != queue:
                 continue
             if type_name and job.meta.get("type") != type_name:
+                continue
+            if schedule and job.meta.get("schedule") != schedule:
                 continue
             found.append(job)
             if len(found) == limit:

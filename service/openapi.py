@@ -23,6 +23,7 @@ from service.submit import request_model
 from service.views.batches import MAX_WAIT_SECONDS as MAX_BATCH_WAIT
 from service.views.batches import BatchBody
 from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery, QueueName
+from service.views.schedules import ScheduleBody, ScheduleDeleted, ScheduleList, ScheduleView
 from service.views.search import SearchBody
 
 bp = Blueprint("openapi", __name__)
@@ -90,6 +91,15 @@ class JobView(BaseModel):
     )
     document_ids: list[str] | None = Field(
         default=None, description="Embed jobs: the ids of their documents."
+    )
+    depends_on: list[str] | None = Field(
+        default=None,
+        description="Jobs submitted with `depends_on`: the ids of the jobs this one waits for "
+        "(it is `deferred` until they end).",
+    )
+    allow_failure: bool | None = Field(
+        default=None,
+        description="Jobs with `depends_on`: whether it runs even if one of them does not finish.",
     )
 
 
@@ -208,10 +218,23 @@ class QueueInfo(BaseModel):
         description="Age of the oldest queued job; null when none is."
     )
     workers: list[QueueWorker] = Field(description="Live workers serving the queue.")
+    paused: bool = Field(description="Paused by an operator: workers take none of its jobs.")
+    paused_at: str | None = Field(description="When it was paused; null when it is not.")
 
 
 class QueueList(BaseModel):
     queues: list[QueueInfo]
+
+
+class QueueState(BaseModel):
+    """A queue's pause: POST /queues/<name>/pause and /resume answer it."""
+
+    name: str
+    paused: bool = Field(description="Workers take none of its jobs; running ones run on, submissions wait.")
+    paused_at: str | None = Field(description="When the pause began (a second keeps it); null if not paused.")
+    paused_by: str | None = Field(
+        description="Owner name of the key that paused it (`public` without API_KEYS); null if not paused."
+    )
 
 
 class Health(BaseModel):
@@ -288,7 +311,7 @@ def build(state: AppState) -> dict[str, Any]:
         name: request_model(name, job_type, settings.max_job_timeout, settings.max_delay)
         for name, job_type in sorted(state.job_types.items())
     }
-    models: list[type[BaseModel]] = [*requests.values(), SearchBody, BulkRetry, BatchBody]
+    models: list[type[BaseModel]] = [*requests.values(), SearchBody, BulkRetry, ScheduleBody, BatchBody]
     responses = [
         JobView,
         JobList,
@@ -299,9 +322,13 @@ def build(state: AppState) -> dict[str, Any]:
         Deleted,
         IndexInfo,
         QueueList,
+        QueueState,
         WebhookSecret,
         Health,
         Ready,
+        ScheduleView,
+        ScheduleList,
+        ScheduleDeleted,
         BatchAccepted,
         BatchView,
     ]
@@ -371,6 +398,8 @@ def build(state: AppState) -> dict[str, Any]:
                        "Only jobs of this type."),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": list_fields["limit"]["maximum"]},
                        "How many (default 50)."),
+                _query("schedule", {"type": "string", "minLength": 1, "maxLength": 64},
+                       "Only jobs this schedule's ticks made."),
             ],
             secured=True,
             tag="jobs",
@@ -408,12 +437,41 @@ def build(state: AppState) -> dict[str, Any]:
         "get": _operation("Every queue: jobs by state, its oldest queued job's age, the workers serving it",
                           {"200": _json("QueueList", "The queues.")}, secured=True, tag="operations")
     }  # fmt: skip
+    queue_name = dict(_path("name", "A queue, as GET /queues names it."),
+                      schema={"type": "string", "enum": list(state.queues)})  # fmt: skip
+    for action, summary, example in (
+        (
+            "pause",
+            "Pause a queue: workers take none of its jobs until it is resumed (operators' keys)",
+            {
+                "name": "low",
+                "paused": True,
+                "paused_at": "2026-12-06T19:30:00.000Z",
+                "paused_by": "key-1f0c9a7e52d3b864",
+            },
+        ),
+        (
+            "resume",
+            "Resume a paused queue: workers take its jobs again at once (operators' keys)",
+            {"name": "low", "paused": False, "paused_at": None, "paused_by": None},
+        ),
+    ):
+        answer = _json("QueueState", "The queue's state (the same when it already was).")
+        answer["content"]["application/json"]["example"] = example
+        paths[f"/queues/{{name}}/{action}"] = {
+            "post": _operation(summary,
+                               {"200": answer,
+                                "403": _json("Error", "`forbidden`: the key is not one of ADMIN_KEYS."),
+                                "404": _json("Error", "`not_found`: no such queue.")},
+                               parameters=[queue_name], secured=True, tag="operations")
+        }  # fmt: skip
     paths["/webhooks/secret"] = {
         "get": _operation("The secret this key's completion webhooks are signed with",
                           {"200": _json("WebhookSecret", "The key's signing secret."),
                            "404": _json("Error", "`callbacks_disabled`: CALLBACK_SECRET is not set.")},
                           secured=True, tag="jobs")
     }  # fmt: skip
+    paths.update(_schedule_paths())
     paths["/healthz"] = {"get": _operation("Liveness", {"200": _json("Health", "Up.")}, tag="operations")}
     paths["/readyz"] = {
         "get": _operation("Readiness: Redis answers and search is loaded; workers and embedders reported",
@@ -499,11 +557,112 @@ def _batch_paths() -> dict[str, Any]:
     return {"/batches": {"post": create}, "/batches/{batch_id}": {"get": read}}
 
 
-def _json(schema: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": REF.format(model=schema)}}},
+# What the schedule routes answer, as an example (a log job every five minutes, ticked twice).
+SCHEDULE_EXAMPLE = {
+    "id": "5d0c3b8e2f7a4c1e9b6d8a7f3e2c1b0a",
+    "name": "heartbeat",
+    "type": "log",
+    "job": {"message": "still here"},
+    "cron": "*/5 * * * *",
+    "every": None,
+    "timezone": "UTC",
+    "paused": False,
+    "created_at": "2026-11-29T08:01:12.345Z",
+    "next_run_at": "2026-11-29T08:15:00.000Z",
+    "last_run_at": "2026-11-29T08:10:00.012Z",
+    "last_job_id": "9f5c0e1d2b3a4c5d6e7f8a9b0c1d2e3f",
+    "runs": 2,
+    "refused": 0,
+    "last_error": None,
+}
+
+
+def _schedule_paths() -> dict[str, Any]:
+    """The schedule routes (service.views.schedules), with examples."""
+    schedule_id = _path("schedule_id", "A schedule id.")
+    paused = {**SCHEDULE_EXAMPLE, "paused": True, "next_run_at": None}
+    one = _json("ScheduleView", "The schedule.", example=SCHEDULE_EXAMPLE)
+    refused = _json(
+        "Error",
+        "`validation_failed`: a bad cron, timezone or every, both or neither, an "
+        "unknown type, or a job body POST /jobs/<type> would refuse (fields as `job.<field>`).",
+    )
+    full = _json("Error", "`quota_exceeded`: the key has KEY_MAX_SCHEDULES schedules.")
+    unknown = _json("Error", "No such schedule (another key's included).")
+    create = _operation(
+        "Submit a job at every tick of a cron expression, or every N seconds",
+        {
+            "201": _json(
+                "ScheduleView",
+                "Created: the schedule, its next tick, and its URL (Location).",
+                example=SCHEDULE_EXAMPLE,
+            ),
+            "422": refused,
+            "429": full,
+        },
+        body="ScheduleBody",
+        secured=True,
+        tag="schedules",
+    )
+    create["requestBody"]["content"]["application/json"]["examples"] = {
+        "cron": {
+            "value": {
+                "type": "log",
+                "job": {"message": "still here"},
+                "cron": "*/5 * * * *",
+                "name": "heartbeat",
+            }
+        },
+        "every": {"value": {"type": "sleep", "job": {"seconds": 1}, "every": 3600}},
+        "timezone": {
+            "value": {
+                "type": "log",
+                "job": {"message": "good morning"},
+                "cron": "0 9 * * 1-5",
+                "timezone": "Europe/Berlin",
+                "paused": True,
+            }
+        },
     }
+    listing = {"schedules": [SCHEDULE_EXAMPLE]}
+    return {
+        "/schedules": {
+            "post": create,
+            "get": _operation("The key's schedules, oldest first",
+                              {"200": _json("ScheduleList", "The schedules.", example=listing)},
+                              secured=True, tag="schedules"),
+        },
+        "/schedules/{schedule_id}": {
+            "get": _operation("A schedule: its next and latest tick, runs, the latest refusal",
+                              {"200": one, "404": unknown}, parameters=[schedule_id], secured=True,
+                              tag="schedules"),
+            "delete": _operation("Delete a schedule (the jobs it made stay)",
+                                 {"200": _json("ScheduleDeleted", "Deleted.",
+                                               example={"id": SCHEDULE_EXAMPLE["id"], "deleted": True}),
+                                  "404": unknown},
+                                 parameters=[schedule_id], secured=True, tag="schedules"),
+        },
+        "/schedules/{schedule_id}/pause": {
+            "post": _operation("Pause a schedule: no job from its next tick on",
+                               {"200": _json("ScheduleView", "Paused (`next_run_at` null).",
+                                             example=paused),
+                                "404": unknown},
+                               parameters=[schedule_id], secured=True, tag="schedules"),
+        },
+        "/schedules/{schedule_id}/resume": {
+            "post": _operation("Resume a schedule from its first tick after now (no catch-up)",
+                               {"200": _json("ScheduleView", "Resumed.", example=SCHEDULE_EXAMPLE),
+                                "404": unknown},
+                               parameters=[schedule_id], secured=True, tag="schedules"),
+        },
+    }  # fmt: skip
+
+
+def _json(schema: str, description: str, example: Any = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"schema": {"$ref": REF.format(model=schema)}}
+    if example is not None:
+        content["example"] = example
+    return {"description": description, "content": {"application/json": content}}
 
 
 def _operation(

@@ -40,7 +40,7 @@ from service.state import AppState
 log = logging.getLogger(__name__)
 
 # Blueprints that make up the API; health probes and the dashboard have rules of their own.
-API_BLUEPRINTS = frozenset({"jobs", "search", "queues", "webhooks", "batches"})
+API_BLUEPRINTS = frozenset({"jobs", "search", "queues", "webhooks", "schedules", "batches"})
 # Need an API key too, but are not rate limited (Prometheus scrapes on its own schedule).
 KEYED_BLUEPRINTS = API_BLUEPRINTS | {"metrics"}
 
@@ -61,6 +61,14 @@ def current_owner() -> str:
     return g.get("owner", PUBLIC)
 
 
+def require_operator() -> None:
+    """403 unless this request comes from an operator: one of ADMIN_KEYS, or anyone while the
+    API is open (no API_KEYS: one tenant, who runs the service too)."""
+    operators = current_app.extensions[OPERATORS]
+    if operators is not None and current_owner() not in operators:
+        raise ApiError(403, "Only an operator's key (one of ADMIN_KEYS) may do this.", code="forbidden")
+
+
 def init_security(app: Flask, state: AppState) -> None:
     settings = state.settings
     api_keys = [key.encode() for key in settings.api_keys]
@@ -69,6 +77,11 @@ def init_security(app: Flask, state: AppState) -> None:
             "API_KEYS is not set: the API is open to anyone who can reach this port. "
             "Set API_KEYS before exposing the service."
         )
+    strangers = set(settings.admin_keys) - set(settings.api_keys)
+    if strangers:
+        # An operator's key that cannot authenticate is a typo: say so now, not at the first pause.
+        raise ValueError(f"ADMIN_KEYS must be among API_KEYS; {len(strangers)} of them are not")
+    app.extensions[OPERATORS] = frozenset(map(key_owner, settings.admin_keys)) if api_keys else None
 
     failure_limit = (
         None if settings.auth_failure_limit.lower() in OFF else parse_limit(settings.auth_failure_limit)
@@ -122,6 +135,7 @@ def init_security(app: Flask, state: AppState) -> None:
 
 
 RATE_LIMITER = "afterward-rate-limiter"
+OPERATORS = "afterward-operators"  # owner names of ADMIN_KEYS; None: the API is open
 AUTH_FAILURES = "afterward-auth-failures"
 
 

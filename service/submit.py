@@ -17,9 +17,10 @@ from flask import request
 from pydantic import create_model
 from rq import Retry
 from rq.exceptions import NoSuchJobError
-from rq.job import JobStatus
+from rq.job import Dependency, JobStatus
 
 from jobs import callbacks, keys, metrics, quota
+from jobs.engine import dependencies
 from jobs.engine.job import Job
 from jobs.engine.queue import Queue
 from jobs.families import queue_name
@@ -29,6 +30,7 @@ from jobs.types.registry import JobType
 from jobs.types.schema import OPTION_FIELDS, JobInput, JobOptions, options_model
 from service.body import validate
 from service.errors import ApiError
+from service.jobview import JOB_ID
 from service.requests import current_request_id
 from service.security import check_request, count_request
 from service.state import AppState
@@ -94,6 +96,11 @@ def prepare(
         kwargs = dict(kwargs, owner=owner)
 
     queue = queues[queue_name(job_type.family, options.queue)]
+    depends_on = None
+    if options.depends_on:
+        ids = list(dict.fromkeys(options.depends_on))  # a repeated id counts once
+        check_dependencies(queue.connection, ids, owner)
+        depends_on = Dependency(jobs=ids, allow_failure=options.allow_failure)
     retries = options.retries
     meta: dict[str, Any] = {"type": type_name, "owner": owner, "queue": options.queue, "retries": retries}
     if request_id:
@@ -114,6 +121,7 @@ def prepare(
         retry=Retry(max=retries, interval=backoff_intervals(settings, retries)) if retries else None,
         # A scheduled job that never ran is gone this long after it was accepted.
         ttl=settings.max_delay + settings.result_ttl if options.delay else None,
+        depends_on=depends_on,
     )
     if settings.api_keys:
         # Workers take turns between keys (jobs.engine.fair); a cap, when set, is the job's own.
@@ -126,6 +134,10 @@ def enqueue(pipe: Any, prepared: Prepared, settings: Settings) -> None:
     """Write the prepared job on `pipe` (a transaction): queued, or scheduled when it has a
     delay, with its webhook, its place in its owner's recent jobs and the accepted count."""
     job, options = prepared.job, prepared.options
+    if job._dependency_ids and not pipe.explicit_transaction and not pipe.command_stack:
+        # The job is written deferred; `settle` queues it after the transaction if its
+        # dependencies have ended meanwhile (jobs.engine.dependencies).
+        pipe.multi()
     if options.delay:
         prepared.queue.schedule_job(job, now() + timedelta(seconds=options.delay), pipeline=pipe)
     else:
@@ -179,7 +191,48 @@ def submit(
     with state.redis.pipeline() as pipe:  # one transaction: the job exists, queued, or not at all
         enqueue(pipe, prepared, settings)
         pipe.execute()
+    settle(state.redis, [prepared])
     return Submission(job, created=True)
+
+
+def settle(connection: Any, written: list[Prepared]) -> None:
+    """After the transaction that wrote them: queue (or cancel) the jobs with dependencies
+    that ended before the transaction did; the jobs show their status as it now is."""
+    waiting = [prepared.job for prepared in written if prepared.job._dependency_ids]
+    if not waiting:
+        return
+    dependencies.settle(connection, [job.id for job in waiting])
+    for job in waiting:
+        if job.get_status() != JobStatus.DEFERRED:
+            job.refresh()
+
+
+def check_dependencies(connection: Any, job_ids: list[str], owner: str) -> None:
+    """422 unless every id names a job of `owner`'s; the same answer for a job that does not
+    exist and one of another key (which must not learn that it does)."""
+    well_formed = [job_id for job_id in job_ids if JOB_ID.fullmatch(job_id)]
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in well_formed:
+            pipe.hget(Job.key_for(job_id), "meta")
+        metas = dict(zip(well_formed, pipe.execute(), strict=True)) if well_formed else {}
+    unknown = [job_id for job_id in job_ids if not _owned_by(metas.get(job_id), owner)]
+    if unknown:
+        raise ApiError(
+            422,
+            f"depends_on names no job of yours: {', '.join(unknown[:5])}.",
+            code="unknown_dependency",
+            details=[
+                {"field": "depends_on", "message": f"no such job: {job_id}", "type": "unknown_dependency"}
+                for job_id in unknown
+            ],
+        )
+
+
+def _owned_by(meta: bytes | None, owner: str) -> bool:
+    try:
+        return bool(meta) and json.loads(meta).get("owner") == owner
+    except (ValueError, AttributeError):
+        return False
 
 
 @dataclass

@@ -24,6 +24,8 @@ CLI = [sys.executable, "-m", "afterward_client.cli"]
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWARD_")}
+    # This checkout's client, not the copy installed into the virtualenv when it was made.
+    environment["PYTHONPATH"] = str(ROOT / "client")
     environment.update(env or {})
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=environment, check=False
@@ -180,6 +182,20 @@ def test_queues_table(web, workers, real_redis):
     assert set(rows) >= {"high", "default", "low", "embed-high", "embed-default", "embed-low"}
     # low: worker, then queued started scheduled deferred failed finished.
     assert rows["low"][3:15:2] == ["worker", "0", "0", "0", "0", "1"]
+
+
+@pytest.mark.integration
+def test_queues_pause_and_resume(web, real_redis):
+    paused = run("queues", "pause", "low", "--url", web.base)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["paused"] is True
+    table = run("queues", "--url", web.base).stdout
+    assert "low (paused)" in table and "default (paused)" not in table
+    resumed = run("queues", "resume", "low", "--url", web.base)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["paused"] is False
+    assert "(paused)" not in run("queues", "--url", web.base).stdout
+    half = run("queues", "pause", "--url", web.base)
+    assert half.returncode == 2 and "queues pause NAME" in half.stderr
 
 
 @pytest.mark.integration

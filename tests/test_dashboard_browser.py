@@ -155,3 +155,31 @@ def test_a_cross_site_page_cannot_requeue(browser, dashboard, workers, real_redi
     )
     assert requests.get(dashboard.url(f"/jobs/{failed['id']}"), timeout=10).json()["status"] == "failed"
     assert real_redis.llen("rq:queue:default") == 0
+
+
+def test_a_paused_queue_is_marked_in_the_queue_list(browser, dashboard):
+    ARTIFACTS.mkdir(exist_ok=True)
+    for queue in ("default", "low"):  # no worker: they stay queued, and RQ lists their queues
+        assert dashboard.post_job("log", {"message": "waiting", "queue": queue}).status_code == 202
+    assert dashboard.http.post(dashboard.url("/queues/low/pause"), timeout=30).status_code == 200
+
+    context = browser.new_context(
+        http_credentials={"username": USER, "password": PASSWORD}, viewport={"width": 1280, "height": 600}
+    )
+    page = context.new_page()
+    assert page.goto(dashboard.url("/rq/")).status == 200
+    low = page.locator("#queues tr[data-role=queue]", has_text="low")
+    badge = low.locator("[data-role=paused]")
+    badge.wait_for()
+    assert badge.inner_text() == "paused" and badge.is_visible()
+    assert (
+        page.locator("#queues tr[data-role=queue]", has_text="default").locator("[data-role=paused]").count()
+        == 0
+    )
+    page.screenshot(path=str(ARTIFACTS / "dashboard-paused-queue.png"), full_page=True)
+
+    # Resumed, the badge goes at the page's next refresh.
+    assert dashboard.http.post(dashboard.url("/queues/low/resume"), timeout=30).status_code == 200
+    badge.wait_for(state="detached")
+    assert low.locator("td").first.inner_text().strip() == "low"
+    context.close()

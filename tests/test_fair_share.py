@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from jobs.engine import fair
+from jobs.engine import fair, pause
 from jobs.engine.job import Job
 from jobs.engine.queue import EmbedQueue, Queue
 from jobs.engine.worker import Scheduler
@@ -181,6 +181,22 @@ def test_due_jobs_join_their_keys_turn(fake_redis, tmp_path):
     theirs = post(client, B, {"seconds": 60})
     assert fake_redis.llen("rq:queue:default") == 2  # A's one, and B's
     assert taken_order(fake_redis).index(theirs) <= 1
+
+
+def test_a_paused_queue_holds_every_keys_jobs_and_due_jobs_wait_on_it(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A, KEY_B), rate_limit="off").test_client()
+    pause.pause(fake_redis, "default", by="ops")
+    held = [post(client, A, {"seconds": 60}), post(client, B, {"seconds": 60})]
+    delayed = post(client, A, {"seconds": 60, "delay": 1})
+    fake_redis.zadd("rq:scheduled:default", {delayed: 0})  # due now
+    scheduler = Scheduler([Queue("default", connection=fake_redis)], connection=fake_redis)
+    scheduler.acquire_locks()
+    scheduler.enqueue_scheduled_jobs()
+    elsewhere = post(client, A, {"seconds": 60, "queue": "low"})
+    assert taken_order(fake_redis) == [elsewhere]
+    assert [status(client, A, job_id) for job_id in (held[0], delayed)] == ["queued", "queued"]
+    pause.resume(fake_redis, "default")
+    assert taken_order(fake_redis) == [held[0], held[1], delayed]
 
 
 def test_without_api_keys_there_is_one_tenant_queued_first_come_first_served(fake_redis, tmp_path):

@@ -92,3 +92,19 @@ def check(operation, checks) -> None:
         case.call_and_validate(checks=checks)
 
     run()
+
+
+def test_pause_and_resume_are_documented_with_examples(spec_app):
+    spec = spec_app.test_client().get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    assert {"paused", "paused_at"} <= set(schemas["QueueInfo"]["required"])
+    for action, paused in (("pause", True), ("resume", False)):
+        operation = spec["paths"][f"/queues/{{name}}/{action}"]["post"]
+        assert {"200", "403", "404"} <= set(operation["responses"])
+        assert operation["parameters"][0]["schema"]["enum"] == [
+            "high", "default", "low", "embed-high", "embed-default", "embed-low"
+        ]  # fmt: skip
+        example = operation["responses"]["200"]["content"]["application/json"]["example"]
+        assert set(example) == set(schemas["QueueState"]["properties"]) and example["paused"] is paused
+        answer = spec_app.test_client().post(f"/queues/low/{action}").get_json()
+        assert set(answer) == set(example) and answer["paused"] is paused

@@ -8,6 +8,7 @@ import pytest
 from rq.exceptions import DequeueTimeout
 
 from jobs import keys
+from jobs.engine import pause
 from jobs.engine.job import Job
 from jobs.engine.queue import EmbedQueue, Queue, recover_intermediate
 from jobs.engine.worker import Worker
@@ -135,3 +136,33 @@ def test_the_general_queue_takes_one_job_at_a_time(queues, fake_redis):
     job, _ = Queue.dequeue_any(queues, None, connection=fake_redis)
     assert job.companions == []
     assert fake_redis.llen(queues[1].key) == 2
+
+
+def test_a_paused_queue_gives_no_job_until_it_is_resumed(queues, fake_redis):
+    high, default, _ = queues
+    held = enqueue(high, "held")
+    other = enqueue(default, "other")
+    pause.pause(fake_redis, "high", by="ops")
+    job, queue = Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert (queue.name, job.id) == ("default", other.id)  # the lower priority, not the paused one
+    assert Queue.dequeue_any(queues, None, connection=fake_redis) is None
+    assert fake_redis.lrange(high.key, 0, -1) == [held.id.encode()]
+    fake_redis.delete(keys.doorbell("high"))
+    pause.resume(fake_redis, "high")
+    assert fake_redis.llen(keys.doorbell("high")) == 1  # idle workers wake at once
+    job, queue = Queue.dequeue_any(queues, None, connection=fake_redis)
+    assert (queue.name, job.id) == ("high", held.id)
+
+
+def test_an_embedder_takes_no_batch_off_a_paused_queue(fake_redis, monkeypatch):
+    monkeypatch.setenv("EMBED_BATCH_JOBS", "3")
+    default, low = (EmbedQueue(name, connection=fake_redis) for name in ("embed-default", "embed-low"))
+    held = [enqueue(default, f"d{i}") for i in range(3)]
+    open_ = [enqueue(low, f"l{i}") for i in range(2)]
+    pause.pause(fake_redis, "embed-default", by="ops")
+    job, queue = EmbedQueue.dequeue_any([default, low], None, connection=fake_redis)
+    assert (queue.name, [j.id for j in [job, *job.companions]]) == ("embed-low", [j.id for j in open_])
+    assert EmbedQueue.dequeue_any([default, low], None, connection=fake_redis) is None
+    pause.resume(fake_redis, "embed-default")
+    job, queue = EmbedQueue.dequeue_any([default, low], None, connection=fake_redis)
+    assert (queue.name, [j.id for j in [job, *job.companions]]) == ("embed-default", [j.id for j in held])

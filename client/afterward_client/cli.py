@@ -9,12 +9,18 @@
     afterward retry <id>                              # run a failed or stopped job again
     afterward retry --failed --type sleep --since 2026-11-29T08:00:00Z
     afterward queues                                  # jobs by state and workers, per queue
+    afterward queues pause low                        # workers take no job off it (operators)
+    afterward queues resume low
     afterward search "a kitten in the sun" -k 3
     afterward index notes/*.txt                       # one document per file
     afterward index --lines sentences.txt             # one document per line
     afterward document <id>
     afterward delete-document <id>
     afterward webhook-secret                          # what the key's webhooks are signed with
+    afterward schedules create log --every 300 --message "every five minutes"
+    afterward schedules create log --cron "0 9 * * 1-5" --timezone Europe/Berlin --message hi
+    afterward schedules list                          # a table of the key's schedules
+    afterward schedules show|pause|resume|delete <id>
     afterward batch jobs.jsonl --wait                 # one job a line, 1,000 per batch, a progress bar
 
 The service is --url or AFTERWARD_URL (default http://127.0.0.1:5000), the key --api-key or
@@ -70,7 +76,7 @@ BATCH_SIZE = 1000
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "submit":
+    if extra and not (args.command == "submit" or getattr(args, "takes_fields", False)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "submit" and args.type is None:
         if args.help:
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error("the job type is required: afterward submit TYPE --field value ...")
     if args.command == "retry" and (args.id is None) == (args.status is None):
         args.parser.error("give a job id, or --failed (or --stopped) to retry many")
+    if args.command == "queues" and (args.action is None) != (args.name is None):
+        args.parser.error("give both: queues pause NAME, or queues resume NAME")
     client = Client(args.url, api_key=args.api_key)
     try:
         return args.run(client, args, extra)
@@ -173,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, help="with --failed: at most this many (the server's default: 100)"
     )
 
-    command("queues", run_queues, "show every queue: jobs by state, the oldest queued job's age, workers")
+    queues = command(
+        "queues",
+        run_queues,
+        "show every queue: jobs by state, the oldest queued job's age, workers; or pause or resume one",
+    )
+    queues.add_argument(
+        "action", nargs="?", choices=("pause", "resume"), help="pause or resume a queue (operators' keys)"
+    )
+    queues.add_argument(
+        "name", nargs="?", choices=QUEUES, metavar="NAME", help=f"the queue: {', '.join(QUEUES)}"
+    )
 
     search = command("search", run_search, "find documents by meaning")
     search.add_argument("query", help="what to look for, in plain words")
@@ -196,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "webhook-secret", run_webhook_secret, "show the secret the key's completion webhooks are signed with"
     )
+    _schedule_commands(
+        command("schedules", run_schedules, "recurring jobs: create, list, show, pause, resume, delete"),
+        after,
+    )
 
     batch = command(
         "batch",
@@ -209,6 +231,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--callback-url", help="receives a signed batch.ended delivery as each batch ends")
     return parser
+
+
+def _schedule_commands(schedules: argparse.ArgumentParser, after: argparse.ArgumentParser) -> None:
+    actions = schedules.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help, parents=[after], allow_abbrev=False)
+        sub.set_defaults(parser=sub)
+        return sub
+
+    create = action(
+        "create",
+        "submit a job at every tick: create TYPE (--cron EXPR | --every N) [--timezone TZ] [--paused] "
+        "--field value ...; the fields are those of `submit TYPE` (`submit TYPE --help` lists them)",
+    )
+    create.set_defaults(takes_fields=True)
+    create.add_argument("type", help="the job type, e.g. log, sleep, embed")
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='a five-field cron expression, e.g. "*/5 * * * *"')
+    when.add_argument("--every", type=int, metavar="N", help="every N seconds (1 to a year)")
+    create.add_argument("--timezone", metavar="TZ", help="IANA timezone of --cron (default UTC)")
+    create.add_argument("--paused", action="store_true", help="create it paused")
+    create.add_argument("--name", help="a label")
+    action("list", "list the key's schedules as a table")
+    for name, help in (
+        ("show", "show a schedule"),
+        ("pause", "pause a schedule from its next tick on"),
+        ("resume", "resume a schedule, from its first tick after now"),
+        ("delete", "delete a schedule (the jobs it made stay)"),
+    ):
+        action(name, help).add_argument("id", help="the schedule's id")
 
 
 def _service_options(parser: argparse.ArgumentParser, url: Any, api_key: Any) -> None:
@@ -281,13 +334,17 @@ def run_retry(client: Client, args: argparse.Namespace, extra: list[str]) -> int
 
 
 def run_queues(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.action is not None:
+        change = client.pause_queue if args.action == "pause" else client.resume_queue
+        print_json(change(args.name))
+        return OK
     states = ("queued", "started", "scheduled", "deferred", "failed", "stopped", "finished")
     table = Table("queue", "process", *states, "oldest queued", "workers")
     for queue in client.queues():
         oldest = queue["oldest_queued_seconds"]
         busy = sum(1 for worker in queue["workers"] if worker["state"] == "busy")
         table.add_row(
-            queue["name"],
+            f"{queue['name']} (paused)" if queue.get("paused") else queue["name"],
             queue["process_type"],
             *(str(queue["counts"][state]) for state in states),
             "" if oldest is None else f"{oldest:.1f} s",
@@ -322,6 +379,57 @@ def run_delete_document(client: Client, args: argparse.Namespace, extra: list[st
 
 def run_webhook_secret(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
     print_json(client.webhook_secret())
+    return OK
+
+
+def run_schedules(client: Client, args: argparse.Namespace, extra: list[str]) -> int:
+    if args.action == "create":
+        schema = request_schema(client, args.type)
+        fields = field_parser(args.type, schema)
+        values, unknown = fields.parse_known_args(extra)
+        if unknown:
+            known = ", ".join(f"--{name}" for name in schema.get("properties", {}))
+            args.parser.error(f"unknown field(s) {' '.join(unknown)}; a {args.type} job's fields are {known}")
+        body = {name: value for name, value in vars(values).items() if value is not None}
+        schedule = client.create_schedule(
+            args.type,
+            body,
+            cron=args.cron,
+            every=args.every,
+            timezone=args.timezone,
+            paused=args.paused,
+            name=args.name,
+        )
+        err.print(f"created schedule {schedule['id']}", highlight=False)
+        print_json(schedule)
+    elif args.action == "list":
+        table = Table("id", "name", "type", "when", "paused", "next run", "runs", "last job")
+        table.columns[0].no_wrap = True
+        for schedule in client.schedules():
+            when = (
+                f"every {schedule['every']} s"
+                if schedule["every"]
+                else f"{schedule['cron']} ({schedule['timezone']})"
+            )
+            table.add_row(
+                schedule["id"],
+                schedule["name"] or "",
+                schedule["type"],
+                when,
+                "yes" if schedule["paused"] else "",
+                _time(schedule["next_run_at"]),
+                str(schedule["runs"]),
+                schedule["last_job_id"] or "",
+            )
+        out.print(table)
+    else:
+        run = {
+            "show": client.schedule,
+            "pause": client.pause_schedule,
+            "resume": client.resume_schedule,
+            "delete": client.delete_schedule,
+        }[args.action]
+        print_json(run(args.id))
     return OK
 
 
@@ -402,6 +510,12 @@ def field_parser(job_type: str, schema: dict[str, Any]) -> argparse.ArgumentPars
     for name, field in schema.get("properties", {}).items():
         names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kinds = _kinds(field)
+        if _is_string_list(field):  # e.g. --depends-on ID, repeated or a comma list
+            parser.add_argument(
+                *names, dest=name, action="extend", type=_comma_list, metavar="ID[,ID...]",
+                help=_field_help(field, name in required),
+            )  # fmt: skip
+            continue
         parser.add_argument(
             *names,
             dest=name,
@@ -441,6 +555,17 @@ def _kinds(field: dict[str, Any]) -> set[str]:
     if "const" in field:
         return {_json_type(field["const"])}
     return {"object"}  # a $ref: a model
+
+
+def _is_string_list(field: dict[str, Any]) -> bool:
+    options = field.get("anyOf", [field])
+    return any(
+        each.get("type") == "array" and (each.get("items") or {}).get("type") == "string" for each in options
+    )
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _json_type(value: Any) -> str:

@@ -97,9 +97,11 @@ class Client:
         queue: str | None = None,
         limit: int = 50,
         job_type: str | None = None,
+        schedule: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Recent jobs, newest first, optionally only those in a status, queue or of a type."""
-        params = {"status": status, "queue": queue, "type": job_type, "limit": limit}
+        """Recent jobs, newest first, optionally only those in a status, queue, of a type or made
+        by a schedule."""
+        params = {"status": status, "queue": queue, "type": job_type, "limit": limit, "schedule": schedule}
         return self._call("GET", "jobs", params=_given(params)).json()["jobs"]
 
     def retry_failed(
@@ -118,6 +120,14 @@ class Client:
         """Every queue with its jobs by state, its oldest queued job's age and its workers."""
         return self._call("GET", "queues").json()["queues"]
 
+    def pause_queue(self, name: str) -> dict[str, Any]:
+        """Workers take no further job off queue `name` (an operator's key only): its state."""
+        return self._call("POST", f"queues/{quote(name, safe='')}/pause").json()
+
+    def resume_queue(self, name: str) -> dict[str, Any]:
+        """Workers take queue `name`'s jobs again (an operator's key only): its state."""
+        return self._call("POST", f"queues/{quote(name, safe='')}/resume").json()
+
     def webhook_secret(self) -> dict[str, Any]:
         """The secret this key's completion webhooks are signed with: {"owner", "secret"}."""
         return self._call("GET", "webhooks/secret").json()
@@ -125,6 +135,41 @@ class Client:
     def openapi(self) -> dict[str, Any]:
         """The service's OpenAPI description (job types and their fields included)."""
         return self._call("GET", "openapi.json").json()
+
+    # ------------------------------------------------------------------ schedules
+
+    def create_schedule(
+        self,
+        job_type: str,
+        fields: dict[str, Any],
+        cron: str | None = None,
+        every: int | None = None,
+        timezone: str | None = None,
+        paused: bool = False,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit a `job_type` job with `fields` at every tick of `cron` (in `timezone`) or every
+        `every` seconds. Not retried: a repeat would make a second schedule."""
+        body = {"type": job_type, "job": fields, "cron": cron, "every": every, "timezone": timezone}
+        body.update(name=name, paused=paused or None)
+        return self._call("POST", "schedules", json=_given(body), retries=0).json()
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """The key's schedules, oldest first."""
+        return self._call("GET", "schedules").json()["schedules"]
+
+    def schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._call("GET", f"schedules/{quote(schedule_id, safe='')}").json()
+
+    def pause_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._call("POST", f"schedules/{quote(schedule_id, safe='')}/pause").json()
+
+    def resume_schedule(self, schedule_id: str) -> dict[str, Any]:
+        """Tick again, from the first tick after now (the paused time is not caught up)."""
+        return self._call("POST", f"schedules/{quote(schedule_id, safe='')}/resume").json()
+
+    def delete_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"schedules/{quote(schedule_id, safe='')}").json()
 
     # ------------------------------------------------------------------ batches
 
@@ -180,10 +225,14 @@ class Client:
 
     # ------------------------------------------------------------------ transport
 
-    def _call(self, method: str, path: str, timeout: float = 30, **kwargs: Any) -> requests.Response:
+    def _call(
+        self, method: str, path: str, timeout: float = 30, retries: int | None = None, **kwargs: Any
+    ) -> requests.Response:
         """One API call; waits as told by Retry-After on 429 and 503, and retries a connection that
-        broke. A connection that cannot be opened at all fails at once (Unreachable): a refused
-        connection answers immediately, and waiting would only hide a wrong URL or a server down."""
+        broke, up to `retries` times (default: the client's). A connection that cannot be opened
+        at all fails at once (Unreachable): a refused connection answers immediately, and waiting
+        would only hide a wrong URL or a server down."""
+        retries = self.retries if retries is None else retries
         url = urljoin(self.base_url, path)
         attempt = 0
         while True:
@@ -193,12 +242,12 @@ class Client:
                 reason = _unreachable(error)
                 if reason is not None:
                     raise Unreachable(self.base_url.rstrip("/"), reason) from None
-                if attempt >= self.retries:
+                if attempt >= retries:
                     raise
                 time.sleep(min(2**attempt * 0.5, self.max_backoff))
                 attempt += 1
                 continue
-            if response.status_code in RETRYABLE and attempt < self.retries:
+            if response.status_code in RETRYABLE and attempt < retries:
                 time.sleep(min(_retry_after(response), self.max_backoff))
                 attempt += 1
                 continue

@@ -38,6 +38,14 @@ def horse_died(signal_number: int | None) -> Error:
     return {"type": "WorkerDied", "message": f"The process running the job died before the job ended{how}."}
 
 
+def dependency_failed(dependency_id: str, status: str) -> Error:
+    """A job that never ran because a job it depends on did not finish."""
+    return {
+        "type": "DependencyFailed",
+        "message": f"The job was not run: its dependency {dependency_id} ended {status}.",
+    }
+
+
 def timed_out(job: Job) -> Error:
     return {
         "type": "JobTimeout",

@@ -23,7 +23,8 @@ service). Here the order jobs are taken in is fair, and nothing is capped:
 Jobs without an owner (no API_KEYS: one tenant) are queued as RQ queues them. Everything a
 change of state needs is done in the same Lua script or transaction as the change itself:
 a submission (`admit`), a take (`TAKE`), a cancel or delete (`forget`); a maintenance round
-(`repair`) moves on a key whose front job was removed behind RQ's back.
+(`repair`) moves on a key whose front job was removed behind RQ's back. A take passes over a
+queue an operator paused (jobs.engine.pause).
 """
 
 from __future__ import annotations
@@ -149,13 +150,14 @@ return deleted
 
 # Take up to ARGV[1] jobs (fewer once their data passes ARGV[2] bytes) off the first of the
 # worker's queues that has one it may run, moving each onto that queue's intermediate list,
-# and return the queue's key and each id with its job hash. Per queue, KEYS: queue,
-# intermediate list, started registry, front, owners, count, doorbell (PER of them).
+# and return the queue's key and each id with its job hash. A queue whose pause key exists
+# (jobs.engine.pause) is passed over: its jobs stay queued. Per queue, KEYS: queue,
+# intermediate list, started registry, front, owners, count, doorbell, pause (PER of them).
 # ARGV: most, budget, job key prefix, now, scan, doorbell limit, then each queue's waiting prefix.
 TAKE = (
     _PROMOTE
     + """
-local PER = 7
+local PER = 8
 local n = #KEYS / PER
 local most, budget, prefix, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local scan, bell_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -179,6 +181,10 @@ local function read(id)
   return hash, size
 end
 
+-- Queues an operator paused give no job; their jobs wait, and those running run on.
+local open = {}
+for i = 1, n do open[i] = redis.call('EXISTS', KEYS[i * PER]) == 0 end
+
 -- No key has a job on these queues (no API_KEYS): first come, first served, as RQ takes them.
 local shared = false
 for i = 1, n do
@@ -187,7 +193,7 @@ end
 if not shared then
   for i = 1, n do
     local base = (i - 1) * PER
-    local id = redis.call('LMOVE', KEYS[base + 1], KEYS[base + 2], 'LEFT', 'RIGHT')
+    local id = open[i] and redis.call('LMOVE', KEYS[base + 1], KEYS[base + 2], 'LEFT', 'RIGHT')
     if id then
       local taken, count, size = {KEYS[base + 1]}, 0, 0
       while id do
@@ -206,7 +212,7 @@ end
 
 local candidates, owners = {}, {}
 for i = 1, n do
-  for position, id in ipairs(redis.call('LRANGE', KEYS[(i - 1) * PER + 1], 0, scan - 1)) do
+  for position, id in ipairs(open[i] and redis.call('LRANGE', KEYS[(i - 1) * PER + 1], 0, scan - 1) or {}) do
     local c = candidate(id, i, position)
     candidates[#candidates + 1] = c
     owners[c.owner] = true
@@ -297,6 +303,7 @@ def take_keys(queue: Any, started_registry_key: str) -> list[str]:
         keys.fair_owners(queue.name),
         keys.fair_waiting_count(queue.name),
         keys.doorbell(queue.name),
+        keys.paused(queue.name),
     ]
 
 

@@ -8,10 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import as_text
 
 from jobs import keys
 from jobs.engine import fair
@@ -156,12 +158,43 @@ class Job(RQJob):
     def cancel(
         self, pipeline: Pipeline | None = None, enqueue_dependents: bool = False, **kwargs: Any
     ) -> dict[str, list[str]]:
-        # Off its queue, and out of its owner's place in the fair share (its next job moves up).
+        """RQ's cancel; off its queue, out of its owner's place in the fair share (its next job
+        moves up), and, unless RQ is asked to queue them, its dependents end canceled too
+        (jobs.engine.dependencies). With `enqueue_dependents` they are queued through the
+        engine's Queue, not RQ's."""
+        if enqueue_dependents and pipeline is None:
+            return self._cancel_queuing_dependents(**kwargs)
         moved = super().cancel(pipeline=pipeline, enqueue_dependents=enqueue_dependents, **kwargs)
         self._leave_fair_share(pipeline)
+        if pipeline is None and not enqueue_dependents:
+            from jobs.engine import dependencies
+
+            dependencies.settle_dependents(self.connection, self.id)
+        return moved
+
+    def _cancel_queuing_dependents(self, **kwargs: Any) -> dict[str, list[str]]:
+        """RQ's cancel(enqueue_dependents=True), in its own watched transaction as RQ's is, with
+        the dependents it readies queued by the engine's Queue after the commit."""
+        from jobs.engine.queue import Queue
+
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.dependents_key)
+                    moved = super().cancel(pipeline=pipe, enqueue_dependents=True, **kwargs)
+                    if not pipe.explicit_transaction:
+                        pipe.multi()
+                    self._leave_fair_share(pipe)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        Queue(self.origin, connection=self.connection).enqueue_ready_jobs_by_queue(moved)
         return moved
 
     def delete(self, pipeline: Pipeline | None = None, remove_from_queue: bool = True, **kwargs: Any) -> None:
+        # RQ deletes the job's dependents set with it: read first, to settle them after.
+        dependents = self.dependent_ids if pipeline is None else []
         super().delete(pipeline=pipeline, remove_from_queue=remove_from_queue, **kwargs)
         if remove_from_queue:
             self._leave_fair_share(pipeline)
@@ -170,6 +203,32 @@ class Job(RQJob):
         if owner := self.meta.get("owner"):
             for status in RETRYABLE_INDEXES:
                 connection.zrem(keys.retryable(owner, status), self.id)
+        if dependents:  # a deleted dependency counts as met, as in RQ
+            from jobs.engine import dependencies
+
+            dependencies.settle(self.connection, dependents)
+
+    def dependencies_are_met(
+        self,
+        parent_job: RQJob | None = None,
+        pipeline: Pipeline | None = None,
+        exclude_job_id: str | None = None,
+        refresh_job_status: bool = True,
+    ) -> bool:
+        """RQ's test, with the engine's verdict (jobs.engine.dependencies): every dependency
+        finished or gone; with `allow_dependency_failures`, every one ended, whichever way."""
+        from jobs.engine import dependencies
+
+        connection = pipeline if pipeline is not None else self.connection
+        if pipeline is not None:
+            connection.watch(*[self.key_for(dependency_id) for dependency_id in self._dependency_ids])
+        ids = [as_text(member) for member in connection.smembers(self.dependencies_key)]
+        ids = [job_id for job_id in ids if job_id != exclude_job_id]
+        statuses = dependencies.statuses_of(self.connection, ids)
+        if parent_job is not None and parent_job.id in statuses:
+            statuses[parent_job.id] = parent_job.get_status(refresh=refresh_job_status).value
+        found = dependencies.verdict(statuses, bool(self.allow_dependency_failures))
+        return found is not None and found.run
 
     def _leave_fair_share(self, pipeline: Pipeline | None) -> None:
         if self.owner is None or not self.origin:

@@ -26,10 +26,11 @@ import redis
 from rq import Queue as RQQueue
 from rq.exceptions import DequeueTimeout
 from rq.intermediate_queue import IntermediateQueue as RQIntermediateQueue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
-from jobs.engine import fair
+from jobs.engine import dependencies, fair
 from jobs.engine.job import Job
 from jobs.settings import get_settings
 
@@ -98,6 +99,52 @@ class Queue(RQQueue):
             at_front,
             self.job_class.redis_job_namespace_prefix,
         )
+
+    # ------------------------------------------------------------------ dependencies
+
+    def setup_dependencies(self, job: Job, pipeline: Any = None) -> Job:
+        """RQ's, but in a transaction already begun (a submission's, or several jobs'), where
+        RQ cannot WATCH the dependencies first: there the job is deferred as it is written, and
+        whoever runs the transaction settles it after (jobs.engine.dependencies.settle)."""
+        if job._dependency_ids and pipeline is not None and pipeline.explicit_transaction:
+            job.set_status(JobStatus.DEFERRED, pipeline=pipeline)
+            job.register_dependency(pipeline=pipeline)
+            job.save(pipeline=pipeline)
+            job.cleanup(ttl=job.ttl, pipeline=pipeline)
+            return job
+        return super().setup_dependencies(job, pipeline=pipeline)
+
+    def enqueue_job(
+        self, job: Job, pipeline: Any = None, at_front: bool = False, unique: bool = False
+    ) -> Job:
+        job = super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
+        if pipeline is None and job.get_status(refresh=False) == JobStatus.DEFERRED:
+            # RQ defers a job whose dependency already failed, was stopped or canceled, for good.
+            dependencies.settle(self.connection, [job.id])
+            if job.get_status() != JobStatus.DEFERRED:
+                job.refresh()
+        return job
+
+    def enqueue_dependents(
+        self, job: Job, exclude_job_id: str | None = None, refresh_job_status: bool = True
+    ) -> dict[str, list[str]]:
+        """RQ's worker calls this after a job failed for good or was stopped: RQ queues the
+        dependents that allow failures and leaves the others deferred; here each dependent is
+        queued or canceled (jobs.engine.dependencies)."""
+        if exclude_job_id is not None:  # RQ's cancel(enqueue_dependents=True) of `job`
+            return super().enqueue_dependents(job, exclude_job_id, refresh_job_status)
+        queued = dependencies.settle_dependents(self.connection, job.id)
+        return {self.name: queued} if queued else {}
+
+    def enqueue_ready_jobs_by_queue(self, job_ids_by_queue_name: dict[str, list[str]]) -> None:
+        """Queue the dependents RQ's own step readied, through the engine's Queue (RQ's
+        ReadyJobRegistry pushes them with RQ's Queue: past the fair share, no doorbell)."""
+        for queue_name, job_ids in job_ids_by_queue_name.items():
+            for job_id in job_ids:
+                try:
+                    dependencies.enqueue(self.connection, job_id, (JobStatus.READY_TO_ENQUEUE,))
+                except Exception:  # RQ's maintenance (ReadyJobRegistry.cleanup) queues it later
+                    log.exception("could not queue job %s on %s; maintenance will", job_id, queue_name)
 
     @property
     def count(self) -> int:
@@ -204,14 +251,16 @@ class IntermediateQueue(RQIntermediateQueue):
     intermediate list: this is the one recovery path for jobs a worker took but never
     started. Such a job never ran, so it goes back to the front of its queue with its retries
     intact, `INTERMEDIATE_GRACE` seconds after maintenance first saw it there. The same round
-    moves on any key whose front job left the queue unannounced (jobs.engine.fair) and drops
-    expired entries of the queue's stopped-jobs count.
+    moves on any key whose front job left the queue unannounced (jobs.engine.fair), drops
+    expired entries of the queue's stopped-jobs count, and settles the deferred jobs whose
+    dependencies have ended (jobs.engine.dependencies).
     """
 
     def cleanup(self, worker: Any, queue: RQQueue) -> None:
         recover_intermediate(self, queue, older_than=get_settings().intermediate_grace)
         fair.repair(queue.connection, queue, Job.redis_job_namespace_prefix)
         queue.connection.zremrangebyscore(keys.stopped(queue.name), "-inf", time.time())
+        dependencies.sweep(queue.connection, queue.name)
 
 
 def recover_intermediate(

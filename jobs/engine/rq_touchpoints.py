@@ -239,6 +239,22 @@ TOUCHPOINTS = (
         ),
     ),
     Touchpoint(
+        "Dependencies: Queue._enqueue_job(job, pipeline, at_front), Queue.setup_dependencies, "
+        "enqueue_dependents and enqueue_ready_jobs_by_queue; Job._dependency_ids, "
+        "allow_dependency_failures, dependencies_are_met",
+        "jobs.engine.dependencies queues a settled dependent as RQ's ReadyJobRegistry does, "
+        "through _enqueue_job; the engine's Queue and Job override RQ's dependency steps by name.",
+        lambda: (
+            _params(Queue._enqueue_job, "job", "pipeline", "at_front")
+            and _params(Queue.setup_dependencies, "job", "pipeline")
+            and _params(Queue.enqueue_dependents, "job", "exclude_job_id", "refresh_job_status")
+            and _params(Queue.enqueue_ready_jobs_by_queue, "job_ids_by_queue_name")
+            and _params(Job.dependencies_are_met, "parent_job", "pipeline", "exclude_job_id")
+            and _source_mentions(Job.restore, "self._dependency_ids", "self.allow_dependency_failures")
+            and _source_mentions(BaseWorker.handle_job_failure, "self._enqueue_dependents_safely(")
+        ),
+    ),
+    Touchpoint(
         "Worker.__init__ sizes the socket timeout from maintenance_interval",
         "The engine passes its intervals to RQ's constructor, so the connection's socket "
         "timeout follows MAINTENANCE_INTERVAL instead of RQ's default of 10 minutes.",

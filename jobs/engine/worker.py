@@ -35,7 +35,7 @@ from rq.worker import WorkerStatus
 from jobs import batches, callbacks, keys, logs, metrics, quota
 from jobs.callbacks import Courier
 from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
-from jobs.engine import errors
+from jobs.engine import dependencies, errors
 from jobs.engine.horse import (
     DONE,
     ENDED,
@@ -50,6 +50,7 @@ from jobs.engine.horse import (
 )
 from jobs.engine.job import Job
 from jobs.engine.queue import STOPPING, EmbedQueue, Queue, ring
+from jobs.schedules import Ticker
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -104,6 +105,7 @@ class Worker(ForkingWorker):
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
         self._courier: Courier | None = None
+        self._ticker: Ticker | None = None
         self._probe: RedisProbe | None = None
         # When the worker's hash was last kept alive, and until when (time.monotonic()).
         self._beat_at = self._beat_until = float("-inf")
@@ -132,6 +134,9 @@ class Worker(ForkingWorker):
         # Says within seconds when Redis stops answering and when it answers again.
         self._probe = RedisProbe(self.settings.redis_client_url, self._outage)
         self._probe.start()
+        # Recurring schedules: one worker process of all ticks them (jobs.schedules).
+        self._ticker = Ticker(self.connection, self.settings)
+        self._ticker.start()
 
     # ------------------------------------------------------------------ taking jobs
 
@@ -534,12 +539,13 @@ class Worker(ForkingWorker):
         counters), what waiters wait for (the job event) and the job metrics.
 
         RQ watches a job's dependents key for the whole of that; here the transaction reads
-        whether any dependents are waiting, and those are enqueued right after it, through
-        RQ. A dependent added later sees its dependency finished and is enqueued at once.
+        the dependents waiting (before a job kept for no time is deleted with them), and those
+        are settled right after it (jobs.engine.dependencies). A dependent written later sees
+        its dependency finished and is queued at once.
         """
         with self.connection.pipeline() as pipe:
             for job, _ in running:
-                pipe.exists(job.dependents_key)
+                pipe.smembers(job.dependents_key)
             for job, execution in running:
                 job._status = JobStatus.FINISHED
                 self.increment_successful_job_count(pipeline=pipe)
@@ -565,9 +571,15 @@ class Worker(ForkingWorker):
         self._ring_if_capped([job for job, _ in running])
         for (job, _), dependents in zip(running, results[: len(running)], strict=True):
             if dependents:
-                self._enqueue_dependents_safely(queue, job)
+                self._settle_dependents(job, dependents)
             job.send_webhooks(JobStatus.FINISHED)
             log.info("job %s finished in %.3f s", job.id, (job.ended_at - job.started_at).total_seconds())
+
+    def _settle_dependents(self, job: Job, dependents: set[bytes]) -> None:
+        try:
+            dependencies.settle(self.connection, [member.decode() for member in dependents])
+        except Exception:  # the maintenance round settles them (dependencies.sweep)
+            log.exception("could not settle the dependents of job %s", job.id)
 
     def _retire_reason(self, succeeded: bool, state: ProcessState, done: int) -> str | None:
         if not succeeded:
@@ -601,6 +613,9 @@ class Worker(ForkingWorker):
             if self._probe is not None:
                 self._probe.stop()
                 self._probe = None
+            if self._ticker is not None:
+                self._ticker.stop()
+                self._ticker = None
             if self._horse is not None:
                 self._horse.close()
                 self._horse = None

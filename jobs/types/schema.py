@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, model_validator
 
 from jobs.settings import Settings, get_settings
 
@@ -13,6 +13,8 @@ from jobs.settings import Settings, get_settings
 Queue = Literal["high", "default", "low"]
 
 MAX_RETRIES = 10
+# Most jobs one job may depend on.
+MAX_DEPENDENCIES = 100
 
 
 class JobInput(BaseModel):
@@ -46,6 +48,27 @@ class JobOptions(JobInput):
             "stopped or canceled); needs CALLBACK_SECRET on the server. See the README, webhooks."
         ),
     )
+    depends_on: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_DEPENDENCIES,
+        description=(
+            f"Ids of up to {MAX_DEPENDENCIES} of the caller's own jobs this one waits for: it is "
+            "`deferred` until they have all finished, and ends `canceled` (error `DependencyFailed`) "
+            "if one fails, is stopped or canceled. A repeated id counts once."
+        ),
+        json_schema_extra={"examples": [["4f9c2a1e8b7d4c3a9e6f1b2d3c4a5e6f"]]},
+    )
+    allow_failure: bool = Field(
+        default=False,
+        description="With `depends_on`: run once every dependency has ended, whether it finished or not.",
+    )
+
+    @model_validator(mode="after")
+    def _dependencies_not_delayed(self) -> JobOptions:
+        if self.depends_on and self.delay:
+            raise ValueError("a job with depends_on cannot also have a delay")
+        return self
 
 
 OPTION_FIELDS = frozenset(JobOptions.model_fields)

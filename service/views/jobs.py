@@ -71,6 +71,8 @@ class ListQuery(BaseModel):
     queue: QueueName | None = None
     type: str | None = Field(default=None, min_length=1, max_length=MAX_TYPE_NAME)
     limit: int = Field(default=50, ge=1, le=200)
+    # Only the jobs this schedule's ticks made (jobs.schedules).
+    schedule: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class BulkRetry(BaseModel):
@@ -169,7 +171,9 @@ def read_job(job_id: str) -> Response:
 def list_jobs() -> Response:
     state = get_state()
     query = validate(ListQuery, query_args())
-    found = recent_jobs(state, current_owner(), query.status, query.queue, query.limit, query.type)
+    found = recent_jobs(
+        state, current_owner(), query.status, query.queue, query.limit, query.type, query.schedule
+    )
     due = scheduled_times(state, found)
     return jsonify(jobs=[job_view(job, scheduled_for=due.get(job.id)) for job in found])
 

@@ -1,4 +1,5 @@
-"""The operators' overview: every queue, its jobs by state, and the workers serving it."""
+"""The operators' overview: every queue, its jobs by state, and the workers serving it; and
+the operators' pause and resume of one queue (jobs.engine.pause)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from rq.registry import (
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 from jobs import keys
-from jobs.engine import fair
+from jobs.engine import fair, pause
 from jobs.families import EMBED, GENERAL, family_queues
 from jobs.times import parse_iso
-from service.security import current_owner
+from service.errors import ApiError
+from service.replication import acknowledges_writes
+from service.security import current_owner, require_operator
 from service.state import get_state
 from service.workers import is_live
 
@@ -75,10 +78,11 @@ def list_queues() -> Response:
                 else:
                     pipe.zcard(key)
             pipe.zcount(keys.stopped(name), now, "+inf")
+            pipe.get(keys.paused(name))
         pipe.smembers(REDIS_WORKER_KEYS)
         answers = pipe.execute()
     worker_keys = sorted(key.decode() for key in answers.pop())
-    per_queue = len(REGISTRIES) + 4
+    per_queue = len(REGISTRIES) + 5
     with connection.pipeline(transaction=False) as pipe:
         for key in worker_keys:
             pipe.hmget(key, "state", "last_heartbeat", "death", "queues")
@@ -90,13 +94,16 @@ def list_queues() -> Response:
     owned = _owned_jobs(connection, {job for worker in workers for job in worker["jobs"]})
     listing = []
     for i, (family, name) in enumerate(queues):
-        counts = answers[i * per_queue : (i + 1) * per_queue]
+        *counts, paused = answers[i * per_queue : (i + 1) * per_queue]
+        queue_state = pause.state(name, paused)
         listing.append(
             {
                 "name": name,
                 "process_type": PROCESS_TYPES[family],
                 "counts": _counts(counts),
                 "oldest_queued_seconds": _age(counts[2], now),
+                "paused": queue_state["paused"],
+                "paused_at": queue_state["paused_at"],
                 "workers": [
                     {
                         "name": worker["name"],
@@ -110,6 +117,32 @@ def list_queues() -> Response:
             }
         )
     return jsonify(queues=listing)
+
+
+@bp.post("/queues/<name>/pause")
+@acknowledges_writes
+def pause_queue(name: str) -> Response:
+    """Workers take no further job off the queue until it is resumed; running jobs run on, and
+    submissions are still accepted (they wait). Pausing a paused queue changes nothing."""
+    connection = _operators_queue(name)
+    return jsonify(pause.pause(connection, name, by=current_owner()))
+
+
+@bp.post("/queues/<name>/resume")
+@acknowledges_writes
+def resume_queue(name: str) -> Response:
+    """Workers take the queue's jobs again, idle ones at once."""
+    connection = _operators_queue(name)
+    return jsonify(pause.resume(connection, name))
+
+
+def _operators_queue(name: str) -> Any:
+    """The connection to act on queue `name` with: 403 unless an operator asks, 404 for no such queue."""
+    require_operator()
+    state = get_state()
+    if name not in state.queues:
+        raise ApiError(404, f"No such queue; the queues are {', '.join(state.queues)}.")
+    return state.redis
 
 
 def _counts(answers: list[Any]) -> dict[str, int]:
