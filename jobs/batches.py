@@ -4,9 +4,12 @@ last of them ends.
 - **What is kept.** Per batch (jobs.keys): a hash (owner, total, created_at, ended_at, the
   callback's URL and delivery state), the job ids in order, and the set of ids whose end has
   not been recorded yet (`pending`). Each job carries `batch_id` in its meta.
-- **The end, once.** Wherever a job's final end is recorded and announced (`callbacks.due`,
-  called by the worker, the web process's cancel and the maintenance round), `job_ended`
-  removes it from `pending` and, in the same script, ends the batch when `pending` is empty:
+- **The end, once.** Wherever a job's final end is recorded (`Job._handle_failure`, in the
+  transaction that records a failure, the maintenance round's included) or announced
+  (`callbacks.due`: the worker's success and failure, the web process's cancel), `job_ended`
+  removes it from `pending`, once its hash shows the end (an end announced a moment before
+  it is recorded is taken when it is recorded), and, in the same script, ends the batch
+  when `pending` is empty:
   `ended_at` is set only if it was not (HSETNX), and only the call that sets it makes the
   batch's callback due and expires the batch. However its jobs end, in whatever order, on
   whichever workers, a batch ends once.
@@ -67,12 +70,20 @@ STATUSES = (
 EXPIRED = "expired"
 _TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES) | {EXPIRED}
 
-# Leave `pending` (ARGV[1], '' for none) and, when it is empty, end the batch once.
-# KEYS: batch hash, its job list, its pending set, BATCHES_OPEN, CALLBACKS.
+# Leave `pending` (ARGV[1], '' for none) once the job's hash shows its end (an end announced
+# before it is recorded is taken when it is), and, when `pending` is empty, end the batch once.
+# KEYS: batch hash, its job list, its pending set, BATCHES_OPEN, CALLBACKS, the job's hash.
 # ARGV: job id, batch id, ended_at (ISO 8601), the callback entry, JOB_EVENTS_CHANNEL,
 # CALLBACKS_CHANNEL. Returns 1 when this call ended the batch.
 _END = """
-if ARGV[1] ~= '' then redis.call('SREM', KEYS[3], ARGV[1]) end
+if ARGV[1] ~= '' then
+  local status = redis.call('HGET', KEYS[6], 'status')
+  if status and status ~= 'finished' and status ~= 'failed' and status ~= 'stopped'
+      and status ~= 'canceled' then
+    return 0
+  end
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
 if redis.call('SCARD', KEYS[3]) > 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[4], ARGV[2])
@@ -118,19 +129,21 @@ def create(
 
 
 def job_ended(pipe: Any, job: Job) -> None:
-    """`job` of a batch reached its final end (in the pipeline that announces it)."""
+    """`job` of a batch reached its final end (in the pipeline that records or announces it;
+    after the commands that record it, which the script checks)."""
     _queue_end(pipe, job.meta["batch_id"], job.id)
 
 
 def _queue_end(client: Any, batch_id: str, job_id: str) -> Any:
     return client.eval(
         _END,
-        5,
+        6,
         keys.batch(batch_id),
         keys.batch_jobs(batch_id),
         keys.batch_pending(batch_id),
         keys.BATCHES_OPEN,
         keys.CALLBACKS,
+        Job.key_for(job_id) if job_id else keys.batch(batch_id),
         job_id,
         batch_id,
         iso(now()),

@@ -256,6 +256,10 @@ class Job(RQJob):
             pipeline.zadd(index, {self.id: ended})
             if ttl > 0:  # entries of jobs expired since go as the index is written
                 pipeline.zremrangebyscore(index, "-inf", ended - ttl)
+        if self.meta.get("batch_id"):  # its batch may end with it, in the same transaction
+            from jobs import batches  # which imports this module
+
+            batches.job_ended(pipeline, self)
 
 
 # The owner's indexes of jobs a bulk retry can take (keys.retryable).
