@@ -166,6 +166,28 @@ def test_wait_returns_when_the_batch_is_done(web, workers):
     assert view["callback"] is None
 
 
+def test_batch_jobs_wait_for_their_dependencies_and_see_those_already_ended(web, workers, real_redis):
+    """A batch job may depend on earlier jobs: one whose dependency has finished is queued by
+    the request itself, not left deferred for a maintenance round to find."""
+    done = web.post_job("log", {"message": "first"}).json()["id"]
+    failing = web.post_job("flaky", {"failures": 5}).json()["id"]
+    workers(count=1)
+    web.wait_for_status(done, {"finished"})
+    web.wait_for_status(failing, {"failed"})
+    batch = post_batch(
+        web,
+        [
+            {"type": "log", "message": "after the first", "depends_on": [done]},
+            {"type": "log", "message": "after the failure", "depends_on": [failing]},
+        ],
+    )
+    after_done, after_failure = batch["job_ids"]
+    assert real_redis.hget(f"rq:job:{after_done}", "status") != b"deferred"
+    assert web.job(after_failure)["error"]["type"] == "DependencyFailed"
+    view = read_batch(web, batch["id"], wait=30)
+    assert view["done"] and view["counts"]["finished"] == 1 and view["counts"]["canceled"] == 1
+
+
 def json_documents(text: str) -> list[dict]:
     decoder, found, at = json.JSONDecoder(), [], 0
     while at < len(text.strip()):

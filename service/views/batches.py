@@ -34,6 +34,7 @@ from service.submit import (
     check_idempotency_key,
     enqueue,
     prepare,
+    settle,
 )
 
 bp = Blueprint("batches", __name__)
@@ -119,6 +120,7 @@ def create_batch() -> Response:
             enqueue(pipe, each, settings)
         created_at = batches.create(pipe, batch_id, owner, job_ids, body.callback_url, settings.result_ttl)
         pipe.execute()
+    settle(state.redis, prepared)  # jobs whose dependencies ended meanwhile are queued now
     log.info("batch %s accepted: %d jobs", batch_id, len(job_ids))
     view = {
         "id": batch_id,
