@@ -16,6 +16,7 @@ do not delay it. In Python:
 
     with RttProxy(redis_port, delay_ms=0.5) as proxy:
         redis.Redis.from_url(proxy.url(redis_url))
+        proxy.set_rtt(2)  # from now on, for every connection: 1 ms each way
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import collections
 import os
 import selectors
+import signal
 import socket
 import sys
 import tempfile
@@ -35,10 +37,17 @@ from scripts.embedded_redis import free_port
 from scripts.processes import ROOT, Process, wait_until
 
 
+class Delay:
+    """The one-way delay in seconds, which a running proxy may be told to change."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
 class _Direction(asyncio.Protocol):
     """One side of a proxied connection: what it receives goes, delayed, to its peer."""
 
-    def __init__(self, delay: float, first_delay: float = 0.0) -> None:
+    def __init__(self, delay: Delay, first_delay: float = 0.0) -> None:
         self.delay = delay
         self.first_delay = first_delay  # extra for the first chunk (the handshake's round trip)
         self.transport: asyncio.Transport | None = None
@@ -53,7 +62,7 @@ class _Direction(asyncio.Protocol):
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        delay = self.delay + self.first_delay
+        delay = self.delay.seconds + self.first_delay
         self.first_delay = 0.0
         if delay <= 0 and not self.held:
             self._send(data)
@@ -106,8 +115,8 @@ class _Direction(asyncio.Protocol):
 class _Client(_Direction):
     """A client's connection: opens the connection to the target, then forwards both ways."""
 
-    def __init__(self, delay: float, target: tuple[str, int]) -> None:
-        super().__init__(delay, first_delay=2 * delay)
+    def __init__(self, delay: Delay, target: tuple[str, int]) -> None:
+        super().__init__(delay, first_delay=2 * delay.seconds)
         self.target = target
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,9 +134,18 @@ class _Client(_Direction):
         self.transport.resume_reading()
 
 
-async def serve(target_port: int, delay_ms: float, port: int, target_host: str = "127.0.0.1") -> None:
+async def serve(
+    target_port: int, delay_ms: float, port: int, target_host: str = "127.0.0.1", control: Path | None = None
+) -> None:
     loop = asyncio.get_running_loop()
-    delay = delay_ms / 1000
+    delay = Delay(delay_ms / 1000)
+    if control is not None:
+        # SIGUSR1: take the delay written in the control file (RttProxy.set_delay).
+        def reload() -> None:
+            delay.seconds = float(control.read_text()) / 1000
+            print(f"rtt_proxy: delay now {control.read_text().strip()} ms each way", flush=True)
+
+        loop.add_signal_handler(signal.SIGUSR1, reload)
     server = await loop.create_server(
         lambda: _Client(delay, (target_host, target_port)), "127.0.0.1", port, reuse_address=True
     )
@@ -136,11 +154,13 @@ async def serve(target_port: int, delay_ms: float, port: int, target_host: str =
         await server.serve_forever()
 
 
-def run(target_port: int, delay_ms: float, port: int, target_host: str = "127.0.0.1") -> None:
+def run(
+    target_port: int, delay_ms: float, port: int, target_host: str = "127.0.0.1", control: Path | None = None
+) -> None:
     """Serve until killed, on an event loop whose timers keep microseconds (select, not epoll)."""
     loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
     try:
-        loop.run_until_complete(serve(target_port, delay_ms, port, target_host))
+        loop.run_until_complete(serve(target_port, delay_ms, port, target_host, control))
     finally:
         loop.close()
 
@@ -174,12 +194,13 @@ class RttProxy:
 
     def start(self) -> RttProxy:
         self._logs = tempfile.TemporaryDirectory(prefix="afterward-rtt-proxy-")
+        self._control = Path(self._logs.name) / "delay-ms"
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         for attempt in range(3):
             self.port = free_port()
             command = (
                 f"{sys.executable} -m bench.rtt_proxy --delay-ms {self.delay_ms} --port {self.port} "
-                f"--target-host {self.target_host} {self.target_port}"
+                f"--target-host {self.target_host} --control {self._control} {self.target_port}"
             )
             self.process = Process("rtt-proxy", command, env, Path(self._logs.name) / f"{self.port}.log")
             try:
@@ -190,6 +211,19 @@ class RttProxy:
                 if attempt == 2 or "in use" not in self.process.output():
                     raise
         raise AssertionError("unreachable")
+
+    def set_delay(self, delay_ms: float) -> None:
+        """Change the running proxy's one-way delay; bytes already held keep theirs."""
+        assert self.process is not None, "the proxy is not running"
+        self._control.write_text(repr(delay_ms))
+        told = f"delay now {delay_ms!r} ms"
+        seen = self.process.output().count(told)
+        self.process.signal(signal.SIGUSR1)
+        wait_until(lambda: self.process.output().count(told) > seen, timeout=30, what="the new delay")
+        self.delay_ms = delay_ms
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        self.set_delay(rtt_ms / 2)
 
     def _listening(self) -> bool:
         return self.process is not None and f"127.0.0.1:{self.port} ->" in self.process.output()
@@ -219,8 +253,11 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=0, help="the port to listen on (default: a free one)")
     parser.add_argument("--target-host", default="127.0.0.1")
+    parser.add_argument(
+        "--control", type=Path, help="on SIGUSR1, take the one-way delay in ms written in this file"
+    )
     args = parser.parse_args()
-    run(args.target_port, args.delay_ms, args.port or free_port(), args.target_host)
+    run(args.target_port, args.delay_ms, args.port or free_port(), args.target_host, args.control)
 
 
 if __name__ == "__main__":

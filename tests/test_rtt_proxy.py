@@ -100,3 +100,15 @@ def test_the_proxy_process_ends_with_its_block(test_db: stack.TestDatabase):
         assert process is not None and process.alive()
         assert redis.Redis.from_url(through.url(test_db.url)).ping()
     assert not process.alive()
+
+
+def test_a_running_proxy_takes_a_new_rtt(test_db: stack.TestDatabase):
+    with proxy(test_db, 0) as through:
+        client = redis.Redis.from_url(through.url(test_db.url))
+        client.ping()
+        before = round_trip(client, samples=10)
+        through.set_rtt(20)
+        after = round_trip(client, samples=10)
+        client.close()
+    assert through.rtt_ms == 20
+    assert after >= 20 > before, (before, after)
