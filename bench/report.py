@@ -29,7 +29,20 @@ from scripts.processes import ROOT
 # are held to (">=" or "<=", ratio), and the arguments of each full-size run (one run at its
 # default sizes unless said).
 BENCHMARKS = [
-    ("bench.e2e_log", ["--jobs", "60"], {"e2e_log": (">=", 5.0), "e2e_log vs HTTP ceiling": (">=", 0.5)}),
+    (
+        "bench.e2e_log",
+        ["--jobs", "60", "--rtt", "0,1", "--idle", "10"],
+        {
+            "e2e_log": (">=", 5.0),
+            "e2e_log vs HTTP ceiling": (">=", 0.5),
+            "e2e_log at 1 ms RTT, one API key": (">=", 3.0),
+            "e2e_log at 1 ms RTT, a key per client": (">=", 3.0),
+            "e2e_log: Afterward at 1 ms RTT vs 0 ms, one API key": (">=", 0.8),
+            "e2e_log: Afterward at 1 ms RTT vs 0 ms, a key per client": (">=", 0.8),
+            "e2e_log idle POST -> finished p50 at 0 ms RTT": ("<=", 1.0),
+            "e2e_log idle POST -> finished p50 at 1 ms RTT": ("<=", 1.0),
+        },
+    ),
     ("bench.worker_classes", ["--jobs", "40"], {"worker_classes": (">=", 1.0)}),
     (
         "bench.costs",
