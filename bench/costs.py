@@ -1,6 +1,10 @@
-"""Where a job's time goes: Redis commands, round trips and CPU per job, stock RQ and ours.
+"""Where a job's time goes: Redis commands, round trips and CPU per job, stock RQ and ours;
+and what each of the engine's overrides of RQ saves at 1 ms RTT.
 
-    .venv/bin/python -m bench.costs [--jobs 500] [--clients 8]
+    .venv/bin/python -m bench.costs [--jobs 500] [--clients 8] [--rtt 0,1] [--path-jobs 200]
+
+Every Redis client of the run connects through bench.rtt_proxy, set to each `--rtt` in turn
+(milliseconds); per job, the wall time is the run's span divided by its jobs.
 
 Stock RQ: the jobs are enqueued with `queue.enqueue` and run by a preloaded `rq worker-pool`
 of 2 workers (bench.stock_worker); the bench waits by counting the finished registry twice a
@@ -12,10 +16,20 @@ Idempotency-Key, then waits with one status request (`GET <Location>?wait=30`).
 Per job: Redis commands (INFO commandstats), round trips (Redis's read events, which is what
 one request or one pipeline costs it), and CPU milliseconds spent by each process type (the
 client threads included), from psutil before and after.
+
+Overrides, at `--path-rtt` (1 ms): one worker (bench.rq_paths.PathWorker: the engine's worker,
+timed path by path) drains `--path-jobs` log jobs queued beforehand, once as it is and once
+with each override kept for speed swapped back to RQ's own code (BENCH_RQ_CODE). For each:
+the round trips (requests sent by the work loop) and milliseconds its path costs per job
+(take: from one job's end to the next one's start; start: marking the job started; finish:
+recording its success), and the share of the path the override saves. An override kept for
+speed that saves under 10 % of its path goes back to RQ's code. The overrides that exist for
+correctness are listed with the test that fails without them: they are not judged on speed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -30,9 +44,12 @@ import requests
 from rq import Queue
 
 from bench.common import ClientKeys, bench_parser, env_for, result, run_clients, service
+from bench.rq_paths import SWAPS, WARM_UP
+from bench.rtt_proxy import RttProxy
+from jobs.engine.queue import Queue as EngineQueue
 from scripts.embedded_redis import EmbeddedRedis
 from scripts.processes import ROOT, Process, wait_until
-from scripts.stack import TestDatabase
+from scripts.stack import TestDatabase, procfile_command
 
 
 def cpu_seconds(root: psutil.Process) -> float:
@@ -78,12 +95,12 @@ class Meter:
         return figures
 
 
-def stock(server: EmbeddedRedis, tmp: Path, jobs: int) -> dict[str, float]:
+def stock(server: EmbeddedRedis, tmp: Path, jobs: int, proxy: RttProxy) -> dict[str, float]:
     db = TestDatabase(server.base_url).acquire()
-    env = env_for(db, tmp)
+    env = env_for(db, tmp, REDIS_URL=proxy.url(db.url))
     command = f"{sys.executable} -m bench.stock_worker worker-pool default --num-workers 2"
     pool = Process("stock", command, env, tmp / "stock.log", cwd=ROOT)
-    connection = db.client()
+    connection = redis.Redis.from_url(proxy.url(db.url))
     try:
         wait_until(lambda: connection.scard("rq:workers") >= 2, what="stock workers", process=pool)
         queue = Queue("default", connection=connection)
@@ -97,23 +114,25 @@ def stock(server: EmbeddedRedis, tmp: Path, jobs: int) -> dict[str, float]:
         )
         time.sleep(1)  # let the workers settle into waiting
         meter.start()
+        started = time.perf_counter()
         for i in range(jobs):
             queue.enqueue("jobs.types.log.write_log", message=f"job {i}")
         polls = 0
         while queue.finished_job_registry.count < jobs:
             polls += 2  # ZREMRANGEBYSCORE + ZCARD
-            time.sleep(0.5)
+            time.sleep(0.02)
         polls += 2
-        return meter.stop(jobs, overhead=polls)
+        elapsed = time.perf_counter() - started
+        return {**meter.stop(jobs, overhead=polls), "wall ms": elapsed * 1000 / jobs}
     finally:
         pool.kill()
         db.release()
 
 
-def afterward(server: EmbeddedRedis, tmp: Path, jobs: int, clients: int) -> dict[str, float]:
+def afterward(server: EmbeddedRedis, tmp: Path, jobs: int, clients: int, proxy: RttProxy) -> dict[str, float]:
     db = TestDatabase(server.base_url).acquire()
     keys = ClientKeys(clients)
-    env = env_for(db, tmp, API_KEYS=keys.setting)
+    env = env_for(db, tmp, API_KEYS=keys.setting, REDIS_URL=proxy.url(db.url))
 
     def submit_and_wait(session: requests.Session, i: int) -> None:
         headers = {**keys.headers(session), "Idempotency-Key": uuid.uuid4().hex}
@@ -131,7 +150,7 @@ def afterward(server: EmbeddedRedis, tmp: Path, jobs: int, clients: int) -> dict
             pool = next(p for p in psutil.Process().children() if "worker-pool" in " ".join(p.cmdline()))
             run_clients(clients, min(50, jobs), submit_and_wait)  # warm up
             meter = Meter(
-                db.client(),
+                redis.Redis.from_url(proxy.url(db.url)),
                 {
                     "client": psutil.Process,
                     "web": lambda: psutil.Process(web.process.pid),
@@ -141,28 +160,254 @@ def afterward(server: EmbeddedRedis, tmp: Path, jobs: int, clients: int) -> dict
             )
             time.sleep(1)
             meter.start()
+            started = time.perf_counter()
             run_clients(clients, jobs, submit_and_wait)
-            return meter.stop(jobs)
+            elapsed = time.perf_counter() - started
+            return {**meter.stop(jobs), "wall ms": elapsed * 1000 / jobs}
     finally:
         db.release()
+
+
+# The engine's overrides of RQ that exist for correctness, not speed: not judged on speed.
+# (class.method(s), what it is for, the test that covers it)
+CORRECTNESS = [
+    (
+        "Queue.dequeue_any",
+        "a take that cannot lose a job (atomic move onto the intermediate list), fair share, paused queues",
+        "test_faults.py::test_a_job_taken_by_a_worker_that_dies_before_starting_it_runs "
+        "(test_stock_rq_loses_a_job_in_that_window shows RQ's dequeue losing it)",
+    ),
+    (
+        "Queue.push_job_id",
+        "fair share between API keys, and the doorbell that wakes an idle worker",
+        "test_fair_share.py::test_a_new_keys_job_waits_for_at_most_one_job_of_each_other_key, "
+        "test_queue.py::test_every_push_rings_the_doorbell",
+    ),
+    (
+        "Queue.count, Queue.empty",
+        "the jobs waiting behind their key's turn count and go too",
+        "test_fair_share.py::test_emptying_a_queue_deletes_the_jobs_waiting_their_turn_too",
+    ),
+    (
+        "Queue.intermediate_queue, IntermediateQueue.cleanup",
+        "a job taken but never started is put back, not failed",
+        "test_queue.py::test_rqs_maintenance_puts_a_job_back_instead_of_failing_it",
+    ),
+    (
+        "Queue.acquire_maintenance_lock",
+        "a worker dying mid-maintenance stalls recovery for a minute, not fifteen",
+        "test_faults.py::test_recovery_with_the_default_intervals_is_under_a_minute",
+    ),
+    (
+        "Queue.setup_dependencies, enqueue_job, enqueue_dependents, enqueue_ready_jobs_by_queue; "
+        "Job.dependencies_are_met, cancel, _cancel_queuing_dependents",
+        "dependencies inside a submission's transaction; failures cancel dependents",
+        "test_dependencies.py::test_failures_cancel_dependents_transitively_and_allow_failure_runs_anyway, "
+        "test_dependencies_that_ended_before_the_submit_settle_it_at_once",
+    ),
+    (
+        "Job.__init__, func_name, func, check_registered, success/failure/stopped_callback",
+        "JSON only; only registered functions and callbacks run",
+        "test_jobs.py::test_job_is_json_even_when_asked_for_pickle, test_job_refuses_unregistered_functions",
+    ),
+    (
+        "Job.to_dict, restore",
+        "the owning API key is stored with the job",
+        "test_security.py::test_a_job_is_visible_only_to_its_key",
+    ),
+    (
+        "Job.delete, _leave_fair_share",
+        "a deleted or canceled front job moves its key's turn on",
+        "test_fair_share.py::test_canceling_or_deleting_a_front_job_moves_its_key_on",
+    ),
+    (
+        "Job.perform, prepare_for_execution, _handle_failure",
+        "attempts counted where the job is started; a final failure recorded in its own transaction",
+        "test_integration.py::test_failed_attempt_is_retried_then_finishes, "
+        "test_webhooks.py::test_a_retried_job_delivers_its_new_end",
+    ),
+    (
+        "Worker.handle_job_success, handle_job_failure, push_exc_handler(_remember_error)",
+        "recording ends for long polls, metrics and webhooks; errors in plain words",
+        "test_webhooks.py::test_failed_stopped_and_canceled_jobs_are_delivered_too, "
+        "test_faults.py::test_killed_work_horse_without_retries_fails_in_plain_words",
+    ),
+    (
+        "Worker.kill_horse, handle_payload, request_stop, request_force_stop, setup_work_horse_signals, "
+        "teardown",
+        "a stop gives the running job its grace, then puts it back",
+        "test_faults.py::test_sigterm_during_a_long_job_puts_it_back_within_the_grace_period, "
+        "test_engine.py::test_a_stop_signal_may_interrupt_its_own_handler_anywhere",
+    ),
+    (
+        "Worker.get_heartbeat_ttl, dequeue_timeout",
+        "an abandoned job is recovered within a minute; idle workers heartbeat",
+        "test_faults.py::test_killed_worker_and_horse_are_recovered_within_a_minute, "
+        "test_engine.py::test_an_idle_worker_heartbeats_as_often_as_a_busy_one",
+    ),
+    (
+        "Worker.__init__, bootstrap",
+        "a worker started before Redis waits for it",
+        "test_faults.py::test_a_worker_started_before_redis_waits_for_it",
+    ),
+    (
+        "Worker.run_maintenance_tasks",
+        "batches whose last end nobody announced are ended",
+        "test_batch_bookkeeping.py::test_the_sweep_ends_a_batch_whose_last_end_was_not_announced_and_only_once",
+    ),
+    (
+        "Worker._start_scheduler, Scheduler.start, work, enqueue_scheduled_jobs",
+        "the scheduler dies with its worker; due jobs join their key's turn",
+        "test_faults.py::test_a_killed_workers_scheduler_dies_with_it_and_readyz_counts_what_lives, "
+        "test_fair_share.py::test_due_jobs_join_their_keys_turn",
+    ),
+]
+# Kept for speed, but not swappable one method at a time: the long-lived work-horse.
+WHOLE_WORKER = (
+    "Worker.execute_job, wait_for_horse, horse_pid (jobs.engine.horse)",
+    "a long-lived work-horse instead of a fork per job: CPU, not round trips; measured whole by "
+    "bench.worker_classes (stock forking rq.Worker against ours, same jobs)",
+)
+# The path each swappable override belongs to, and its share of what it must save.
+SAVES_AT_LEAST = 0.10
+
+
+def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swap: str) -> dict[str, float]:
+    """One engine worker drains `jobs` log jobs through the proxy, with `swap` (an override's
+    name, or "") running RQ's code; per job: each path's round trips and milliseconds."""
+    db = TestDatabase(server.base_url).acquire()
+    stats = tmp / f"paths-{swap or 'ours'}"
+    stats.mkdir()
+    try:
+        with db.client().pipeline() as pipe:
+            queue = EngineQueue("default", connection=db.client())
+            for i in range(jobs):
+                queue.enqueue("jobs.types.log.write_log", message=f"job {i}", pipeline=pipe)
+            pipe.execute()
+        env = env_for(
+            db, tmp, REDIS_URL=proxy.url(db.url), WORKERS=1, BENCH_RQ_CODE=swap, BENCH_PATH_STATS=stats
+        )
+        command = procfile_command("worker").replace(
+            "--worker-class jobs.engine.worker.Worker", "--worker-class bench.rq_paths.PathWorker"
+        )
+        worker = Process("paths", command, env, tmp / f"paths-{swap or 'ours'}.log")
+        try:
+            wait_until(
+                lambda: queue.finished_job_registry.count >= jobs,
+                timeout=600,
+                what=f"{jobs} jobs ({swap or 'ours'})",
+                process=worker,
+            )
+            time.sleep(0.2)  # the horse writes its counts after the job's end is recorded
+        finally:
+            worker.kill()
+        return _read_path_stats(stats)
+    finally:
+        db.release()
+
+
+def _read_path_stats(directory: Path) -> dict[str, float]:
+    """Per job, over every process's file: `<path> RTs` and `<path> ms`, and the wall `ms`."""
+    totals: dict[str, list[float]] = {}
+    wall = 0.0
+    for file in directory.glob("*.json"):
+        data = json.loads(file.read_text())
+        for name, (_, seconds, trips) in data["paths"].items():
+            total = totals.setdefault(name, [0, 0.0, 0.0])
+            total[0] += data["jobs"]
+            total[1] += seconds
+            total[2] += trips
+        if "take" in data["paths"]:  # the worker's own file: the span of its jobs
+            wall = (data["last"] - data["first"]) * 1000 / data["jobs"]
+    figures = {"ms": wall}
+    for name, (jobs, seconds, trips) in totals.items():
+        figures[f"{name} ms"] = seconds * 1000 / jobs
+        figures[f"{name} RTs"] = trips / jobs
+    return figures
+
+
+def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, jobs: int) -> None:
+    """The overrides table: each speed override against RQ's code on its path, at `rtt`."""
+    proxy.set_rtt(rtt)
+    measured = {swap: path_costs(server, tmp, proxy, jobs, swap) for swap in ("", *SWAPS)}
+    ours = measured[""]
+    print(
+        f"\noverrides of RQ, at {rtt:g} ms RTT: one worker drains {jobs} log jobs (the first "
+        f"{WARM_UP} not counted), as it is and with each override swapped for RQ's code; per job"
+    )
+    print(
+        f"  whole job, ours: {ours['ms']:.2f} ms; paths: "
+        + ", ".join(f"{p} {ours.get(p + ' RTs', 0):.2f} RTs {ours.get(p + ' ms', 0):.2f} ms" for p in PATHS)
+    )
+    print(
+        "\n| override | path | RQ's code: RTs, ms per job | ours: RTs, ms per job | saves "
+        "(of the path with RQ's code) | whole job, RQ's code -> ours | verdict |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for swap, (path, what) in SWAPS.items():
+        rq = measured[swap]
+        rq_ms, ours_ms = rq.get(f"{path} ms", 0.0), ours.get(f"{path} ms", 0.0)
+        saved = (rq_ms - ours_ms) / rq_ms if rq_ms else 0.0
+        verdict = (
+            f"stays: speed, saves {saved:.0%} of its path"
+            if saved >= SAVES_AT_LEAST
+            else f"under {SAVES_AT_LEAST:.0%}: back to RQ's code"
+        )
+        print(
+            f"| {swap} ({what}) | {path} | {rq.get(f'{path} RTs', 0):.2f}, {rq_ms:.2f} ms | "
+            f"{ours.get(f'{path} RTs', 0):.2f}, {ours_ms:.2f} ms | {rq_ms - ours_ms:.2f} ms ({saved:.0%}) | "
+            f"{rq['ms']:.2f} -> {ours['ms']:.2f} ms | {verdict} |"
+        )
+        result(
+            f"costs: override {swap}, {path} path at {rtt:g} ms RTT",
+            baseline=f"RQ's code: {rq.get(f'{path} RTs', 0):.2f} round trips, {rq_ms:.2f} ms per job",
+            ours=f"{ours.get(f'{path} RTs', 0):.2f} round trips, {ours_ms:.2f} ms per job",
+            ratio=round(ours_ms / rq_ms, 2) if rq_ms else None,
+        )
+    print(f"| {WHOLE_WORKER[0]} | run | - | - | - | - | stays: speed — {WHOLE_WORKER[1]} |")
+    for names, why, test in CORRECTNESS:
+        print(f"| {names} | - | - | - | - | - | stays: correctness ({why}) — {test} |")
+
+
+PATHS = ("take", "start", "finish")
 
 
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--rtt", type=lambda text: [float(part) for part in text.split(",")], default=[0.0, 1.0]
+    )
+    parser.add_argument("--path-jobs", type=int, default=200, help="jobs per override measured")
+    parser.add_argument("--path-rtt", type=float, default=1.0, help="the RTT the overrides are judged at")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
         version = redis.Redis.from_url(server.url).info("server")["redis_version"]
-        print(f"Redis {version}: a private redis-server")
-        baseline = stock(server, Path(tmp), args.jobs)
-        ours = afterward(server, Path(tmp), args.jobs, args.clients)
-    print(f"per log job, {args.jobs} jobs ({args.clients} clients for Afterward), 2 worker processes each")
-    print(f"  {'':26s} {'stock RQ: enqueue + run':>26s} {'Afterward: POST + one wait':>28s}")
-    for name in sorted(set(baseline) | set(ours), key=lambda n: (not n.startswith("Redis"), n)):
-        stock_value = f"{baseline[name]:.1f}" if name in baseline else "-"
-        ours_value = f"{ours[name]:.1f}" if name in ours else "-"
-        print(f"  {name:26s} {stock_value:>26s} {ours_value:>28s}")
+        print(f"Redis {version}: a private redis-server, every client through bench.rtt_proxy")
+        with RttProxy(server.port) as proxy:
+            for rtt in args.rtt:
+                proxy.set_rtt(rtt)
+                baseline = stock(server, Path(tmp), args.jobs, proxy)
+                ours = afterward(server, Path(tmp), args.jobs, args.clients, proxy)
+                rows.append((rtt, baseline, ours))
+            for rtt, baseline, ours in rows:
+                print(
+                    f"\nper log job at {rtt:g} ms RTT, {args.jobs} jobs ({args.clients} clients for "
+                    f"Afterward), 2 worker processes each"
+                )
+                print(f"  {'':26s} {'stock RQ: enqueue + run':>26s} {'Afterward: POST + one wait':>28s}")
+                for name in sorted(set(baseline) | set(ours), key=lambda n: (not n.startswith("Redis"), n)):
+                    stock_value = f"{baseline[name]:.1f}" if name in baseline else "-"
+                    ours_value = f"{ours[name]:.1f}" if name in ours else "-"
+                    print(f"  {name:26s} {stock_value:>26s} {ours_value:>28s}")
+            print(
+                "  (wall ms: the run's span over its jobs; stock's enqueues come from one client thread, "
+                "Afterward's from its clients)"
+            )
+            overrides(server, Path(tmp), proxy, args.path_rtt, args.path_jobs)
+    _, baseline, ours = rows[0]
     for name in ("Redis commands", "Redis round trips"):
         result(
             f"costs: {name} per job",
