@@ -14,8 +14,8 @@ Afterward, used as the README shows: the Procfile's web process (2 gunicorn proc
 `rq worker-pool` with `--workers` workers, every setting at its default (rate limit
 included); each client POSTs a job with its API key and long-polls the job's status URL
 (`?wait=30`) until the job ends, then submits the next. Measured twice: with one API key for
-all clients (a 429 is waited out as its Retry-After says, and counted) and with one key
-per client.
+all clients (a new one at each RTT; a 429 is waited out as its Retry-After says, and
+counted) and with one key per client.
 
 Stock RQ at its best documented setting: `--workers` `rq worker` processes (a worker-pool)
 with the job's module imported before they fork (bench.stock_worker: RQ's docs advise
@@ -98,13 +98,15 @@ def measure(submit: Submit, jobs: int, clients: int, idle: int, counter: list[in
 
 @contextmanager
 def afterward(
-    db: TestDatabase, url: str, tmp: Path, clients: int, workers: int
-) -> Iterator[tuple[Submit, Submit, list[int]]]:
-    """Afterward's processes on `url`: submit functions for one shared key and for a key per
-    client, and the count of 429s answered."""
+    db: TestDatabase, url: str, tmp: Path, clients: int, workers: int, runs: int
+) -> Iterator[tuple[list[Submit], Submit, list[int]]]:
+    """Afterward's processes on `url`: submit functions for one key shared by all clients (a
+    new key for each of `runs` runs, so that no run inherits another's rate-limit window) and
+    for a key per client, and the count of 429s answered."""
     own = ClientKeys(clients)
-    shared = ClientKeys(1)
-    env = env_for(db, tmp, API_KEYS=f"{shared.setting},{own.setting}", REDIS_URL=url)
+    shared = [ClientKeys(1) for _ in range(runs)]
+    settings = ",".join([*(keys.setting for keys in shared), own.setting])
+    env = env_for(db, tmp, API_KEYS=settings, REDIS_URL=url)
     refused = [0]
     lock = threading.Lock()
 
@@ -137,7 +139,7 @@ def afterward(
         return submit_and_wait
 
     with service(env, tmp, workers=workers) as web:
-        yield submitter(shared), submitter(own), refused
+        yield [submitter(keys) for keys in shared], submitter(own), refused
 
 
 @contextmanager
@@ -236,10 +238,11 @@ def main() -> None:
             url = proxy.url(own_db.url)
             systems[label] = stack.enter_context(stock(own_db, url, tmp, args.workers, worker_class))
         shared, own, refused = stack.enter_context(
-            afterward(db, proxy.url(db.url), tmp, args.clients, args.workers)
+            afterward(db, proxy.url(db.url), tmp, args.clients, args.workers, len(args.rtt))
         )
-        systems[SHARED], systems[OWN] = (shared, refused), (own, refused)
-        for rtt in args.rtt:
+        systems[OWN] = (own, refused)
+        for rtt, shared_key in zip(args.rtt, shared, strict=True):
+            systems[SHARED] = (shared_key, refused)
             proxy.set_rtt(rtt)
             rtts[rtt] = ping_ms(proxy.url(db.url))
             for label, (submit, counter) in systems.items():
