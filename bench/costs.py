@@ -340,10 +340,10 @@ def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, job
         + ", ".join(f"{p} {ours.get(p + ' RTs', 0):.2f} RTs {ours.get(p + ' ms', 0):.2f} ms" for p in PATHS)
     )
     print(
-        "\n| override | path | RQ's code: RTs, ms per job | ours: RTs, ms per job | saves "
+        "\n  | override | path | RQ's code: RTs, ms per job | ours: RTs, ms per job | saves "
         "(of the path with RQ's code) | whole job, RQ's code -> ours | verdict |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("  |---|---|---|---|---|---|---|")
     for swap, (path, what) in SWAPS.items():
         rq = measured[swap]
         rq_ms, ours_ms = rq.get(f"{path} ms", 0.0), ours.get(f"{path} ms", 0.0)
@@ -354,7 +354,7 @@ def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, job
             else f"under {SAVES_AT_LEAST:.0%}: back to RQ's code"
         )
         print(
-            f"| {swap} ({what}) | {path} | {rq.get(f'{path} RTs', 0):.2f}, {rq_ms:.2f} ms | "
+            f"  | {swap} ({what}) | {path} | {rq.get(f'{path} RTs', 0):.2f}, {rq_ms:.2f} ms | "
             f"{ours.get(f'{path} RTs', 0):.2f}, {ours_ms:.2f} ms | {rq_ms - ours_ms:.2f} ms ({saved:.0%}) | "
             f"{rq['ms']:.2f} -> {ours['ms']:.2f} ms | {verdict} |"
         )
@@ -364,9 +364,9 @@ def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, job
             ours=f"{ours.get(f'{path} RTs', 0):.2f} round trips, {ours_ms:.2f} ms per job",
             ratio=round(ours_ms / rq_ms, 2) if rq_ms else None,
         )
-    print(f"| {WHOLE_WORKER[0]} | run | - | - | - | - | stays: speed — {WHOLE_WORKER[1]} |")
+    print(f"  | {WHOLE_WORKER[0]} | run | - | - | - | - | stays: speed — {WHOLE_WORKER[1]} |")
     for names, why, test in CORRECTNESS:
-        print(f"| {names} | - | - | - | - | - | stays: correctness ({why}) — {test} |")
+        print(f"  | {names} | - | - | - | - | - | stays: correctness ({why}) — {test} |")
 
 
 PATHS = ("take", "start", "finish")
