@@ -368,7 +368,7 @@ def results(args: argparse.Namespace, runs: Runs, rtts: dict[float, float], ceil
                 baseline=f"0 ms RTT: {runs[0.0, label].rate:.1f} jobs/s",
                 ours=f"1 ms RTT: {runs[1.0, label].rate:.1f} jobs/s",
                 ratio=round(keep, 2),
-                note=critical_path_note(runs, rtts, label) if keep < 0.8 else "",
+                note=worker_note(args.workers, runs, rtts, label) if keep < 0.8 else "",
             )
     for rtt in (0.0, 1.0):
         if rtt not in args.rtt:
@@ -383,6 +383,19 @@ def results(args: argparse.Namespace, runs: Runs, rtts: dict[float, float], ceil
             ratio=round(idle / bound, 2),
             note=critical_path_note(runs, rtts, OWN) if idle > bound else "",
         )
+
+
+def worker_note(workers: int, runs: Runs, rtts: dict[float, float], label: str) -> str:
+    """What stands in the way of keeping throughput at 1 ms: the time each job adds to a worker."""
+    slower = workers / runs[1.0, label].rate - workers / runs[0.0, label].rate
+    trips = slower * 1000 / rtts_added(rtts, 1.0)
+    return (
+        f"{label}: under load each of the {workers} workers spends {slower * 1000:.1f} ms more per job "
+        f"at 1 ms RTT, {trips:.1f} round trips' worth: a worker makes its round trips one after "
+        f"another (take, start, finish and the state write between jobs, counted in bench.costs), "
+        f"so at RTT r it cannot run more than 1 / (its CPU per job + r x those round trips) jobs a "
+        f"second; {critical_path_note(runs, rtts, label)}"
+    )
 
 
 def critical_path_note(runs: Runs, rtts: dict[float, float], label: str) -> str:

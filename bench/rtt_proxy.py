@@ -12,7 +12,10 @@ longer. With delay 0, bytes pass at once.
 
 The proxy runs in a process of its own (one asyncio thread, whose timers wait with select(),
 to the microsecond, where epoll rounds up to a millisecond), so the benchmark's own threads
-do not delay it. In Python:
+do not delay it. A sleeping process wakes late (by a tenth of a millisecond or more on a busy
+machine); the proxy sets its timers early by the least lateness it has seen recently, and
+benchmarks print the round trip they measured through it beside the one they asked for.
+In Python:
 
     with RttProxy(redis_port, delay_ms=0.5) as proxy:
         redis.Redis.from_url(proxy.url(redis_url))
@@ -44,6 +47,24 @@ class Delay:
         self.seconds = seconds
 
 
+class Lateness:
+    """How late this process's timers fire: a sleeping process wakes some time after it asked
+    (timer slack, the scheduler, a virtual machine's idle exits), which would add to every
+    delay. Timers are set that much early: the least lateness of the recent ones, so that a
+    chunk is almost never released before its time."""
+
+    def __init__(self) -> None:
+        self.recent: collections.deque[float] = collections.deque([0.0], maxlen=64)
+        self.early = 0.0
+
+    def fired(self, asked: float, now: float) -> None:
+        self.recent.append(max(0.0, now - asked))
+        self.early = min(self.recent) if len(self.recent) == self.recent.maxlen else 0.0
+
+
+LATENESS = Lateness()
+
+
 class _Direction(asyncio.Protocol):
     """One side of a proxied connection: what it receives goes, delayed, to its peer."""
 
@@ -69,15 +90,20 @@ class _Direction(asyncio.Protocol):
             return
         self.held.append((self.loop.time() + delay, data))
         if self.timer is None:
-            self.timer = self.loop.call_at(self.held[0][0], self._release)
+            self._set_timer()
 
-    def _release(self) -> None:
+    def _set_timer(self) -> None:
+        asked = self.held[0][0] - LATENESS.early
+        self.timer = self.loop.call_at(asked, self._release, asked)
+
+    def _release(self, asked: float) -> None:
         self.timer = None
         now = self.loop.time()
-        while self.held and self.held[0][0] <= now:
+        LATENESS.fired(asked, now)
+        while self.held and self.held[0][0] - LATENESS.early <= now:
             self._send(self.held.popleft()[1])
         if self.held:
-            self.timer = self.loop.call_at(self.held[0][0], self._release)
+            self._set_timer()
         elif self.closing:
             self._close_peer()
 
