@@ -1,7 +1,7 @@
 """Where a job's time goes: Redis commands, round trips and CPU per job, stock RQ and ours;
 and what each of the engine's overrides of RQ saves at 1 ms RTT.
 
-    .venv/bin/python -m bench.costs [--jobs 500] [--clients 8] [--rtt 0,1] [--path-jobs 200]
+    .venv/bin/python -m bench.costs [--jobs 500] [--clients 8] [--rtt 0,1] [--path-jobs 150] [--path-rounds 2]
 
 Every Redis client of the run connects through bench.rtt_proxy, set to each `--rtt` in turn
 (milliseconds); per job, the wall time is the run's span divided by its jobs.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -272,11 +273,12 @@ WHOLE_WORKER = (
 SAVES_AT_LEAST = 0.10
 
 
-def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swap: str) -> dict[str, float]:
+def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swap: str, round_: int) -> Path:
     """One engine worker drains `jobs` log jobs through the proxy, with `swap` (an override's
-    name, or "") running RQ's code; per job: each path's round trips and milliseconds."""
+    name, or "") running RQ's code; returns the directory of its path counts (bench.rq_paths)."""
     db = TestDatabase(server.base_url).acquire()
-    stats = tmp / f"paths-{swap or 'ours'}"
+    name = f"{swap or 'ours'}-{round_}"
+    stats = tmp / f"paths-{name}"
     stats.mkdir()
     try:
         with db.client().pipeline() as pipe:
@@ -290,50 +292,60 @@ def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swa
         command = procfile_command("worker").replace(
             "--worker-class jobs.engine.worker.Worker", "--worker-class bench.rq_paths.PathWorker"
         )
-        worker = Process("paths", command, env, tmp / f"paths-{swap or 'ours'}.log")
+        worker = Process("paths", command, env, tmp / f"paths-{name}.log")
         try:
             wait_until(
                 lambda: queue.finished_job_registry.count >= jobs,
                 timeout=600,
-                what=f"{jobs} jobs ({swap or 'ours'})",
+                what=f"{jobs} jobs ({name})",
                 process=worker,
             )
             time.sleep(0.2)  # the horse writes its counts after the job's end is recorded
         finally:
             worker.kill()
-        return _read_path_stats(stats)
+        return stats
     finally:
         db.release()
 
 
-def _read_path_stats(directory: Path) -> dict[str, float]:
-    """Per job, over every process's file: `<path> RTs` and `<path> ms`, and the wall `ms`."""
-    totals: dict[str, list[float]] = {}
-    wall = 0.0
-    for file in directory.glob("*.json"):
+def _read_path_stats(directories: list[Path]) -> dict[str, float]:
+    """Per job, over every process's file: `<path> RTs` (the mean) and `<path> ms` (the median
+    job's), and the wall `ms` (the worker's span over its jobs)."""
+    trips: dict[str, list[float]] = {}
+    per_job: dict[str, list[float]] = {}
+    spans = [0.0, 0]
+    for file in (file for directory in directories for file in directory.glob("*.json")):
         data = json.loads(file.read_text())
-        for name, (_, seconds, trips) in data["paths"].items():
-            total = totals.setdefault(name, [0, 0.0, 0.0])
-            total[0] += data["jobs"]
-            total[1] += seconds
-            total[2] += trips
+        for name, (_, _, sent) in data["paths"].items():
+            total = trips.setdefault(name, [0.0, 0])
+            total[0] += sent
+            total[1] += data["jobs"]
+        for name, seconds in data["per_job"].items():
+            per_job.setdefault(name, []).extend(seconds)
         if "take" in data["paths"]:  # the worker's own file: the span of its jobs
-            wall = (data["last"] - data["first"]) * 1000 / data["jobs"]
-    figures = {"ms": wall}
-    for name, (jobs, seconds, trips) in totals.items():
-        figures[f"{name} ms"] = seconds * 1000 / jobs
-        figures[f"{name} RTs"] = trips / jobs
+            spans[0] += data["last"] - data["first"]
+            spans[1] += data["jobs"]
+    figures = {"ms": spans[0] * 1000 / spans[1] if spans[1] else 0.0}
+    for name, (sent, jobs) in trips.items():
+        figures[f"{name} RTs"] = sent / jobs
+    for name, seconds in per_job.items():
+        figures[f"{name} ms"] = statistics.median(seconds) * 1000
     return figures
 
 
-def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, jobs: int) -> None:
+def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, jobs: int, rounds: int) -> None:
     """The overrides table: each speed override against RQ's code on its path, at `rtt`."""
     proxy.set_rtt(rtt)
-    measured = {swap: path_costs(server, tmp, proxy, jobs, swap) for swap in ("", *SWAPS)}
+    runs: dict[str, list[Path]] = {swap: [] for swap in ("", *SWAPS)}
+    for round_ in range(rounds):  # interleaved: a busy spell of the machine hits every variant
+        for swap, directories in runs.items():
+            directories.append(path_costs(server, tmp, proxy, jobs, swap, round_))
+    measured = {swap: _read_path_stats(directories) for swap, directories in runs.items()}
     ours = measured[""]
     print(
         f"\noverrides of RQ, at {rtt:g} ms RTT: one worker drains {jobs} log jobs (the first "
-        f"{WARM_UP} not counted), as it is and with each override swapped for RQ's code; per job"
+        f"{WARM_UP} not counted), as it is and with each override swapped for RQ's code, "
+        f"{rounds} round(s) interleaved; per job: round trips (mean), milliseconds (median job)"
     )
     print(
         f"  whole job, ours: {ours['ms']:.2f} ms; paths: "
@@ -379,7 +391,8 @@ def main() -> None:
     parser.add_argument(
         "--rtt", type=lambda text: [float(part) for part in text.split(",")], default=[0.0, 1.0]
     )
-    parser.add_argument("--path-jobs", type=int, default=200, help="jobs per override measured")
+    parser.add_argument("--path-jobs", type=int, default=150, help="jobs per override measured, a round")
+    parser.add_argument("--path-rounds", type=int, default=2, help="rounds of the overrides, interleaved")
     parser.add_argument("--path-rtt", type=float, default=1.0, help="the RTT the overrides are judged at")
     args = parser.parse_args()
     rows = []
@@ -406,7 +419,7 @@ def main() -> None:
                 "  (wall ms: the run's span over its jobs; stock's enqueues come from one client thread, "
                 "Afterward's from its clients)"
             )
-            overrides(server, Path(tmp), proxy, args.path_rtt, args.path_jobs)
+            overrides(server, Path(tmp), proxy, args.path_rtt, args.path_jobs, args.path_rounds)
     _, baseline, ours = rows[0]
     for name in ("Redis commands", "Redis round trips"):
         result(

@@ -5,7 +5,8 @@ back to RQ's own code.
 
 BENCH_RQ_CODE names the overrides that run RQ's code instead of the engine's (see `SWAPS`);
 BENCH_PATH_STATS names a directory where each process (the worker and its work-horse) writes,
-after each job, how often each path ran, its seconds and its Redis round trips. A round trip
+after each job, how often each path ran, its seconds (in all, and job by job) and its Redis
+round trips. A round trip
 is one request sent on a connection by the worker's main thread: one command, or one
 pipeline (redis-py's `send_packed_command`). Threads beside the work loop (the command
 listener, webhook courier, schedule ticker, Redis probe) are not counted.
@@ -69,6 +70,9 @@ class PathStats:
 
     def reset(self) -> None:
         self.paths: dict[str, list[float]] = {}
+        # Each job's seconds on each path (0 where a job did not take it), for medians.
+        self.per_job: dict[str, list[float]] = {}
+        self.this_job: dict[str, float] = {}
         self.jobs = 0
         self.first = self.last = 0.0
 
@@ -87,19 +91,25 @@ class PathStats:
         try:
             yield
         finally:
-            stats[1] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            stats[1] += elapsed
             stats[0] += 1
+            self.this_job[name] = self.this_job.get(name, 0.0) + elapsed
             _counting.active = active
 
     def job_done(self, started: float) -> None:
         self.jobs += 1
         self.first = self.first or started
         self.last = time.time()
+        for name in self.paths:
+            self.per_job.setdefault(name, []).append(self.this_job.get(name, 0.0))
+        self.this_job = {}
         if self.jobs == WARM_UP:
             self.reset()
         elif self.directory is not None:
+            figures = {"jobs": self.jobs, "first": self.first, "last": self.last}
             (self.directory / f"{os.getpid()}.json").write_text(
-                json.dumps({"jobs": self.jobs, "first": self.first, "last": self.last, "paths": self.paths})
+                json.dumps({**figures, "paths": self.paths, "per_job": self.per_job})
             )
 
 
