@@ -273,10 +273,11 @@ WHOLE_WORKER = (
 SAVES_AT_LEAST = 0.10
 
 
-def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swap: str, round_: int) -> Path:
-    """One engine worker drains `jobs` log jobs through the proxy, with `swap` (an override's
-    name, or "") running RQ's code; returns the directory of its path counts (bench.rq_paths)."""
-    db = TestDatabase(server.base_url).acquire()
+def path_costs(base_url: str, tmp: Path, proxy: RttProxy, jobs: int, swap: str, round_: int) -> Path:
+    """One engine worker drains `jobs` log jobs on the Redis server at `base_url`, through the
+    proxy, with `swap` (an override's name, or "") running RQ's code; returns the directory of
+    its path counts (bench.rq_paths)."""
+    db = TestDatabase(base_url).acquire()
     name = f"{swap or 'ours'}-{round_}"
     stats = tmp / f"paths-{name}"
     stats.mkdir()
@@ -308,7 +309,7 @@ def path_costs(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, jobs: int, swa
         db.release()
 
 
-def _read_path_stats(directories: list[Path]) -> dict[str, float]:
+def read_path_stats(directories: list[Path]) -> dict[str, float]:
     """Per job, over every process's file: `<path> RTs` (the mean) and `<path> ms` (the median
     job's), and the wall `ms` (the worker's span over its jobs)."""
     trips: dict[str, list[float]] = {}
@@ -339,8 +340,8 @@ def overrides(server: EmbeddedRedis, tmp: Path, proxy: RttProxy, rtt: float, job
     runs: dict[str, list[Path]] = {swap: [] for swap in ("", *SWAPS)}
     for round_ in range(rounds):  # interleaved: a busy spell of the machine hits every variant
         for swap, directories in runs.items():
-            directories.append(path_costs(server, tmp, proxy, jobs, swap, round_))
-    measured = {swap: _read_path_stats(directories) for swap, directories in runs.items()}
+            directories.append(path_costs(server.base_url, tmp, proxy, jobs, swap, round_))
+    measured = {swap: read_path_stats(directories) for swap, directories in runs.items()}
     ours = measured[""]
     print(
         f"\noverrides of RQ, at {rtt:g} ms RTT: one worker drains {jobs} log jobs (the first "
