@@ -381,8 +381,26 @@ def results(args: argparse.Namespace, runs: Runs, rtts: dict[float, float], ceil
             f"stock enqueue -> finished {ms(median(runs[rtt, BASELINE].idle))}",
             ours=f"{idle:.1f} ms",
             ratio=round(idle / bound, 2),
-            note=critical_path_note(runs, rtts, OWN) if idle > bound else "",
+            note=idle_note(runs, rtts, rtt) if idle > bound else "",
         )
+
+
+def idle_note(runs: Runs, rtts: dict[float, float], rtt: float) -> str:
+    """What an idle job's POST -> finished is made of: round trips on its critical path, and CPU."""
+    if (0.0, OWN) not in runs or (1.0, OWN) not in runs:
+        return ""
+    idle_0, idle_1 = median(runs[0.0, OWN].idle) * 1000, median(runs[1.0, OWN].idle) * 1000
+    trips = (idle_1 - idle_0) / rtts_added(rtts, 1.0)
+    idle = idle_0 if rtt == 0 else idle_1
+    waiting = trips * rtts[rtt]
+    return (
+        f"{OWN}, one job at a time: {trips:.1f} round trips on the critical path (idle p50 "
+        f"{idle_0:.1f} ms at 0 ms RTT, {idle_1:.1f} ms at 1 ms), at {label_rtt(rtt)} (PING p50 through "
+        f"the proxy {rtts[rtt]:.2f} ms) about {waiting:.1f} ms of waiting for Redis; the other "
+        f"{idle - waiting:.1f} ms are CPU on the path, one step after another: the web process "
+        f"(the POST, then the long poll's reads) and the worker (take, start, the horse's run, "
+        f"finish) — bench.costs gives each process's CPU ms per job"
+    )
 
 
 def worker_note(workers: int, runs: Runs, rtts: dict[float, float], label: str) -> str:
