@@ -148,13 +148,18 @@ class _Client(_Direction):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         transport.pause_reading()  # until the target answers
-        self.loop.create_task(self._connect())
+        self.connecting = self.loop.create_task(self._connect())  # held: a task is weakly referenced
 
     async def _connect(self) -> None:
         try:
-            _, upstream = await self.loop.create_connection(lambda: _Direction(self.delay), *self.target)
+            upstream_transport, upstream = await self.loop.create_connection(
+                lambda: _Direction(self.delay), *self.target
+            )
         except OSError:
             self.transport.close()
+            return
+        if self.closing:  # the client left while the target was answering
+            upstream_transport.close()
             return
         upstream.peer, self.peer = self, upstream
         self.transport.resume_reading()
