@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per system and RTT (p99 needs 1,000)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--idle", type=int, default=40, help="jobs of the idle run (one client)")
+    parser.add_argument("--idle", type=int, default=100, help="jobs of the idle run (one client)")
     parser.add_argument(
         "--rtt", type=rtt_list, default=[0.0, 0.5, 1.0, 2.0], help="round-trip times in ms, e.g. 0,0.5,1,2"
     )
