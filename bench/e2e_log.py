@@ -55,10 +55,10 @@ from bench.common import (
     median,
     ms,
     percentile,
-    result,
     run_clients,
     service,
 )
+from bench.common import result as common_result
 from bench.rtt_proxy import RttProxy
 from scripts.embedded_redis import free_port
 from scripts.processes import ROOT, Process, wait_until
@@ -317,6 +317,14 @@ def rtts_added(rtts: dict[float, float], rtt: float) -> float:
 
 
 def results(args: argparse.Namespace, runs: Runs, rtts: dict[float, float], ceiling_rate: float) -> None:
+    notes = []
+
+    def result(name: str, **figures: object) -> None:
+        """bench.common's, and the note of a target not met printed too (for the section)."""
+        if figures.get("note"):
+            notes.append(f"  - {name}: {figures['note']}")
+        common_result(name, **figures)
+
     first = args.rtt[0]
     ours, baseline = runs[first, OWN].rate, runs[first, BASELINE].rate
     at = "" if first == 0 else f" at {label_rtt(first)}"
@@ -383,6 +391,9 @@ def results(args: argparse.Namespace, runs: Runs, rtts: dict[float, float], ceil
             ratio=round(idle / bound, 2),
             note=idle_note(runs, rtts, rtt) if idle > bound else "",
         )
+    if notes:
+        print("\nWhat the measurements show in the way of the targets not met:")
+        print("\n".join(notes))
 
 
 def idle_note(runs: Runs, rtts: dict[float, float], rtt: float) -> str:
