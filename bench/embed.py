@@ -1,6 +1,7 @@
 """3. Embedding: documents indexed through the service vs what one would write instead.
 
     .venv/bin/python -m bench.embed [--documents 2000] [--clients 16,1] [--one-client-documents 400]
+                                    [--rtt MS[,MS...]]
 
 Baselines, on the same 2 cores:
   - raw: sentence-transformers' `model.encode(texts, batch_size=64)` with torch fp32, the
@@ -23,7 +24,10 @@ Each side runs a few requests per client first, untimed. A run with one client s
 `--one-client-documents`. For the single-document runs, read from the jobs afterwards: how
 many jobs an embed worker took per dequeue, where a job's time went (queued; started to
 finished: its batch's encode and index write; the rest: the POST, the long poll's answer),
-and the CPU each process type spent per document.
+and the CPU each process type spent per document. With `--rtt`, the default backend's
+single-document and bulk runs are measured again with every Redis client (the web process,
+the embedder, this benchmark's own) behind bench.rtt_proxy, once per round-trip time given
+(rows named `..., Redis RTT 1 ms`); the synchronous endpoint and the raw model use no Redis.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import redis
@@ -52,6 +59,7 @@ from bench.common import (
     wait_finished,
 )
 from bench.costs import Meter, cpu_seconds
+from bench.rtt_proxy import RttProxy
 from jobs.settings import Settings, get_settings
 from scripts.embedded_redis import free_port
 from scripts.processes import Process, wait_until
@@ -157,8 +165,9 @@ def synchronous(
     port = free_port()
     env = procfile_env("redis://127.0.0.1:1/0", tmp, EMBED_BACKEND=backend, EMBED_THREADS=threads)
     command = (
-        f"gunicorn --config /dev/null -k gthread -w {SYNC_PROCESSES} --threads {SYNC_THREADS} -b 127.0.0.1:{port} "
-        "'bench.sync_embed_app:create_app()'"
+        # --config /dev/null: not the service's gunicorn.conf.py, which this app is none of.
+        f"gunicorn --config /dev/null -k gthread -w {SYNC_PROCESSES} --threads {SYNC_THREADS} "
+        f"-b 127.0.0.1:{port} 'bench.sync_embed_app:create_app()'"
     )
     process = Process(f"sync-embed-{threads}", command, env, tmp / f"sync-embed-{threads}.log")
     base = f"http://127.0.0.1:{port}"
@@ -197,10 +206,23 @@ def _answers(base: str) -> bool:
         return False
 
 
-def singles(db, tmp: Path, corpus: list[str], sizes: dict[int, int], backend: str) -> dict[int, Run]:
-    """Afterward: single-document POSTs and long polls, one API key for all clients."""
+@contextmanager
+def route(db, rtts: list[float | None]) -> Iterator[tuple[str, Callable[[float | None], None]]]:
+    """The Redis URL every process and client of a run uses, and how to set its round-trip
+    time: through the RTT proxy (bench.rtt_proxy) when RTTs are given, else Redis itself."""
+    if rtts == [None]:
+        yield db.url, lambda rtt: None
+        return
+    with RttProxy(urlsplit(db.url).port) as proxy:
+        yield proxy.url(db.url), proxy.set_rtt
+
+
+def singles(
+    db, tmp: Path, corpus: list[str], sizes: dict[int, int], backend: str, rtts: list[float | None]
+) -> dict[tuple[float | None, int], Run]:
+    """Afterward: single-document POSTs and long polls, one API key for all clients; a run
+    for each RTT to Redis (None: no proxy) and client count."""
     keys = ClientKeys(1)
-    env = env_for(db, tmp, API_KEYS=keys.setting, EMBED_WORKERS=2, EMBED_THREADS=1, EMBED_BACKEND=backend)
     throttled: list[float] = []
     ids: list[str] = []
 
@@ -223,20 +245,27 @@ def singles(db, tmp: Path, corpus: list[str], sizes: dict[int, int], backend: st
                 return
 
     runs = {}
-    with service(env, tmp, workers=2, kind="embedder") as web:
-        connection = db.client()
-        meter = Meter(connection, processes(web, "embedder", connection))
-        for clients, documents in sizes.items():
-            run_clients(clients, 2 * clients, submit_and_wait)  # warm, untimed
-            ids.clear()
-            throttled.clear()
-            meter.start()
-            started = time.perf_counter()
-            latencies = run_clients(clients, documents, submit_and_wait)
-            runs[clients] = run = Run(documents, time.perf_counter() - started, latencies)
-            run.figures = meter.stop(documents)
-            run.figures.update(timeline(connection, ids, run.latency))
-            run.figures["429 answers"] = len(throttled)
+    with route(db, rtts) as (url, set_rtt):
+        env = dict(
+            env_for(db, tmp, API_KEYS=keys.setting, EMBED_WORKERS=2, EMBED_THREADS=1, EMBED_BACKEND=backend),
+            REDIS_URL=url,
+        )
+        with service(env, tmp, workers=2, kind="embedder") as web:
+            connection = redis.Redis.from_url(url)
+            meter = Meter(connection, processes(web, "embedder", connection))
+            for rtt in rtts:
+                set_rtt(rtt)
+                for clients, documents in sizes.items():
+                    run_clients(clients, 2 * clients, submit_and_wait)  # warm, untimed
+                    ids.clear()
+                    throttled.clear()
+                    meter.start()
+                    started = time.perf_counter()
+                    latencies = run_clients(clients, documents, submit_and_wait)
+                    runs[rtt, clients] = run = Run(documents, time.perf_counter() - started, latencies)
+                    run.figures = meter.stop(documents)
+                    run.figures.update(timeline(connection, ids, run.latency))
+                    run.figures["429 answers"] = len(throttled)
     return runs
 
 
@@ -264,19 +293,25 @@ def timeline(connection: redis.Redis, ids: list[str], latency: float) -> dict[st
     }
 
 
-def bulk(db, tmp: Path, corpus: list[str]) -> float:
-    env = env_for(db, tmp, EMBED_WORKERS=1, EMBED_THREADS=2)
+def bulk(db, tmp: Path, corpus: list[str], rtts: list[float | None]) -> dict[float | None, float]:
+    """Afterward: the corpus in POSTs of MAX_DOCUMENTS, docs/s at each RTT to Redis."""
     per_post = Settings.max_documents
-    with service(env, tmp, workers=1, kind="embedder") as web:
-        documents = [{"id": f"bulk-{i}", "text": text} for i, text in enumerate(corpus)]
-        started = time.perf_counter()
-        ids = []
-        for start in range(0, len(documents), per_post):
-            response = web.post_job("embed", {"documents": documents[start : start + per_post]})
-            assert response.status_code == 202, response.text
-            ids.append(response.json()["id"])
-        wait_finished(db.client(), ids)
-        return len(corpus) / (time.perf_counter() - started)
+    rates = {}
+    with route(db, rtts) as (url, set_rtt):
+        env = dict(env_for(db, tmp, EMBED_WORKERS=1, EMBED_THREADS=2), REDIS_URL=url)
+        with service(env, tmp, workers=1, kind="embedder") as web:
+            for rtt in rtts:
+                set_rtt(rtt)
+                documents = [{"id": f"bulk-{rtt}-{i}", "text": text} for i, text in enumerate(corpus)]
+                started = time.perf_counter()
+                ids = []
+                for start in range(0, len(documents), per_post):
+                    response = web.post_job("embed", {"documents": documents[start : start + per_post]})
+                    assert response.status_code == 202, response.text
+                    ids.append(response.json()["id"])
+                wait_finished(redis.Redis.from_url(url), ids)
+                rates[rtt] = len(corpus) / (time.perf_counter() - started)
+    return rates
 
 
 def budget_note(ratio: float, target: float, raw_rate: float, figures: dict[str, float]) -> str:
@@ -302,8 +337,7 @@ def model_ms(backend: str, batch: int) -> float:
     if backend == "torch":
         encoder = Encoder(path, 1, Settings.embed_batch_size, name)
     else:
-        onnx_path = ensure_onnx(path, name, "int8" if backend == "onnx-int8" else "fp32")
-        encoder = OnnxEncoder(path, onnx_path, 1, Settings.embed_batch_size, name)
+        encoder = OnnxEncoder(path, ensure_onnx(path, name), 1, Settings.embed_batch_size, name)
     sample = texts(max(1, batch))
     encoder.encode(sample)
     best = float("inf")
@@ -320,29 +354,47 @@ SYNC_PROCESSES = 4
 SYNC_THREADS = 4
 
 
+def at(rtt: float | None) -> str:
+    """How a row names the RTT it was measured at (nothing: no proxy)."""
+    return "" if rtt is None else f", Redis RTT {rtt:g} ms"
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--clients", default="16,1", help="client counts, comma-separated")
     parser.add_argument("--one-client-documents", type=int, default=400)
+    parser.add_argument(
+        "--rtt",
+        help="round-trip times to Redis in ms, comma-separated (e.g. 0,1): the default backend's "
+        "single-document and bulk runs again, every Redis client behind bench.rtt_proxy at each",
+    )
     args = parser.parse_args()
     corpus = texts(args.documents)
     counts = [int(part) for part in args.clients.split(",")]
     sizes = {n: len(corpus) if n > 1 else min(len(corpus), args.one_client_documents) for n in counts}
     most = max(counts)
+    proxied: list[float | None] = [float(part) for part in args.rtt.split(",")] if args.rtt else []
+    rtts = [None, *proxied]
     default = get_settings().embed_backend
     with database(args.redis) as db, tempfile.TemporaryDirectory() as tmp:
         sync = {threads: synchronous(Path(tmp), corpus, sizes, threads, default) for threads in (1, 2)}
-        ours = {default: singles(db, Path(tmp), corpus, sizes, default)}
+        ours = {default: singles(db, Path(tmp), corpus, sizes, default, [None])}
         db.flush()
-        ours["torch"] = singles(db, Path(tmp), corpus, {most: sizes[most]}, "torch")
+        if proxied:
+            ours[default].update(singles(db, Path(tmp), corpus, sizes, default, proxied))
+            db.flush()
+        ours["torch"] = singles(db, Path(tmp), corpus, {most: sizes[most]}, "torch", [None])
         db.flush()
-        bulk_rate = bulk(db, Path(tmp), corpus)
+        bulk_rates = bulk(db, Path(tmp), corpus, [None])
+        if proxied:
+            db.flush()
+            bulk_rates.update(bulk(db, Path(tmp), corpus, proxied))
     # The raw model at its best on 2 cores.
     raw_rates = {"1 process x 2 threads": raw(corpus, 2), "2 processes x 1 thread": raw_processes(corpus, 2)}
     raw_best = max(raw_rates, key=raw_rates.get)
     raw_rate = raw_rates[raw_best]
-    batch = round(ours[default][most].figures["jobs per dequeue"])
+    batch = round(ours[default][None, most].figures["jobs per dequeue"])
     model = model_ms(default, batch)
 
     print(f"embedding {args.documents} documents ({sizes.get(1, args.documents)} with 1 client); 2 cores")
@@ -359,54 +411,57 @@ def main() -> None:
     best_sync = {clients: max((1, 2), key=lambda t: sync[t][clients].rate) for clients in counts}
     print("  Afterward, one document per POST + long poll, one API key shared by all clients:")
     for backend, runs in ours.items():
-        for clients, run in runs.items():
+        for (rtt, clients), run in runs.items():
             against = f"{run.rate / raw_rate:.2f}x raw"
             if backend == default:
                 baseline = sync[best_sync[clients]][clients]
                 against += f", {run.rate / baseline.rate:.2f}x the synchronous endpoint"
             print(
-                f"    {backend:6s} {clients:2d} client(s)  {run.rate:7.1f} docs/s  mean latency "
+                f"    {backend}{at(rtt)}, {clients} client(s)  {run.rate:7.1f} docs/s  mean latency "
                 f"{run.latency * 1000:6.1f} ms  {against}"
             )
     print("  where a single-document run's time and CPU go, per document:")
     for backend, runs in ours.items():
-        for clients, run in runs.items():
+        for (rtt, clients), run in runs.items():
             parts = ", ".join(f"{name} {value:.1f}" for name, value in run.figures.items())
-            print(f"    {backend}, {clients} client(s): {parts}")
+            print(f"    {backend}{at(rtt)}, {clients} client(s): {parts}")
     print(f"  one embed worker's {default} encode of {batch} texts (1 thread): {model:.1f} ms")
-    label = f"POSTs of {Settings.max_documents} documents, {default}"
-    print(f"  {label:52s} {bulk_rate:7.1f} docs/s   {bulk_rate / raw_rate:.2f}x raw (target >= 0.9x)")
+    for rtt, rate in bulk_rates.items():
+        label = f"POSTs of {Settings.max_documents} documents, {default}{at(rtt)}"
+        print(f"  {label:60s} {rate:7.1f} docs/s   {rate / raw_rate:.2f}x raw (target >= 0.9x)")
 
     raw_baseline = f"raw torch encode(batch_size=64), {raw_best}: {raw_rate:.1f} docs/s"
     for backend, target in (("torch", 0.7), (default, 1.0)):
-        run = ours[backend][most]
+        for rtt in rtts if backend == default else [None]:
+            run = ours[backend][rtt, most]
+            result(
+                ("embed_single" if backend == "torch" else f"embed_single {backend}") + at(rtt),
+                baseline=raw_baseline,
+                ours=f"{run.rate:.1f} docs/s, {most} clients, one key, EMBED_BACKEND={backend}",
+                ratio=round(run.rate / raw_rate, 2),
+                note=budget_note(run.rate / raw_rate, target, raw_rate, run.figures),
+            )
+    for rtt in rtts:
+        for clients in counts:
+            run, threads = ours[default][rtt, clients], best_sync[clients]
+            baseline = sync[threads][clients]
+            name = "embed_single vs synchronous endpoint" + ("" if clients == most else f", {clients} client")
+            result(
+                name + at(rtt),
+                baseline=(
+                    f"Flask + gunicorn encoding on the spot, {SYNC_PROCESSES} processes x {threads} model "
+                    f"thread(s), {clients} client(s): {baseline.rate:.1f} docs/s"
+                ),
+                ours=f"{run.rate:.1f} docs/s, POST + long poll, one key, EMBED_BACKEND={default}",
+                ratio=round(run.rate / baseline.rate, 2),
+                note=sync_note(run, baseline, model, batch) if clients == most and rtt is None else "",
+            )
         result(
-            "embed_single" if backend == "torch" else f"embed_single {backend}",
+            "embed_bulk" + at(rtt),
             baseline=raw_baseline,
-            ours=f"{run.rate:.1f} docs/s, {most} clients, one key, EMBED_BACKEND={backend}",
-            ratio=round(run.rate / raw_rate, 2),
-            note=budget_note(run.rate / raw_rate, target, raw_rate, run.figures),
+            ours=f"{bulk_rates[rtt]:.1f} docs/s, EMBED_BACKEND={default}",
+            ratio=round(bulk_rates[rtt] / raw_rate, 2),
         )
-    for clients in counts:
-        run, threads = ours[default][clients], best_sync[clients]
-        baseline = sync[threads][clients]
-        name = "embed_single vs synchronous endpoint" + ("" if clients == most else f", {clients} client(s)")
-        result(
-            name,
-            baseline=(
-                f"Flask + gunicorn encoding on the spot, {SYNC_PROCESSES} processes x {threads} model "
-                f"thread(s), {clients} client(s): {baseline.rate:.1f} docs/s"
-            ),
-            ours=f"{run.rate:.1f} docs/s, POST + long poll, one key, EMBED_BACKEND={default}",
-            ratio=round(run.rate / baseline.rate, 2),
-            note=sync_note(run, baseline, model, batch) if clients == most else "",
-        )
-    result(
-        "embed_bulk",
-        baseline=raw_baseline,
-        ours=f"{bulk_rate:.1f} docs/s, EMBED_BACKEND={default}",
-        ratio=round(bulk_rate / raw_rate, 2),
-    )
 
 
 def sync_note(ours: Run, baseline: Run, model: float, batch: int) -> str:
