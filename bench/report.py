@@ -46,6 +46,7 @@ BENCHMARKS = [
             "embed_single vs synchronous endpoint": (">=", 1.0),
             "embed_bulk": (">=", 0.9),
         },
+        [["--rtt", "0,1"]],
     ),
     (
         "bench.embed_backends",
