@@ -842,8 +842,9 @@ class EmbedWorker(Worker):
         if get_settings().embed_backend == "torch":
             import sentence_transformers  # noqa: F401 - imported once here, loaded in the horse
             import torch  # noqa: F401
-        # onnxruntime starts a native thread as it is imported: each horse imports it after
-        # the fork, which costs a fraction of a second once per horse.
+        # onnxruntime may start a native thread as it is imported (its telemetry, which
+        # jobs.settings turns off): each horse imports it after the fork, which costs a
+        # fraction of a second once per horse.
 
         self._spawn_horse()
 
