@@ -258,6 +258,13 @@ def apply_process_environment(environ: dict | None = None) -> None:
     environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Workers fork per job; the tokenizer's own thread pool must not be live across a fork.
     environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # onnxruntime's telemetry uploads from a thread it starts as it is imported (outside CI).
+    # The web process forks its workers after loading the model (gunicorn.conf.py): a child
+    # inherits the thread's state but not the thread, and at exit it waits for the thread and
+    # hangs, or aborts (`terminate called … std::system_error`). onnxruntime 1.32 reads the
+    # first name; its source has also used the second.
+    environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    environ.setdefault("ORT_TELEMETRY_DISABLED", "1")
 
 
 @cache
