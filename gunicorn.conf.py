@@ -61,8 +61,9 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 def when_ready(server):
     # The model, loaded once before the workers fork: its weights are pages they all share
     # (copy-on-write, and never written), not a copy per process; bench.memory measures it.
-    # ONNX Runtime with one thread starts no threads, so a forked process may use the session
-    # (as the embedder's work-horses do); with more threads, or torch, each process loads its own.
+    # ONNX Runtime with one thread and its telemetry off (jobs.settings) starts no threads, so a
+    # forked process may use the session and exit cleanly (tests/test_runners.py stops the stack
+    # this way); with more threads, or torch, each process loads its own.
     if _settings.search_warmup and _settings.embed_backend != "torch" and _settings.embed_threads == 1:
         import gc
 

@@ -13,8 +13,13 @@ DAY = 24 * 3600
 # Longest REDIS_REPLICA_TIMEOUT_MS: the web process's Redis calls time out after 5 s.
 MAX_REPLICA_TIMEOUT_MS = 4000
 
-# What runs the embedding model: torch, or ONNX Runtime on an exported fp32 or int8 graph.
-BACKENDS = ("torch", "onnx", "onnx-int8")
+# What runs the embedding model: torch, or ONNX Runtime on the fp32 graph exported from it.
+BACKENDS = ("torch", "onnx")
+# Backends once offered, and why they are not any more (said when a setting still names one).
+WITHDRAWN_BACKENDS = {
+    "onnx-int8": "withdrawn: its int8 graph's searches returned only 0.83 of fp32's top 10 "
+    "results; onnx is as exact as torch, and faster",
+}
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,8 @@ class Settings:
     # Embedding model: a sentence-transformers folder; empty means the bundled all-MiniLM-L6-v2.
     embed_model_path: str = ""
     embed_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
-    # What runs the model: torch, onnx or onnx-int8 (BACKENDS). onnx by default: the fastest
-    # whose searches agree with torch's (top-10 agreement >= 0.99). `python -m bench.embed_backends`,
-    # 2,000 texts, 2 threads: torch 312 docs/s; onnx 639 (2.05x), agreement 1.000; onnx-int8
-    # 1,319 (4.23x) but agreement 0.828 (cosine to torch 0.991): opt-in, speed over agreement.
+    # What runs the model: torch or onnx (BACKENDS). onnx by default: faster than torch, and its
+    # searches return what torch's return (top-10 agreement >= 0.99; `python -m bench.embed_backends`).
     embed_backend: str = "onnx"
     # Where the ONNX backends keep the graphs they export from the model folder on first use.
     embed_model_cache: str = "var/models"
@@ -234,7 +237,8 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
     if name == "index_scope" and raw not in ("key", "shared"):
         raise ValueError(f"INDEX_SCOPE must be key or shared, got {raw!r}")
     if name == "embed_backend" and raw not in BACKENDS:
-        raise ValueError(f"EMBED_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}")
+        why = f" ({WITHDRAWN_BACKENDS[raw]})" if raw in WITHDRAWN_BACKENDS else ""
+        raise ValueError(f"EMBED_BACKEND must be one of {', '.join(BACKENDS)}, got {raw!r}{why}")
     return raw
 
 
@@ -254,6 +258,13 @@ def apply_process_environment(environ: dict | None = None) -> None:
     environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Workers fork per job; the tokenizer's own thread pool must not be live across a fork.
     environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # onnxruntime's telemetry uploads from a thread it starts as it is imported (outside CI).
+    # The web process forks its workers after loading the model (gunicorn.conf.py): a child
+    # inherits the thread's state but not the thread, and at exit it waits for the thread and
+    # hangs, or aborts (`terminate called … std::system_error`). onnxruntime 1.32 reads the
+    # first name; its source has also used the second.
+    environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    environ.setdefault("ORT_TELEMETRY_DISABLED", "1")
 
 
 @cache

@@ -10,7 +10,7 @@ from rq.results import Result
 
 from jobs import keys
 from jobs.engine.job import Job
-from jobs.view import UNREAD, scheduled_key
+from jobs.view import scheduled_key
 from service.errors import ApiError
 from service.requests import log_job
 from service.security import check_request, count_request
@@ -35,21 +35,18 @@ def load_job(state: AppState, job_id: str, owner: str) -> Job:
     return job
 
 
-def load_with_result(
-    state: AppState, job_id: str, owner: str, with_result: bool = True
-) -> tuple[Job, Result | None]:
+def load_with_result(state: AppState, job_id: str, owner: str) -> tuple[Job, Result | None]:
     """`load_job`, and the job's latest result, in one round trip (the request's rate-limit hit too).
 
-    Without `with_result` the result is not read, and UNREAD stands for it. When a scheduled
-    job's view is made, it reads when the job is due (a second round trip, for those only).
+    When a scheduled job's view is made, it reads when the job is due (a second round trip,
+    for those only).
     """
     check_job_id(job_id)
     with state.redis.pipeline(transaction=False) as pipe:
         count_request(pipe)
         pipe.hgetall(Job.key_for(job_id))
-        if with_result:
-            pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
-        fields, *latest = check_request(pipe.execute())
+        pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+        fields, latest = check_request(pipe.execute())
     if not fields:
         raise _not_found()
     job = Job(job_id, connection=state.redis)
@@ -60,11 +57,9 @@ def load_with_result(
     if job.meta.get("owner") != owner:
         raise _not_found()
     log_job(job.id)
-    if not with_result:
-        return job, UNREAD
-    if not latest[0]:
+    if not latest:
         return job, None
-    result_id, payload = latest[0][0]
+    result_id, payload = latest[0]
     return job, Result.restore(job_id, result_id.decode(), payload, state.redis, serializer=job.serializer)
 
 

@@ -37,12 +37,37 @@ def private_redis(tmp_path) -> Iterator[EmbeddedRedis]:
         yield server
 
 
-def start_runner(runner: str, url: str, tmp_path) -> tuple[Process, str]:
+# onnxruntime starts its telemetry thread, the one a forked process trips over at exit, only
+# where none of these says it runs in CI: the runners here run as on a developer's machine.
+ORT_CI_VARIABLES = (
+    "CI",
+    "TF_BUILD",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "CIRCLECI",
+    "TRAVIS",
+    "JENKINS_URL",
+    "CODEBUILD_BUILD_ID",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "APPVEYOR",
+    "BITBUCKET_BUILD_NUMBER",
+    "SYSTEM_TEAMFOUNDATIONCOLLECTIONURI",
+)
+
+
+def start_runner(
+    runner: str, url: str, tmp_path, processes: str = "web worker", **settings: object
+) -> tuple[Process, str]:
+    """`make run` (all its processes) or honcho (`processes`), serving on a free port."""
     port = free_port()
-    env = base_env(url, tmp_path, HOST="127.0.0.1", PORT=port, WORKERS=1, SEARCH_WARMUP=0)
+    settings = {"SEARCH_WARMUP": 0, **settings}
+    env = base_env(url, tmp_path, HOST="127.0.0.1", PORT=port, WORKERS=1, **settings)
+    for name in ORT_CI_VARIABLES:
+        env.pop(name, None)
     if runner == "honcho":
         env["SHUTDOWN_GRACE"] = str(GRACE)
-        command = f"honcho start --procfile Procfile --port {port} web worker"
+        command = f"honcho start --procfile Procfile --port {port} {processes}"
     else:  # what `make run` runs once the virtualenv is installed; SHUTDOWN_GRACE left to it
         command = f"{sys.executable} scripts/run.py"
     process = Process(runner.replace(" ", "-"), command, env, tmp_path / "runner.log")
@@ -85,6 +110,59 @@ def test_ctrl_c_puts_the_running_job_back_and_leaves_nothing(runner, private_red
         for key in client.scan_iter("rq:worker:*"):
             assert client.ttl(key) != -1, f"{key!r} would stay forever"
         assert "0 workers" in rq_info(private_redis.url)
+    finally:
+        process.kill()
+
+
+# What a process that crashed on its way out leaves in the output: a C++ exception escaping
+# (std::terminate), an abort (gunicorn names the signal; a shell prints "Aborted"), a Python error.
+CRASH_SIGNS = ("terminate called", "SIGABRT", "Aborted", "core dumped", "Traceback")
+# The runner's exit status after a stop: make run's own, else honcho's for the signal it got.
+CLEAN_EXIT = {"make run": 0, "honcho": 128 + signal.SIGTERM}
+
+
+def maps_onnxruntime(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "onnxruntime" in maps.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(("runner", "stop"), [("make run", "Ctrl-C"), ("honcho", "SIGTERM")])
+def test_a_stop_with_the_model_loaded_before_the_fork_is_clean(runner, stop, private_redis, tmp_path):
+    # SEARCH_WARMUP=1, make run's default: the web process loads the ONNX model before it
+    # forks its workers (gunicorn.conf.py, when_ready), and they exit with its session.
+    settings = {"SEARCH_WARMUP": 1, "EMBED_BACKEND": "onnx", "EMBED_THREADS": 1}
+    process, base = start_runner(runner, private_redis.url, tmp_path, "web worker embedder", **settings)
+    try:
+        wait_until(
+            lambda: requests.get(base + "/readyz", timeout=10).status_code == 200,
+            what="the web processes to load the model",
+            process=process,
+        )
+        masters = [p for p in ownership.tagged(process.tag) if p.name() == "gunicorn" and p.children()]
+        assert [maps_onnxruntime(master.pid) for master in masters] == [True], "loaded before the fork"
+
+        # The model at work in the embedder's work-horse, then in a forked web process.
+        job = requests.post(base + "/jobs/embed", json={"text": "a clean stop"}, timeout=30).json()
+        wait_until(
+            lambda: requests.get(f"{base}/jobs/{job['id']}", timeout=10).json()["status"] == "finished",
+            what="the embed job",
+            process=process,
+        )
+        found = requests.get(base + "/search", params={"q": "stopping cleanly"}, timeout=30).json()
+        assert job["document_ids"][0] in [hit["id"] for hit in found["results"]]
+
+        if stop == "Ctrl-C":
+            os.killpg(process.pid, signal.SIGINT)  # in the runner's terminal
+        else:
+            process.popen.send_signal(signal.SIGTERM)  # to the runner alone, as a platform does
+        code = process.popen.wait(timeout=GRACE + 30)
+        output = process.output()
+        assert ownership.tagged(process.tag) == [], "a process outlived the runner"
+        for sign in CRASH_SIGNS:
+            assert sign not in output, output[-4000:]
+        assert "sending SIGKILL" not in output, "the runner had to kill what did not stop"
+        assert code == CLEAN_EXIT[runner]
     finally:
         process.kill()
 

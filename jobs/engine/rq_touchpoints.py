@@ -263,6 +263,17 @@ TOUCHPOINTS = (
             and _source_mentions(BaseWorker.__init__, "_set_connection")
         ),
     ),
+    Touchpoint(
+        "Worker.teardown() calls unsubscribe(), which unsubscribes, then stops and joins pubsub_thread",
+        "The worker stops RQ's pub/sub thread before RQ unsubscribes, so that the thread ends on "
+        "the reply rather than RQ waiting a second for it at a stop.",
+        lambda: (
+            _source_mentions(BaseWorker.teardown, "self.unsubscribe()")
+            and _source_mentions(
+                BaseWorker.unsubscribe, "self.pubsub.unsubscribe()", "self.pubsub_thread.join("
+            )
+        ),
+    ),
 )
 
 

@@ -290,7 +290,7 @@ class Worker(ForkingWorker):
         timeouts = [job.timeout or Queue.DEFAULT_TIMEOUT for job, _ in running]
         budget = sum(timeouts) + (min(timeouts) if len(running) > 1 else 0)
         while True:
-            report = horse.wait_report(timeout=self.job_monitoring_interval, wake=self._wake_read)
+            report = horse.wait_report(timeout=self._next_look(), wake=self._wake_read)
             self._stopping()
             if report is None:  # still running
                 try:
@@ -364,8 +364,15 @@ class Worker(ForkingWorker):
                 pipe.expire(self.key, worker_ttl)
             pipe.execute()
 
+    def _next_look(self) -> float:
+        """Seconds until the next look at the running jobs: the monitoring interval, but no
+        later than the end of a shutdown grace (a runner kills what is still there soon after)."""
+        if self._shutdown_deadline is None or self._kill_reason is not None:
+            return self.job_monitoring_interval
+        return max(0.0, min(self.job_monitoring_interval, self._shutdown_deadline - time.monotonic()))
+
     def _enforce_limits(self, horse: Horse, working_time: float, budget: float) -> None:
-        if self._shutdown_deadline is not None and time.monotonic() > self._shutdown_deadline:
+        if self._shutdown_deadline is not None and time.monotonic() >= self._shutdown_deadline:
             log.warning("the running job(s) did not finish within the shutdown grace period; putting back")
             self._kill_reason = "shutdown"
             horse.kill()
@@ -619,6 +626,11 @@ class Worker(ForkingWorker):
             if self._horse is not None:
                 self._horse.close()
                 self._horse = None
+            if self.pubsub_thread is not None:
+                # Told to stop before RQ unsubscribes, RQ's listener ends on the reply; told
+                # after, it may have taken the reply already and wait for a new subscription,
+                # and RQ waits a second for it while the runner's time to kill runs out.
+                self.pubsub_thread.stop()
         super().teardown()
 
     def run_maintenance_tasks(self) -> None:
@@ -830,8 +842,9 @@ class EmbedWorker(Worker):
         if get_settings().embed_backend == "torch":
             import sentence_transformers  # noqa: F401 - imported once here, loaded in the horse
             import torch  # noqa: F401
-        # onnxruntime starts a native thread as it is imported: each horse imports it after
-        # the fork, which costs a fraction of a second once per horse.
+        # onnxruntime may start a native thread as it is imported (its telemetry, which
+        # jobs.settings turns off): each horse imports it after the fork, which costs a
+        # fraction of a second once per horse.
 
         self._spawn_horse()
 

@@ -1,7 +1,7 @@
 """The embedding model: loaded once per process that needs it, on first use.
 
 Two backends run the same model (EMBED_BACKEND): torch through sentence-transformers, or
-ONNX Runtime on a graph exported from the same packaged folder (fp32, or int8-quantized).
+ONNX Runtime on an fp32 graph exported from the same packaged folder.
 Both give the same name and dimensions, so an index built with one accepts vectors from
 the other; the vectors differ slightly (`python -m bench.embed_backends` measures by how much).
 
@@ -69,7 +69,7 @@ class Encoder:
 
 
 class OnnxEncoder:
-    """The same vectors as `Encoder` (to within float error, or int8's), from ONNX Runtime.
+    """The same vectors as `Encoder` (to within float error), from ONNX Runtime.
 
     Mean pooling over the attention mask and L2 normalization, as the model's
     sentence-transformers modules do. Texts are sorted by length into batches so that
@@ -143,6 +143,4 @@ def get_encoder() -> TextEncoder:
         )
     from jobs.index.onnx_export import ensure_onnx
 
-    variant = "int8" if settings.embed_backend == "onnx-int8" else "fp32"
-    onnx_path = ensure_onnx(path, name, variant)
-    return OnnxEncoder(path, onnx_path, settings.embed_threads, settings.embed_batch_size, name)
+    return OnnxEncoder(path, ensure_onnx(path, name), settings.embed_threads, settings.embed_batch_size, name)

@@ -1,14 +1,14 @@
-"""The ONNX files of the embedding model, built offline from the packaged sentence-transformers folder.
+"""The ONNX file of the embedding model, built offline from the packaged sentence-transformers folder.
 
-    python -m jobs.index.onnx_export      # builds both variants ahead of time, prints their paths
+    python -m jobs.index.onnx_export      # builds it ahead of time, prints its path
 
-The transformer is exported with torch (fp32), then optionally quantized to int8 with ONNX
-Runtime's dynamic quantization; pooling and normalization stay in Python. Each step runs in
-a child process, so the process that asked (a web process, an embedder) never loads torch. Files live in
-EMBED_MODEL_CACHE, named after the model, a digest of its weights and the variant, so a
-changed model folder is exported afresh. Each file is written to a temporary name and renamed
-into place, under a file lock: processes starting together export it once, and none ever
-reads a half-written file. Nothing is downloaded.
+The transformer is exported with torch (fp32); pooling and normalization stay in Python. The
+export runs in a child process, so the process that asked (a web process, an embedder) never
+loads torch. Files live in EMBED_MODEL_CACHE, named after the model and a digest of its
+weights, so a changed model folder is exported afresh. The file is written to a temporary
+name and renamed into place, under a file lock: processes starting together export it once,
+and none ever reads a half-written file. Nothing is downloaded. (An int8-quantized variant
+was withdrawn: jobs.settings.WITHDRAWN_BACKENDS.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "int8")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "last_hidden_state"
 OPSET = 17
@@ -57,19 +56,17 @@ def model_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def onnx_file(path: Path, name: str, variant: str) -> Path:
-    """Where the `variant` ONNX file of the model in `path` lives (whether built or not)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ONNX variant {variant!r}; one of {', '.join(VARIANTS)}")
+def onnx_file(path: Path, name: str) -> Path:
+    """Where the ONNX file of the model in `path` lives (whether built or not)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-")
-    return cache_dir() / f"{slug}-{model_digest(path)}-{variant}.onnx"
+    return cache_dir() / f"{slug}-{model_digest(path)}-fp32.onnx"
 
 
-def ensure_onnx(path: Path, name: str, variant: str) -> Path:
-    """The `variant` ONNX file of the model in `path`, exported now unless already there."""
+def ensure_onnx(path: Path, name: str) -> Path:
+    """The ONNX file of the model in `path`, exported now unless already there."""
     from filelock import FileLock
 
-    target = onnx_file(path, name, variant)
+    target = onnx_file(path, name)
     if target.exists():
         return target
     with FileLock(f"{target}.lock", timeout=LOCK_TIMEOUT):
@@ -77,13 +74,8 @@ def ensure_onnx(path: Path, name: str, variant: str) -> Path:
             return target
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by an exporter killed mid-way
             stale.unlink()
-        if variant == "fp32":
-            log.info("exporting %s to ONNX (%s)", name, target)
-            write_atomically(target, lambda temporary: _in_child("export_fp32", path, temporary))
-        else:
-            source = ensure_onnx(path, name, "fp32")
-            log.info("quantizing %s to int8 (%s)", name, target)
-            write_atomically(target, lambda temporary: _in_child("quantize_int8", source, temporary))
+        log.info("exporting %s to ONNX (%s)", name, target)
+        write_atomically(target, lambda temporary: _in_child("export_fp32", path, temporary))
     return target
 
 
@@ -182,43 +174,11 @@ def _check_export(model, target: Path) -> None:
         raise RuntimeError(f"the exported ONNX graph differs from torch by {error:.2g}")
 
 
-class _QuietQuantizer(logging.Filter):
-    """Drops what the quantizer logs on the root logger: a line per tensor, and advice to run
-    a pre-processing step, which made no difference for this model."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}onnxruntime{os.sep}quantization{os.sep}" not in record.pathname
-
-
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization of the MatMul weights, one scale per output channel.
-
-    Per-tensor scales, or quantizing the embedding tables too, agree less with the fp32
-    model for no more speed (measured on all-MiniLM-L6-v2).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quiet = _QuietQuantizer()
-    logging.getLogger().addFilter(quiet)
-    try:
-        quantize_dynamic(
-            str(source),
-            str(target),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-        )
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
 def main() -> None:
     from jobs.index.model import model_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = get_settings()
-    for variant in VARIANTS:
-        print(ensure_onnx(model_path(), settings.embed_model_name, variant), flush=True)
+    print(ensure_onnx(model_path(), get_settings().embed_model_name), flush=True)
 
 
 if __name__ == "__main__":

@@ -264,9 +264,9 @@ def _read_until_end(job_id: str, seconds: float) -> tuple[Job, Result | None]:
             return load_with_result(state, job_id, owner)
         # Watched before the first read, so an end announced right after any read still wakes it.
         with state.waiter.watch(job_id) as ended:
-            # The first read leaves the result out: most often the job has not ended yet (if
-            # it has, `job_view` reads the result).
-            job, latest = load_with_result(state, job_id, owner, with_result=False)
+            # The first read takes the result too: a job that has already ended is answered
+            # from this one round trip, and one still running costs an empty XREVRANGE.
+            job, latest = load_with_result(state, job_id, owner)
             lost: redis.exceptions.RedisError | None = None
             while lost or not is_terminal(job):
                 remaining = deadline - time.monotonic()
