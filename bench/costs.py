@@ -422,6 +422,18 @@ def main() -> None:
             )
             overrides(server, Path(tmp), proxy, args.path_rtt, args.path_jobs, args.path_rounds)
     _, baseline, ours = rows[0]
+    cpu = {
+        name.removeprefix("CPU ms, "): value for name, value in ours.items() if name.startswith("CPU ms, ")
+    }
+    stock_cpu = sum(value for name, value in baseline.items() if name.startswith("CPU ms, "))
+    result(
+        "costs: CPU ms per job, every process",
+        baseline=f"stock enqueue + run: {stock_cpu:.1f}",
+        ours=f"{sum(cpu.values()):.1f} ("
+        + ", ".join(f"{name} {value:.1f}" for name, value in sorted(cpu.items()))
+        + ")",
+        ratio=round(sum(cpu.values()) / stock_cpu, 2) if stock_cpu else None,
+    )
     for name in ("Redis commands", "Redis round trips"):
         result(
             f"costs: {name} per job",
