@@ -168,17 +168,7 @@ def submit(
         if earlier is not None:
             return Submission(earlier, created=False)
     elif reserve is not None:
-        with state.redis.pipeline(transaction=False) as pipe:
-            count_request(pipe)
-            reserve.reserve(pipe)
-            results = pipe.execute()
-        try:
-            (admitted,) = check_request(results)
-        except ApiError:  # over the rate limit: the place it took is freed
-            if int(results[-1][0]):
-                _release(state, reserve)
-            raise
-        check_admitted(admitted, settings)
+        reserve_with_hit(state, reserve)
 
     if job_type.admit is not None:  # a new request: what its key holds may refuse it (a 429)
         try:
@@ -332,6 +322,22 @@ def _claim(
         state.redis.delete(key)
         check_admitted(results[-1], state.settings)
     return earlier
+
+
+def reserve_with_hit(state: AppState, place: Any) -> None:
+    """Count the request against its rate limit and reserve `place` (one job's or a batch's,
+    all or none) in the key's share, in one round trip; a 429 for either, with nothing kept."""
+    with state.redis.pipeline(transaction=False) as pipe:
+        count_request(pipe)
+        place.reserve(pipe)
+        results = pipe.execute()
+    try:
+        (admitted,) = check_request(results)
+    except ApiError:  # over the rate limit: what it reserved is freed
+        if int(results[-1][0]):
+            _release(state, place)
+        raise
+    check_admitted(admitted, state.settings)  # refused: nothing was reserved
 
 
 def _release(state: AppState, place: Any) -> None:

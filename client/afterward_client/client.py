@@ -75,15 +75,9 @@ class Client:
         poll: float = 1.0,
     ) -> dict[str, Any]:
         """Long-poll until the job ends; `on_update` sees each view on the way (for progress)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            view = self.status(job, wait=poll)
-            if on_update is not None:
-                on_update(view)
-            if view["status"] in TERMINAL:
-                return view
-            if deadline is not None and time.monotonic() > deadline:
-                return view
+        return _follow(
+            lambda: self.status(job, wait=poll), lambda view: view["status"] in TERMINAL, timeout, on_update
+        )
 
     def cancel(self, job: str | dict[str, Any]) -> dict[str, Any]:
         return self._call("DELETE", f"jobs/{_id(job)}").json()
@@ -197,13 +191,7 @@ class Client:
         poll: float = 1.0,
     ) -> dict[str, Any]:
         """Long-poll until every job of the batch has ended; `on_update` sees each view on the way."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            view = self.batch(batch, wait=poll)
-            if on_update is not None:
-                on_update(view)
-            if view["done"] or (deadline is not None and time.monotonic() > deadline):
-                return view
+        return _follow(lambda: self.batch(batch, wait=poll), lambda view: view["done"], timeout, on_update)
 
     # ------------------------------------------------------------------ index and search
 
@@ -254,6 +242,22 @@ class Client:
             if response.status_code >= 400:
                 raise _error(response)
             return response
+
+
+def _follow(
+    read: Callable[[], dict[str, Any]],
+    ended: Callable[[dict[str, Any]], bool],
+    timeout: float | None,
+    on_update: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Long-poll with `read` until `ended` says so or `timeout` passes; the last view."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        view = read()
+        if on_update is not None:
+            on_update(view)
+        if ended(view) or (deadline is not None and time.monotonic() > deadline):
+            return view
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

@@ -23,17 +23,17 @@ from service.errors import ApiError
 from service.jobview import JOB_ID
 from service.replication import acknowledges_writes
 from service.requests import current_request_id
-from service.security import check_request, count_request, current_owner, folds_rate_limit
+from service.security import current_owner, folds_rate_limit
 from service.state import AppState, get_state
 from service.submit import (
     Prepared,
     _claim,
     _release,
-    check_admitted,
     check_callback_url,
     check_idempotency_key,
     enqueue,
     prepare,
+    reserve_with_hit,
     settle,
 )
 
@@ -96,17 +96,7 @@ def create_batch() -> Response:
             response.headers["Idempotent-Replayed"] = "true"
             return response
     elif places is not None:
-        with state.redis.pipeline(transaction=False) as pipe:
-            count_request(pipe)
-            places.reserve(pipe)
-            results = pipe.execute()
-        try:
-            (admitted,) = check_request(results)
-        except ApiError:  # over the rate limit: the places it took are freed
-            if int(results[-1][0]):
-                _release(state, places)
-            raise
-        check_admitted(admitted, settings)  # none were taken: nothing to free
+        reserve_with_hit(state, places)
 
     try:
         _admit_all(state, prepared, owner)
