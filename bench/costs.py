@@ -180,9 +180,9 @@ CORRECTNESS = [
     ),
     (
         "Queue.push_job_id",
-        "fair share between API keys, and the doorbell that wakes an idle worker",
+        "fair share between API keys, and the wake-up signal to an idle worker",
         "test_fair_share.py::test_a_new_keys_job_waits_for_at_most_one_job_of_each_other_key, "
-        "test_queue.py::test_every_push_rings_the_doorbell",
+        "test_queue.py::test_every_push_signals_an_idle_worker",
     ),
     (
         "Queue.count, Queue.empty",

@@ -9,7 +9,7 @@ after each job, how often each path ran, its seconds (in all, and job by job) an
 round trips. A round trip
 is one request sent on a connection by the worker's main thread: one command, or one
 pipeline (redis-py's `send_packed_command`). Threads beside the work loop (the command
-listener, webhook courier, schedule ticker, Redis probe) are not counted.
+listener, webhook sender, schedule ticker, Redis probe) are not counted.
 """
 
 from __future__ import annotations

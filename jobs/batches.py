@@ -18,7 +18,7 @@ last of them ends.
   looks at open batches now and then (BATCHES_OPEN, by when to look next), removes every job
   that has ended or is gone from `pending`, and ends the batch the same way.
 - **Delivery.** A batch's callback is an entry `batch:<id>` in the CALLBACKS sorted set, which
-  every worker's Courier takes and leases like a job's (jobs.callbacks): signed with the
+  every worker's WebhookSender takes and leases like a job's (jobs.callbacks): signed with the
   owner's key secret, event `batch.ended`, `Afterward-Delivery: <id>.ended`, retried with
   back-off. The body is the batch view, as `GET /batches/<id>` shows it.
 - **Lifetime.** A batch lives while its jobs wait or run (as queued jobs do), and RESULT_TTL
@@ -251,9 +251,9 @@ def sweep(connection: redis.Redis, at: float | None = None) -> int:
 # ---------------------------------------------------------------------- delivering
 
 
-def deliver(courier: callbacks.Courier, batch_id: str) -> None:
+def deliver(sender: callbacks.WebhookSender, batch_id: str) -> None:
     """Deliver the end of a batch (a leased CALLBACKS entry), or look again later."""
-    connection = courier.connection
+    connection = sender.connection
     view = read(connection, batch_id)
     state = view and view["_callback"]
     if not view or state is None or not view["done"] or state["status"] in callbacks.FINAL:
@@ -265,7 +265,7 @@ def deliver(courier: callbacks.Courier, batch_id: str) -> None:
         return
     state["attempts"] += 1
     body = json.dumps(public(view), separators=(",", ":")).encode()
-    next_at = courier.attempt(
+    next_at = sender.attempt(
         state,
         body,
         "batch.ended",
@@ -274,7 +274,7 @@ def deliver(courier: callbacks.Courier, batch_id: str) -> None:
         ended,
         what=f"callback of batch {batch_id}",
     )
-    courier.record(keys.batch(batch_id), "callback", state, next_at, entry(batch_id))
+    sender.record(keys.batch(batch_id), "callback", state, next_at, entry(batch_id))
 
 
 def _timestamp(value: str) -> float:

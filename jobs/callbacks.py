@@ -1,18 +1,18 @@
 """Completion webhooks: when a job with a `callback_url` ends, its job view is POSTed there.
 
-- **Where.** Each worker process runs a `Courier`: a few threads beside the work loop, so a
+- **Where.** Each worker process runs a `WebhookSender`: a few threads beside the work loop, so a
   slow or dead receiver never holds up a job. Which job ends are due lives in Redis (the
-  CALLBACKS sorted set: job id -> when to look next), so any worker's courier may deliver
+  CALLBACKS sorted set: job id -> when to look next), so any worker's webhook sender may deliver
   any job's callback, and none is lost when a worker stops or dies mid-delivery.
 - **When.** The end of a job (finished, failed, stopped, canceled) makes its entry due at
   once and publishes its id on CALLBACKS_CHANNEL, in the transaction or round trip that
   records the end, from whichever process records it (a work-horse, a worker, the web
-  process): every courier listens there and takes what is due at once, so the first free
+  process): every webhook sender listens there and takes what is due at once, so the first free
   one delivers. Every job with a callback is also looked at now and then while it has not
   ended, so an end recorded by a path that does not say so (a dashboard action, a crash)
   is still delivered, only later.
-- **At least once.** A courier leases an entry (moves it LEASE seconds ahead) while it
-  delivers; a courier that dies mid-delivery leaves it to be taken again. An answer other
+- **At least once.** A webhook sender leases an entry (moves it LEASE seconds ahead) while it
+  delivers; a webhook sender that dies mid-delivery leaves it to be taken again. An answer other
   than 2xx, a timeout or a connection error is retried with back-off until CALLBACK_RETRY_FOR
   seconds after the job's end; then its status is `failed`. Receivers deduplicate on the
   `Afterward-Delivery` header: the same for every delivery of one end of one job.
@@ -63,12 +63,12 @@ from jobs.view import is_terminal, job_view
 log = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
-# Seconds a courier holds an entry while it delivers; longer than any one attempt.
+# Seconds a webhook sender holds an entry while it delivers; longer than any one attempt.
 LEASE = 120
-# Seconds between a courier's looks at the due entries when nothing wakes it (a published end
-# wakes every courier at once; this is for ends published while a courier was not listening).
+# Seconds between a sender's looks at the due entries when nothing wakes it (a published end
+# wakes every sender at once; this is for ends published while a sender was not listening).
 POLL = 1.0
-# Seconds between a courier's attempts to reach Redis again.
+# Seconds between a webhook sender's attempts to reach Redis again.
 RECONNECT = 5.0
 # An entry announced due whose job does not look ended yet (RQ records an abandoned job's
 # failure after telling its exception handlers, which announce it) is looked at again this soon.
@@ -306,14 +306,14 @@ def register(pipe: Any, job: Job, url: str) -> None:
 
 
 def due(pipe: Any, job: Job) -> None:
-    """The job has ended: its callback is due now, and every courier is told so (in the
+    """The job has ended: its callback is due now, and every webhook sender is told so (in the
     pipeline that records the end). A job of a batch also leaves the batch's jobs to wait for
     (jobs.batches): the last one to leave ends the batch, whose own callback is then due."""
     if job.callback is not None:
         pipe.zadd(keys.CALLBACKS, {job.id: 0})
         pipe.publish(keys.CALLBACKS_CHANNEL, job.id)
     if job.meta.get("batch_id"):
-        from jobs import batches  # it delivers through this module's Courier
+        from jobs import batches  # it delivers through this module's WebhookSender
 
         batches.job_ended(pipe, job)
 
@@ -351,7 +351,7 @@ def signature(secret: str, timestamp: str, delivery: str, event: str, body: byte
 # ---------------------------------------------------------------------- delivering
 
 
-class Courier:
+class WebhookSender:
     """Delivers due callbacks from one process, on `CALLBACK_CONCURRENCY` threads."""
 
     def __init__(self, connection: redis.Redis, settings: Settings) -> None:
@@ -370,7 +370,7 @@ class Courier:
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="callback")
-        self._thread = threading.Thread(target=self._loop, name="callback-courier", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="callback-sender", daemon=True)
         self._thread.start()
         self._listener = threading.Thread(target=self._listen, name="callback-listener", daemon=True)
         self._listener.start()
@@ -392,7 +392,7 @@ class Courier:
             except redis.RedisError:  # the worker says so (jobs.connection.Outage)
                 self._stop.wait(RECONNECT)
                 continue
-            except Exception:  # a courier that stopped would leave deliveries to the others
+            except Exception:  # a webhook sender that stopped would leave deliveries to the others
                 log.exception("callbacks: could not take due entries")
                 self._stop.wait(POLL)
                 continue
@@ -401,7 +401,7 @@ class Courier:
                 self._wake.clear()
 
     def _listen(self) -> None:
-        """Wake the courier whenever any process announces an end (due)."""
+        """Wake the webhook sender whenever any process announces an end (due)."""
         pubsub = None
         while not self._stop.is_set():
             try:
@@ -480,7 +480,7 @@ class Courier:
             # Announced but not recorded yet: the end is on its way, look again in a moment
             # (once; then as any running job).
             wait = ANNOUNCED_RECHECK if announced else min(max(age, RECHECK_MIN), RECHECK_MAX)
-            # Only ever brought forward: a job that ended while this courier looked at it keeps
+            # Only ever brought forward: a job that ended while this sender looked at it keeps
             # the "due now" its end gave it. Its state is unchanged: nothing to write.
             self.connection.zadd(keys.CALLBACKS, {job_id: time.time() + wait}, lt=True)
             return

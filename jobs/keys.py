@@ -18,8 +18,10 @@ _WAITING_SIZES = PREFIX + "quota:waiting-bytes:{owner}"
 # Remembered idempotency keys, per owner and key digest.
 _IDEMPOTENCY = PREFIX + "idempotency:{owner}:{digest}"
 
-# A list per queue that idle workers of that queue block on; every push of a job id rings it.
-_DOORBELL = PREFIX + "doorbell:{queue}"
+# The wake-up list: one per queue, which idle workers of that queue block on; every push of a
+# job id adds a signal to it. Its name in Redis stays `doorbell:<queue>`: workers of an
+# earlier release, during a rolling upgrade, still block on it.
+_WAKEUP = PREFIX + "doorbell:{queue}"
 
 # Fair share (jobs.engine.fair), per RQ queue: each owner's one job on the queue (owner -> job
 # id), each owner's jobs waiting behind it (a list per owner: the prefix and the owner), the
@@ -29,9 +31,9 @@ _FAIR = PREFIX + "fair:{queue}:"
 # The rate limiter's counter of one client (API key owner or address) in one fixed window.
 _RATE_LIMIT = PREFIX + "rate-limits:{seconds}:{window}:{who}"
 
-# Jobs with a completion webhook, by when a courier should look at them next (jobs.callbacks).
+# Jobs with a completion webhook, by when a webhook sender should look at them next (jobs.callbacks).
 CALLBACKS = PREFIX + "callbacks"
-# Pub/sub channel a job's id is published on when its callback becomes due: wakes every courier.
+# Pub/sub channel a job's id is published on when its callback becomes due: wakes every webhook sender.
 CALLBACKS_CHANNEL = PREFIX + "callbacks-due"
 
 # Written by a request just before its WAIT (REDIS_MIN_REPLICAS), on the request's connection,
@@ -73,8 +75,8 @@ def idempotency(owner: str, key: str) -> str:
     return _IDEMPOTENCY.format(owner=owner, digest=digest)
 
 
-def doorbell(queue: str) -> str:
-    return _DOORBELL.format(queue=queue)
+def wakeup_list(queue: str) -> str:
+    return _WAKEUP.format(queue=queue)
 
 
 def fair_front(queue: str) -> str:

@@ -524,7 +524,7 @@ class Ticker:
         """The tick's job, built and admitted as `POST /jobs/<type>` would, and its place in its
         key's share (None without API keys); _Refused when the service would refuse it."""
         from service.errors import ApiError
-        from service.submit import _Place, check_admitted, prepare
+        from service.submit import Reservation, check_admitted, prepare
 
         job_type = self._job_types.get(schedule.type)
         if job_type is None:
@@ -544,7 +544,7 @@ class Ticker:
         if not self.settings.api_keys:
             return prepared, None
         size = len(json.dumps(schedule.job, separators=(",", ":")).encode())
-        place = _Place(self.settings, schedule.owner, prepared.job.id, size, moment)
+        place = Reservation(self.settings, schedule.owner, prepared.job.id, size, moment)
         with self.connection.pipeline(transaction=False) as pipe:
             place.reserve(pipe)
             (answer,) = pipe.execute()

@@ -226,7 +226,7 @@ def _owned_by(meta: bytes | None, owner: str) -> bool:
 
 
 @dataclass
-class _Place:
+class Reservation:
     """A job's place in its key's share of Redis (jobs.quota), reserved in a given pipeline."""
 
     settings: Settings
@@ -251,9 +251,9 @@ class _Place:
         quota.release(pipe, self.owner, self.job_id)
 
 
-def _reservation(settings: Settings, owner: str, job_id: str) -> _Place:
+def _reservation(settings: Settings, owner: str, job_id: str) -> Reservation:
     size = request.content_length or len(request.get_data(cache=True))
-    return _Place(settings, owner, job_id, size, time.time())
+    return Reservation(settings, owner, job_id, size, time.time())
 
 
 def check_admitted(answer: list, settings: Settings) -> None:
@@ -283,7 +283,7 @@ def _claim(
     finds it: with its job not yet written it gets a 409 and retries; a claim whose job never
     appeared (the process died in between) is taken over after a few seconds.
 
-    `place` is a `_Place` (or anything that reserves and releases like one); `fetch` reads
+    `place` is a `Reservation` (or anything that reserves and releases like one); `fetch` reads
     what an earlier request made (NoSuchJobError when it is not there): a job by default.
     """
     record = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "at": time.time()})

@@ -38,7 +38,7 @@ def taken_order(fake_redis, family: str = "", most: int = 1) -> list[str]:
     order = []
     while (taken := Queue.dequeue_any(queues, None, connection=fake_redis)) is not None:
         job, queue = taken
-        for each in [job, *job.companions]:
+        for each in [job, *job.taken_with]:
             order.append(each.id)
             fake_redis.lrem(queue.intermediate_queue_key, 1, each.id)
     return order
@@ -113,7 +113,7 @@ def test_an_embedder_fills_its_batch_from_a_key_alone_and_shares_it_between_keys
     def batch() -> list[str]:
         """A batch the embedder takes, run and ended at once."""
         job, queue = EmbedQueue.dequeue_any(queues, None, connection=fake_redis)
-        ids = [each.id for each in [job, *job.companions]]
+        ids = [each.id for each in [job, *job.taken_with]]
         fake_redis.delete(queue.intermediate_queue_key)
         return ids
 

@@ -44,12 +44,12 @@ def test_a_taken_job_waits_on_the_intermediate_list(queues, fake_redis):
     assert fake_redis.lrange(queue.intermediate_queue_key, 0, -1) == [job.id.encode()]
 
 
-def test_every_push_rings_the_doorbell(queues, fake_redis):
+def test_every_push_signals_an_idle_worker(queues, fake_redis):
     enqueue(queues[0], "x")
     enqueue(queues[2], "y")
-    assert fake_redis.llen(keys.doorbell("high")) == 1
-    assert fake_redis.llen(keys.doorbell("low")) == 1
-    assert fake_redis.llen(keys.doorbell("default")) == 0
+    assert fake_redis.llen(keys.wakeup_list("high")) == 1
+    assert fake_redis.llen(keys.wakeup_list("low")) == 1
+    assert fake_redis.llen(keys.wakeup_list("default")) == 0
 
 
 def test_blocking_dequeue_times_out(queues, fake_redis):
@@ -112,10 +112,10 @@ def test_an_embed_dequeue_takes_a_batch_from_one_queue(fake_redis, monkeypatch):
     first_high = enqueue(high, "h")
     queued = [enqueue(default, f"d{i}") for i in range(4)]
     job, queue = EmbedQueue.dequeue_any([high, default], None, connection=fake_redis)
-    assert (queue.name, job.id, job.companions) == ("embed-high", first_high.id, [])  # never mixes queues
+    assert (queue.name, job.id, job.taken_with) == ("embed-high", first_high.id, [])  # never mixes queues
     job, queue = EmbedQueue.dequeue_any([high, default], None, connection=fake_redis)
-    assert [j.id for j in [job, *job.companions]] == [j.id for j in queued[:3]]
-    assert [j.kwargs["message"] for j in job.companions] == ["d1", "d2"]  # read with the take
+    assert [j.id for j in [job, *job.taken_with]] == [j.id for j in queued[:3]]
+    assert [j.kwargs["message"] for j in job.taken_with] == ["d1", "d2"]  # read with the take
     assert fake_redis.lrange(queue.intermediate_queue_key, 0, -1) == [j.id.encode() for j in queued[:3]]
     assert fake_redis.lrange(queue.key, 0, -1) == [queued[3].id.encode()]
 
@@ -126,7 +126,7 @@ def test_a_batch_stops_growing_at_its_byte_budget(fake_redis, monkeypatch):
     for _ in range(5):
         enqueue(queue, secrets.token_urlsafe(1200))  # about 1,200 bytes of data, compressed or not
     job, _ = EmbedQueue.dequeue_any([queue], None, connection=fake_redis)
-    assert len(job.companions) == 2  # the third job's data passes 3000 bytes: it closes the batch
+    assert len(job.taken_with) == 2  # the third job's data passes 3000 bytes: it closes the batch
     assert fake_redis.llen(queue.key) == 2
 
 
@@ -134,7 +134,7 @@ def test_the_general_queue_takes_one_job_at_a_time(queues, fake_redis):
     for i in range(3):
         enqueue(queues[1], str(i))
     job, _ = Queue.dequeue_any(queues, None, connection=fake_redis)
-    assert job.companions == []
+    assert job.taken_with == []
     assert fake_redis.llen(queues[1].key) == 2
 
 
@@ -147,9 +147,9 @@ def test_a_paused_queue_gives_no_job_until_it_is_resumed(queues, fake_redis):
     assert (queue.name, job.id) == ("default", other.id)  # the lower priority, not the paused one
     assert Queue.dequeue_any(queues, None, connection=fake_redis) is None
     assert fake_redis.lrange(high.key, 0, -1) == [held.id.encode()]
-    fake_redis.delete(keys.doorbell("high"))
+    fake_redis.delete(keys.wakeup_list("high"))
     pause.resume(fake_redis, "high")
-    assert fake_redis.llen(keys.doorbell("high")) == 1  # idle workers wake at once
+    assert fake_redis.llen(keys.wakeup_list("high")) == 1  # idle workers wake at once
     job, queue = Queue.dequeue_any(queues, None, connection=fake_redis)
     assert (queue.name, job.id) == ("high", held.id)
 
@@ -161,8 +161,8 @@ def test_an_embedder_takes_no_batch_off_a_paused_queue(fake_redis, monkeypatch):
     open_ = [enqueue(low, f"l{i}") for i in range(2)]
     pause.pause(fake_redis, "embed-default", by="ops")
     job, queue = EmbedQueue.dequeue_any([default, low], None, connection=fake_redis)
-    assert (queue.name, [j.id for j in [job, *job.companions]]) == ("embed-low", [j.id for j in open_])
+    assert (queue.name, [j.id for j in [job, *job.taken_with]]) == ("embed-low", [j.id for j in open_])
     assert EmbedQueue.dequeue_any([default, low], None, connection=fake_redis) is None
     pause.resume(fake_redis, "embed-default")
     job, queue = EmbedQueue.dequeue_any([default, low], None, connection=fake_redis)
-    assert (queue.name, [j.id for j in [job, *job.companions]]) == ("embed-default", [j.id for j in held])
+    assert (queue.name, [j.id for j in [job, *job.taken_with]]) == ("embed-default", [j.id for j in held])

@@ -82,7 +82,7 @@ def test_the_cluster_refuses_one_script_or_transaction_over_two_slots(empty: Loc
         client.eval("return 1", 2, first, second)
     with pytest.raises(ClusterCrossSlotError), client.pipeline(transaction=True) as pipe:
         pipe.lpush(first, 1).lpush(second, 1).execute()
-    with pytest.raises(ClusterCrossSlotError):  # an idle worker waits on its queues' doorbells
+    with pytest.raises(ClusterCrossSlotError):  # an idle worker waits on its queues' wake-up lists
         client.blpop([first, second], timeout=1)
     client.close()
 

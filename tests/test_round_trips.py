@@ -23,8 +23,8 @@ from tests.test_security import KEY_A, make_app
 
 A = {"Authorization": f"Bearer {KEY_A}"}
 # With API keys every job goes through its key's fair share (jobs.engine.fair): the job is
-# saved, then one script queues it (or puts it behind its key's job on the queue) and rings
-# the doorbell; then its index entry and its count.
+# saved, then one script queues it (or puts it behind its key's job on the queue) and signals
+# an idle worker; then its index entry and its count.
 ENQUEUE = ["MULTI", "SADD", "HSET", "HSET", "EVAL", "ZADD", "HINCRBY", "EXEC"]
 RATE_LIMIT = ["INCRBY", "EXPIRE"]
 

@@ -229,7 +229,7 @@ def test_calls_blocked_on_a_frozen_primary_move_to_the_new_one(topology: Sentine
     connection has none), are moved by the watch once a replica is promoted; when the old primary wakes
     up it is demoted, and the process's connections stay on the new one."""
     worker = WorkerRedis.from_url(topology.url)
-    listener = worker.pubsub(ignore_subscribe_messages=True)  # as a worker's webhook courier listens
+    listener = worker.pubsub(ignore_subscribe_messages=True)  # as a worker's webhook webhook sender listens
     try:
         worker.delete("afterward:test:list")
         listener.subscribe("afterward:test:channel")

@@ -218,14 +218,14 @@ AROUND_A_PUBLIC_ADDRESS = {
 
 @pytest.mark.parametrize("address", REACHING_LOOPBACK)
 def test_ipv6_forms_of_an_internal_ipv4_address_are_refused_at_delivery(monkeypatch, address):
-    courier, job = courier_for("http://127.0.0.1/")
+    sender, job = sender_for("http://127.0.0.1/")
     # Written by the client...
     with pytest.raises(CallbackRefused, match="is not a public address"):
-        courier.post(f"http://[{address}]:8080/hook", b"{}", job, "end")
+        sender.post(f"http://[{address}]:8080/hook", b"{}", job, "end")
     # ...or what a name resolves to.
     resolving_to(monkeypatch, address)
     with pytest.raises(CallbackRefused, match="resolves to an address that is not public"):
-        courier.post("http://hooks.example.com/hook", b"{}", job, "end")
+        sender.post("http://hooks.example.com/hook", b"{}", job, "end")
     # CALLBACK_ALLOWED_HOSTS admits it like any non-public address: by address, network or name.
     for entry in (address, f"{address}/128", "hooks.example.com"):
         assert resolve(parse_url("http://hooks.example.com/"), Allowed.parse([entry])) == str(
@@ -566,7 +566,7 @@ def test_a_retried_job_delivers_its_new_end(web, workers, receiver):
     wait_until(lambda: web.job(job_id)["callback"]["status"] == "delivered", what="delivered again")
 
 
-def courier_for(receiver_url: str, **settings: object) -> tuple[callbacks.Courier, object]:
+def sender_for(receiver_url: str, **settings: object) -> tuple[callbacks.WebhookSender, object]:
     import fakeredis
     from rq.job import JobStatus
 
@@ -574,33 +574,33 @@ def courier_for(receiver_url: str, **settings: object) -> tuple[callbacks.Courie
     from jobs.settings import Settings
 
     connection = fakeredis.FakeRedis()
-    courier = callbacks.Courier(
+    sender = callbacks.WebhookSender(
         connection, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",), **settings)
     )
     job = Job("a" * 32, connection=connection)
     job._status = JobStatus.FINISHED
-    return courier, job
+    return sender, job
 
 
 def test_an_attempt_says_why_it_failed(receiver):
     hook, url = receiver
-    courier, job = courier_for(url, callback_timeout=1)
+    sender, job = sender_for(url, callback_timeout=1)
     with pytest.raises(callbacks._Undelivered, match="connection refused"):
-        courier.post("http://127.0.0.1:1/", b"{}", job, "end")
+        sender.post("http://127.0.0.1:1/", b"{}", job, "end")
     hook.delay = 2
     with pytest.raises(callbacks._Undelivered, match="no answer within 1 s"):
-        courier.post(url, b"{}", job, "end")
+        sender.post(url, b"{}", job, "end")
     hook.delay = 0
     hook.answers = [302]
     with pytest.raises(callbacks._Undelivered, match="answered HTTP 302"):  # redirects are not followed
-        courier.post(url, b"{}", job, "end")
-    courier.post(url, b'{"ok":1}', job, "end")
+        sender.post(url, b"{}", job, "end")
+    sender.post(url, b'{"ok":1}', job, "end")
     assert hook.received[-1]["body"] == b'{"ok":1}'
     verify(hook.received[-1])
 
 
-def test_an_end_announced_while_a_courier_looks_stays_due(fake_redis):
-    """A courier that found the job running must not push back the "due now" its end just gave."""
+def test_an_end_announced_while_a_sender_looks_stays_due(fake_redis):
+    """A webhook sender that found the job running must not push back the "due now" its end just gave."""
     from rq.job import JobStatus
 
     from jobs.engine.job import Job
@@ -612,13 +612,13 @@ def test_an_end_announced_while_a_courier_looks_stays_due(fake_redis):
     with fake_redis.pipeline() as pipe:
         callbacks.register(pipe, job, "http://127.0.0.1:9/")
         pipe.execute()
-    courier = callbacks.Courier(fake_redis, Settings(callback_secret=SECRET))
+    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
     fake_redis.zadd("afterward:callbacks", {job.id: 0})  # the job's end, announced meanwhile
-    courier.deliver(job.id)  # ...by a courier that read the job while it still ran
+    sender.deliver(job.id)  # ...by a webhook sender that read the job while it still ran
     assert fake_redis.zscore("afterward:callbacks", job.id) == 0
     # Without an end in between, a running job is looked at again later, not at once.
     fake_redis.zadd("afterward:callbacks", {job.id: time.time() + callbacks.LEASE})
-    courier.deliver(job.id)
+    sender.deliver(job.id)
     assert time.time() < fake_redis.zscore("afterward:callbacks", job.id) <= time.time() + callbacks.LEASE
 
 
@@ -645,8 +645,8 @@ def finished_job(connection, job_id: str, url: str, owner: str | None = "public"
     return job
 
 
-def test_an_end_announced_anywhere_wakes_every_courier(fake_redis, receiver, monkeypatch):
-    """A courier delivers as soon as any process (a work-horse, the web process) announces an
+def test_an_end_announced_anywhere_wakes_every_sender(fake_redis, receiver, monkeypatch):
+    """A webhook sender delivers as soon as any process (a work-horse, the web process) announces an
     end, not at its next look: here its look comes only every 60 s."""
     import fakeredis
 
@@ -655,14 +655,14 @@ def test_an_end_announced_anywhere_wakes_every_courier(fake_redis, receiver, mon
     hook, url = receiver
     monkeypatch.setattr(callbacks, "POLL", 60)
     settings = Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
-    couriers = [
-        callbacks.Courier(
+    senders = [
+        callbacks.WebhookSender(
             fakeredis.FakeRedis(server=fake_redis.connection_pool.connection_kwargs["server"]), settings
         )
         for _ in range(2)
     ]
-    for courier in couriers:
-        courier.start()
+    for sender in senders:
+        sender.start()
     try:
         # Both listen (each looks once as it starts listening, and finds nothing due).
         wait_until(lambda: fake_redis.pubsub_numsub(keys.CALLBACKS_CHANNEL)[0][1] == 2, what="listeners")
@@ -676,13 +676,13 @@ def test_an_end_announced_anywhere_wakes_every_courier(fake_redis, receiver, mon
         assert time.monotonic() - started < 10  # not the 60 s of a look
         verify(hook.received[0])
     finally:
-        for courier in couriers:
-            courier.stop()
+        for sender in senders:
+            sender.stop()
 
 
 def test_an_end_announced_before_it_is_recorded_is_looked_at_again_soon(fake_redis):
     """RQ tells its exception handlers of an abandoned job (which announce its end) before it
-    records the job as failed: the courier that finds it still running looks again soon."""
+    records the job as failed: the webhook sender that finds it still running looks again soon."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rq.job import JobStatus
@@ -697,36 +697,36 @@ def test_an_end_announced_before_it_is_recorded_is_looked_at_again_soon(fake_red
         callbacks.register(pipe, job, "http://127.0.0.1:9/")
         callbacks.due(pipe, job)
         pipe.execute()
-    courier = callbacks.Courier(fake_redis, Settings(callback_secret=SECRET))
-    courier._pool = ThreadPoolExecutor(1)
+    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
+    sender._pool = ThreadPoolExecutor(1)
     try:
-        assert courier.take_due() == 1
-        courier._pool.shutdown(wait=True)
+        assert sender.take_due() == 1
+        sender._pool.shutdown(wait=True)
     finally:
-        courier._pool.shutdown(wait=True)
+        sender._pool.shutdown(wait=True)
     assert fake_redis.zscore(keys.CALLBACKS, job.id) <= time.time() + callbacks.ANNOUNCED_RECHECK
     # Once: the next look finds an entry that was not announced, and waits as for any running job.
-    courier._pool = ThreadPoolExecutor(1)
+    sender._pool = ThreadPoolExecutor(1)
     fake_redis.zadd(keys.CALLBACKS, {job.id: time.time() - 1})
-    assert courier.take_due() == 1
-    courier._pool.shutdown(wait=True)
+    assert sender.take_due() == 1
+    sender._pool.shutdown(wait=True)
     assert fake_redis.zscore(keys.CALLBACKS, job.id) >= time.time() + callbacks.RECHECK_MIN - 1
 
 
-def test_a_redis_error_while_taking_frees_the_couriers_threads(fake_redis):
+def test_a_redis_error_while_taking_frees_the_senders_threads(fake_redis):
     import redis
 
     from jobs.settings import Settings
 
-    courier = callbacks.Courier(fake_redis, Settings(callback_secret=SECRET, callback_concurrency=3))
+    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET, callback_concurrency=3))
 
     def broken(*args, **kwargs):
         raise redis.ConnectionError("Redis went away")
 
-    courier._take = broken
+    sender._take = broken
     with pytest.raises(redis.ConnectionError):
-        courier.take_due()
-    assert all(courier._busy.acquire(blocking=False) for _ in range(3))
+        sender.take_due()
+    assert all(sender._busy.acquire(blocking=False) for _ in range(3))
 
 
 def test_a_job_submitted_before_per_key_secrets_is_delivered_signed_with_its_owners(fake_redis, receiver):
@@ -738,10 +738,10 @@ def test_a_job_submitted_before_per_key_secrets_is_delivered_signed_with_its_own
     owner = key_owner(KEY_A)
     job = finished_job(fake_redis, "e" * 32, url, owner=owner)
     fake_redis.hset(job.key, "afterward_callback", json.dumps(callbacks.initial_state(url)))
-    courier = callbacks.Courier(
+    sender = callbacks.WebhookSender(
         fake_redis, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
     )
-    courier.deliver(job.id)
+    sender.deliver(job.id)
     assert len(hook.received) == 1
     verify(hook.received[0], callbacks.key_secret(SECRET, owner))
     for other in (PUBLIC_SECRET, callbacks.key_secret(SECRET, key_owner(KEY_B)), SECRET):
@@ -818,7 +818,7 @@ def test_the_readme_receiver_accepts_a_real_delivery_once_and_nothing_forged(web
     assert len(handled) == 1
 
 
-def test_a_courier_listens_again_after_losing_redis(fake_redis, receiver, monkeypatch):
+def test_a_sender_listens_again_after_losing_redis(fake_redis, receiver, monkeypatch):
     import redis
 
     from jobs.settings import Settings
@@ -826,7 +826,7 @@ def test_a_courier_listens_again_after_losing_redis(fake_redis, receiver, monkey
     hook, url = receiver
     monkeypatch.setattr(callbacks, "POLL", 60)
     monkeypatch.setattr(callbacks, "RECONNECT", 0.1)
-    courier = callbacks.Courier(
+    sender = callbacks.WebhookSender(
         fake_redis, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
     )
     pubsub, failures = fake_redis.pubsub, []
@@ -838,7 +838,7 @@ def test_a_courier_listens_again_after_losing_redis(fake_redis, receiver, monkey
         return pubsub(**kwargs)
 
     monkeypatch.setattr(fake_redis, "pubsub", flaky_pubsub)
-    courier.start()
+    sender.start()
     try:
         wait_until(
             lambda: fake_redis.pubsub_numsub(keys.CALLBACKS_CHANNEL)[0][1] == 1, what="listening again"
@@ -850,5 +850,5 @@ def test_a_courier_listens_again_after_losing_redis(fake_redis, receiver, monkey
             pipe.execute()
         wait_until(lambda: len(hook.received) == 1, timeout=10, what="the delivery")
     finally:
-        courier.stop()
+        sender.stop()
     assert failures == [1]

@@ -7,7 +7,7 @@ deferred for good otherwise: when one fails, is stopped or canceled, or ended be
 dependent was written. Here every end settles the dependents it holds back:
 
 - every dependency `finished` (or deleted or expired, which RQ counts as met): the dependent
-  is queued, through the engine's Queue (fair share, doorbell);
+  is queued, through the engine's Queue (fair share, wake-up signal);
 - a dependency `failed` (for good: an attempt that will be retried is no end), `stopped` or
   `canceled`: the dependent ends `canceled`, its error `DependencyFailed` naming that
   dependency, and so do its own dependents in turn; with `allow_failure` it is queued

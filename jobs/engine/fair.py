@@ -37,13 +37,13 @@ from jobs import keys
 
 # Jobs at the head of each queue a worker considers: one per key with work, in the usual case.
 SCAN = 100
-# Doorbell rings kept while no worker listens (jobs.engine.queue).
-DOORBELL_LIMIT = 1000
+# Wake-up signals kept while no worker listens (jobs.engine.queue).
+WAKEUP_LIMIT = 1000
 
 # Shared by the scripts below. `promote` moves the owner's next waiting job (skipping any
-# canceled or deleted meanwhile) to the end of the queue as its front, and rings the doorbell.
+# canceled or deleted meanwhile) to the end of the queue as its front, and signals an idle worker.
 _PROMOTE = """
-local function promote(queue, front, owners, count, bell, waiting_prefix, owner, prefix, bell_limit)
+local function promote(queue, front, owners, count, wakeup, waiting_prefix, owner, prefix, wakeup_limit)
   local waiting = waiting_prefix .. owner
   while true do
     local id = redis.call('LPOP', waiting)
@@ -56,8 +56,8 @@ local function promote(queue, front, owners, count, bell, waiting_prefix, owner,
     if redis.call('HGET', prefix .. id, 'status') == 'queued' then
       redis.call('RPUSH', queue, id)
       redis.call('HSET', front, owner, id)
-      redis.call('LPUSH', bell, 1)
-      redis.call('LTRIM', bell, 0, bell_limit - 1)
+      redis.call('LPUSH', wakeup, 1)
+      redis.call('LTRIM', wakeup, 0, wakeup_limit - 1)
       return id
     end
   end
@@ -65,8 +65,8 @@ end
 """
 
 # Push a job: behind its owner's front when that front is still waiting on the queue, else as
-# the front. KEYS: queue, front, owners, count, doorbell.
-# ARGV: job id, at front (1/0), job key prefix, waiting prefix, doorbell limit.
+# the front. KEYS: queue, front, owners, count, wake-up list.
+# ARGV: job id, at front (1/0), job key prefix, waiting prefix, wake-up limit.
 _ADMIT = (
     _PROMOTE
     + """
@@ -97,7 +97,7 @@ return 1
 
 # A job was canceled or deleted: if it was its owner's front, the owner's next job takes its
 # place; if it was waiting behind it, it leaves that list. KEYS: queue, front, owners, count,
-# doorbell. ARGV: job id, owner, job key prefix, waiting prefix, doorbell limit.
+# wake-up list. ARGV: job id, owner, job key prefix, waiting prefix, wake-up limit.
 _FORGET = (
     _PROMOTE
     + """
@@ -117,7 +117,7 @@ return 0
 
 # Maintenance: every owner with jobs waiting whose front is gone from the queue (deleted or
 # canceled behind the engine's back) gets its next job queued. Same KEYS; ARGV: job key
-# prefix, waiting prefix, doorbell limit.
+# prefix, waiting prefix, wake-up limit.
 _REPAIR = (
     _PROMOTE
     + """
@@ -152,15 +152,15 @@ return deleted
 # worker's queues that has one it may run, moving each onto that queue's intermediate list,
 # and return the queue's key and each id with its job hash. A queue whose pause key exists
 # (jobs.engine.pause) is passed over: its jobs stay queued. Per queue, KEYS: queue,
-# intermediate list, started registry, front, owners, count, doorbell, pause (PER of them).
-# ARGV: most, budget, job key prefix, now, scan, doorbell limit, then each queue's waiting prefix.
+# intermediate list, started registry, front, owners, count, wake-up list, pause (PER of them).
+# ARGV: most, budget, job key prefix, now, scan, wake-up limit, then each queue's waiting prefix.
 TAKE = (
     _PROMOTE
     + """
 local PER = 8
 local n = #KEYS / PER
 local most, budget, prefix, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local scan, bell_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local scan, wakeup_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local function owner_of(id)
   return redis.call('HGET', prefix .. id, 'afterward_owner') or ''
@@ -267,7 +267,7 @@ while count < most and (count == 0 or size < budget) do
   running[c.owner] = (running[c.owner] or 0) + 1
   if c.owner ~= '' and redis.call('HGET', KEYS[base + 4], c.owner) == c.id then
     local next_id = promote(KEYS[base + 1], KEYS[base + 4], KEYS[base + 5], KEYS[base + 6], KEYS[base + 7],
-                            ARGV[6 + c.q], c.owner, prefix, bell_limit)
+                            ARGV[6 + c.q], c.owner, prefix, wakeup_limit)
     if next_id then
       last = last + 1
       candidates[#candidates + 1] = candidate(next_id, c.q, scan + last)
@@ -283,13 +283,13 @@ return taken
 
 def queue_keys(queue: str) -> list[str]:
     """KEYS of the admit, forget and repair scripts for the RQ queue named `queue`: queue,
-    front, owners, count, doorbell."""
+    front, owners, count, wake-up list."""
     return [
         RQQueue.redis_queue_namespace_prefix + queue,
         keys.fair_front(queue),
         keys.fair_owners(queue),
         keys.fair_waiting_count(queue),
-        keys.doorbell(queue),
+        keys.wakeup_list(queue),
     ]
 
 
@@ -302,7 +302,7 @@ def take_keys(queue: Any, started_registry_key: str) -> list[str]:
         keys.fair_front(queue.name),
         keys.fair_owners(queue.name),
         keys.fair_waiting_count(queue.name),
-        keys.doorbell(queue.name),
+        keys.wakeup_list(queue.name),
         keys.paused(queue.name),
     ]
 
@@ -317,7 +317,7 @@ def admit(pipe: Any, queue: Any, job_id: str, at_front: bool, job_prefix: str) -
         "1" if at_front else "0",
         job_prefix,
         keys.fair_waiting_prefix(queue.name),
-        DOORBELL_LIMIT,
+        WAKEUP_LIMIT,
     )
 
 
@@ -332,7 +332,7 @@ def forget(client: Any, queue: str, job_id: str, owner: str, job_prefix: str) ->
         owner,
         job_prefix,
         keys.fair_waiting_prefix(queue),
-        DOORBELL_LIMIT,
+        WAKEUP_LIMIT,
     )
 
 
@@ -345,7 +345,7 @@ def repair(connection: Any, queue: Any, job_prefix: str) -> int:
             *queue_keys(queue.name),
             job_prefix,
             keys.fair_waiting_prefix(queue.name),
-            DOORBELL_LIMIT,
+            WAKEUP_LIMIT,
         )
     )
 

@@ -61,7 +61,7 @@ class Job(RQJob):
         # The hash the job was restored from, when a worker's dequeue read it.
         self.hash: dict[bytes, bytes] = {}
         # The jobs a worker took off the queue together with this one (jobs.engine.queue).
-        self.companions: list[Job] = []
+        self.taken_with: list[Job] = []
         # When the worker marked the job started, as its hash says (see `perform`).
         self.recorded_started_at: datetime | None = None
         # Whose fair share the job runs in (jobs.engine.fair), and the most jobs of that owner

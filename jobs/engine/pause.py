@@ -5,7 +5,7 @@ A paused queue is one key (jobs.keys.paused) that the take script (jobs.engine.f
 has returned, no worker takes a job from it, and a job taken before goes on to run and end
 as usual. Everything else is untouched: submissions are accepted and queued, the scheduler
 queues due jobs onto it, a maintenance round puts an abandoned job back on it; they all
-wait there. `resume` deletes the key and rings the queue's doorbell once per job waiting on
+wait there. `resume` deletes the key and pushes one wake-up signal per job waiting on
 it, so that idle workers take them at once rather than at their next one-second look.
 
 RQ's own `rq suspend` is no substitute: it stops every worker of the Redis database (a
@@ -24,14 +24,14 @@ from jobs import keys
 from jobs.engine import fair
 from jobs.times import iso, now
 
-# Delete the pause key and ring the doorbell once per job on the queue (up to its limit).
-# KEYS: pause, queue, doorbell. ARGV: doorbell limit.
+# Delete the pause key and push one wake-up signal per job on the queue (up to its limit).
+# KEYS: pause, queue, wake-up list. ARGV: wake-up limit.
 _RESUME = """
 redis.call('DEL', KEYS[1])
-local rings = math.min(redis.call('LLEN', KEYS[2]), tonumber(ARGV[1]))
-for _ = 1, rings do redis.call('LPUSH', KEYS[3], 1) end
-if rings > 0 then redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1) end
-return rings
+local signals = math.min(redis.call('LLEN', KEYS[2]), tonumber(ARGV[1]))
+for _ = 1, signals do redis.call('LPUSH', KEYS[3], 1) end
+if signals > 0 then redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1) end
+return signals
 """
 
 
@@ -54,8 +54,8 @@ def resume(connection: Any, queue: str) -> dict[str, Any]:
         3,
         keys.paused(queue),
         RQQueue.redis_queue_namespace_prefix + queue,
-        keys.doorbell(queue),
-        fair.DOORBELL_LIMIT,
+        keys.wakeup_list(queue),
+        fair.WAKEUP_LIMIT,
     )
     return state(queue, None)
 

@@ -11,7 +11,7 @@ through `IntermediateQueue.cleanup`.
 Which job a worker takes is fair between API keys (jobs.engine.fair): the same script picks
 the job of the key with the fewest jobs running, and pushes queue one job per key at a time.
 
-Idle workers wait on their queues' doorbell lists, which every push rings, with a one-second
+Idle workers block on their queues' wake-up lists, to which every push adds a signal, with a one-second
 fallback poll, since Redis cannot block on "move from the first non-empty of several lists".
 """
 
@@ -91,7 +91,7 @@ class Queue(RQQueue):
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=60))
 
     def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
-        # Fairly between keys (jobs.engine.fair), ringing the doorbell, in one step.
+        # Fairly between keys (jobs.engine.fair), signalling an idle worker, in one step.
         fair.admit(
             pipeline if pipeline is not None else self.connection,
             self,
@@ -138,7 +138,7 @@ class Queue(RQQueue):
 
     def enqueue_ready_jobs_by_queue(self, job_ids_by_queue_name: dict[str, list[str]]) -> None:
         """Queue the dependents RQ's own step readied, through the engine's Queue (RQ's
-        ReadyJobRegistry pushes them with RQ's Queue: past the fair share, no doorbell)."""
+        ReadyJobRegistry pushes them with RQ's Queue: past the fair share, no wake-up signal)."""
         for queue_name, job_ids in job_ids_by_queue_name.items():
             for job_id in job_ids:
                 try:
@@ -176,7 +176,7 @@ class Queue(RQQueue):
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
-        """The next job, with the jobs taken together with it as its `companions` (a batch);
+        """The next job, with the jobs taken together with it as its `taken_with` (a batch);
         each read with its hash in the same round trip that moved it off its queue."""
         queues = list(queues)
         by_key = {q.key: q for q in queues}
@@ -189,7 +189,7 @@ class Queue(RQQueue):
         while True:
             if STOPPING.is_set():  # a worker asked to stop takes no new job
                 return None
-            args = [most, budget, prefix, time.time(), fair.SCAN, fair.DOORBELL_LIMIT, *waiting]
+            args = [most, budget, prefix, time.time(), fair.SCAN, fair.WAKEUP_LIMIT, *waiting]
             taken = take(keys=script_keys, args=args)
             if taken:
                 queue = by_key[_text(taken[0])]
@@ -200,15 +200,15 @@ class Queue(RQQueue):
                 ]
                 if not jobs:
                     continue
-                jobs[0].companions = jobs[1:]
+                jobs[0].taken_with = jobs[1:]
                 return jobs[0], queue
             if deadline is None:
                 return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DequeueTimeout(timeout, list(by_key))
-            doorbells = [keys.doorbell(queue.name) for queue in queues]
-            connection.blpop(doorbells, timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
+            wakeups = [keys.wakeup_list(queue.name) for queue in queues]
+            connection.blpop(wakeups, timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
 
 
 def _text(value: bytes | str) -> str:
@@ -238,10 +238,10 @@ class EmbedQueue(Queue):
         return max(1, get_settings().embed_batch_jobs), cls.BATCH_BYTES
 
 
-def ring(pipe: Any, queue: str) -> None:
+def wake_worker(pipe: Any, queue: str) -> None:
     """Wake one idle worker of `queue`: a job was just pushed onto it."""
-    pipe.lpush(keys.doorbell(queue), 1)
-    pipe.ltrim(keys.doorbell(queue), 0, fair.DOORBELL_LIMIT - 1)
+    pipe.lpush(keys.wakeup_list(queue), 1)
+    pipe.ltrim(keys.wakeup_list(queue), 0, fair.WAKEUP_LIMIT - 1)
 
 
 class IntermediateQueue(RQIntermediateQueue):
@@ -286,6 +286,6 @@ def recover_intermediate(
             log.warning("job %s was taken by a worker that never started it; requeued", job_id)
             recovered.append(job_id)
             with connection.pipeline() as pipe:
-                ring(pipe, queue.name)
+                wake_worker(pipe, queue.name)
                 pipe.execute()
     return recovered

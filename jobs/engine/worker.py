@@ -33,7 +33,7 @@ from rq.utils import current_timestamp, utcformat
 from rq.worker import WorkerStatus
 
 from jobs import batches, callbacks, keys, logs, metrics, quota
-from jobs.callbacks import Courier
+from jobs.callbacks import WebhookSender
 from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
 from jobs.engine import dependencies, errors
 from jobs.engine.horse import (
@@ -49,7 +49,7 @@ from jobs.engine.horse import (
     resident_mb,
 )
 from jobs.engine.job import Job
-from jobs.engine.queue import STOPPING, EmbedQueue, Queue, ring
+from jobs.engine.queue import STOPPING, EmbedQueue, Queue, wake_worker
 from jobs.schedules import Ticker
 from jobs.settings import get_settings
 from jobs.times import now
@@ -104,7 +104,7 @@ class Worker(ForkingWorker):
         self._running_ids: frozenset[str] = frozenset()
         self._shutdown_deadline: float | None = None
         self._stop_announced = False
-        self._courier: Courier | None = None
+        self._webhook_sender: WebhookSender | None = None
         self._ticker: Ticker | None = None
         self._probe: RedisProbe | None = None
         # When the worker's hash was last kept alive, and until when (time.monotonic()).
@@ -129,8 +129,8 @@ class Worker(ForkingWorker):
         signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         super().bootstrap(*args, **kwargs)
         # Completion webhooks go out from beside the work loop, never from it (jobs.callbacks).
-        self._courier = Courier(self.connection, self.settings)
-        self._courier.start()
+        self._webhook_sender = WebhookSender(self.connection, self.settings)
+        self._webhook_sender.start()
         # Says within seconds when Redis stops answering and when it answers again.
         self._probe = RedisProbe(self.settings.redis_client_url, self._outage)
         self._probe.start()
@@ -184,8 +184,8 @@ class Worker(ForkingWorker):
         return max(1, min(self.worker_ttl - 15, self.maintenance_interval, beat))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run `job` and the jobs taken off its queue together with it (`job.companions`)."""
-        batch, job.companions = [job, *job.companions], []
+        """Run `job` and the jobs taken off its queue together with it (`job.taken_with`)."""
+        batch, job.taken_with = [job, *job.taken_with], []
         # A cancel can land just before the dequeue read a job; honour it (the status was
         # read with the job itself, so this costs no extra round trip).
         runnable = []
@@ -332,14 +332,14 @@ class Worker(ForkingWorker):
                 self._spawn_horse()
             return
 
-    def _ring_if_capped(self, jobs: list[Job]) -> None:
+    def _wake_if_capped(self, jobs: list[Job]) -> None:
         """A job that ran under its key's cap (KEY_MAX_ACTIVE) ended: a job of that key held
         back by the cap may run now, so idle workers look at once instead of at their next poll."""
         if not any(job.max_active for job in jobs):
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for queue in self.queues:
-                ring(pipe, queue.name)
+                wake_worker(pipe, queue.name)
             pipe.execute()
 
     def _heartbeat_all(self, running: list[tuple[Job, Execution]]) -> None:
@@ -575,7 +575,7 @@ class Worker(ForkingWorker):
                 metrics.record_end(pipe, job, "finished")
                 callbacks.due(pipe, job)
             results = pipe.execute()
-        self._ring_if_capped([job for job, _ in running])
+        self._wake_if_capped([job for job, _ in running])
         for (job, _), dependents in zip(running, results[: len(running)], strict=True):
             if dependents:
                 self._settle_dependents(job, dependents)
@@ -614,9 +614,9 @@ class Worker(ForkingWorker):
     def teardown(self) -> None:
         if not self._in_horse:
             self._stopping()
-            if self._courier is not None:
-                self._courier.stop()
-                self._courier = None
+            if self._webhook_sender is not None:
+                self._webhook_sender.stop()
+                self._webhook_sender = None
             if self._probe is not None:
                 self._probe.stop()
                 self._probe = None
@@ -715,7 +715,7 @@ class Worker(ForkingWorker):
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry, execution)
         self._announce(job, "finished")
-        self._ring_if_capped([job])
+        self._wake_if_capped([job])
 
     def handle_job_failure(
         self,
@@ -738,7 +738,7 @@ class Worker(ForkingWorker):
         if status == JobStatus.STOPPED and error["type"] != errors.JOB_STOPPED["type"]:
             errors.record_error(job, errors.JOB_STOPPED)  # stopped through RQ's own command
         self._announce(job, {JobStatus.FAILED: "failed", JobStatus.STOPPED: "stopped"}.get(status, "retried"))
-        self._ring_if_capped([job])
+        self._wake_if_capped([job])
 
     def _remember_error(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
         if isinstance(exc_value, AbandonedJobError):
@@ -761,13 +761,13 @@ class Worker(ForkingWorker):
                 if event in ("finished", "failed", "stopped"):
                     callbacks.due(pipe, job)
                 pipe.execute()
-        except Exception:  # waiters fall back to polling, webhooks to the courier's rounds
+        except Exception:  # waiters fall back to polling, webhooks to their senders' rounds
             log.warning("could not announce the end of job %s", job.id, exc_info=True)
 
 
 class Scheduler(RQScheduler):
     """RQ's scheduler process, which dies with its worker, ends without a traceback when Redis
-    goes away, and queues due jobs through the engine's queues (fair share, doorbell)."""
+    goes away, and queues due jobs through the engine's queues (fair share, wake-up signal)."""
 
     def start(self) -> Any:
         self._worker_pid = os.getpid()
@@ -787,7 +787,7 @@ class Scheduler(RQScheduler):
 
     def enqueue_scheduled_jobs(self) -> None:
         """RQ's, with each due job queued by the engine's Queue: RQ's scheduler pushes onto
-        the queue list itself, past the fair share and without ringing the doorbell."""
+        the queue list itself, past the fair share and without a wake-up signal."""
         self._status = self.Status.WORKING
         if not self._scheduled_job_registries and self._acquired_locks:
             self.prepare_registries()

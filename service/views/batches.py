@@ -83,7 +83,9 @@ def create_batch() -> Response:
         # The job view shows the fields under `view` (jobs.view.job_view).
         each.job.meta["view"] = dict(each.job.meta.get("view", {}), batch_id=batch_id)
     job_ids = [each.job.id for each in prepared]
-    places = _Places(settings, owner, _sizes(body.jobs, job_ids), time.time()) if settings.api_keys else None
+    places = None
+    if settings.api_keys:
+        places = _Reservations(settings, owner, _sizes(body.jobs, job_ids), time.time())
 
     if idempotency_key is not None:
         fingerprint = _fingerprint(prepared, body.callback_url)
@@ -189,7 +191,7 @@ def _admit_all(state: AppState, prepared: list[Prepared], owner: str) -> None:
 
 
 @dataclass
-class _Places:
+class _Reservations:
     """The batch's jobs' places in their key's share of Redis (jobs.quota): all or none."""
 
     settings: Settings
