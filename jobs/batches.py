@@ -18,7 +18,7 @@ last of them ends.
   looks at open batches now and then (BATCHES_OPEN, by when to look next), removes every job
   that has ended or is gone from `pending`, and ends the batch the same way.
 - **Delivery.** A batch's callback is an entry `batch:<id>` in the CALLBACKS sorted set, which
-  every worker's WebhookSender takes and leases like a job's (jobs.callbacks): signed with the
+  every worker's WebhookSender takes and leases like a job's (jobs.webhook_sender): signed with the
   owner's key secret, event `batch.ended`, `Afterward-Delivery: <id>.ended`, retried with
   back-off. The body is the batch view, as `GET /batches/<id>` shows it.
 - **Lifetime.** A batch lives while its jobs wait or run (as queued jobs do), and RESULT_TTL
@@ -33,10 +33,11 @@ import time
 from typing import Any
 
 import redis
+from rq.job import Job, JobStatus
 
-from jobs import callbacks, keys
-from jobs.engine.job import TERMINAL_STATUSES, Job
-from jobs.times import iso, now, parse_iso
+from jobs import keys
+from jobs.deliveries import BATCH_ENTRY, TAKE, initial_state
+from jobs.times import iso, now
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ STATUSES = (
 )
 # A job already gone (expired RESULT_TTL after its end, or deleted) is counted so.
 EXPIRED = "expired"
-_TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES) | {EXPIRED}
+# A job's final ends (as jobs.engine.job.TERMINAL_STATUSES), and EXPIRED.
+_TERMINAL = frozenset(
+    status.value for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED)
+) | {EXPIRED}
 
 # Leave `pending` (ARGV[1], '' for none) once the job's hash shows its end (an end announced
 # before it is recorded is taken when it is), and, when `pending` is empty, end the batch once.
@@ -105,7 +109,7 @@ return 1
 
 def entry(batch_id: str) -> str:
     """The batch's entry in the CALLBACKS sorted set."""
-    return callbacks.BATCH_ENTRY + batch_id
+    return BATCH_ENTRY + batch_id
 
 
 def create(
@@ -120,7 +124,7 @@ def create(
     created_at = iso(now())
     fields: dict[str, Any] = {"owner": owner, "total": len(job_ids), "created_at": created_at, "ttl": ttl}
     if callback_url is not None:
-        fields["callback"] = json.dumps(callbacks.initial_state(callback_url))
+        fields["callback"] = json.dumps(initial_state(callback_url))
     pipe.hset(keys.batch(batch_id), mapping=fields)
     pipe.rpush(keys.batch_jobs(batch_id), *job_ids)
     pipe.sadd(keys.batch_pending(batch_id), *job_ids)
@@ -128,7 +132,7 @@ def create(
     return created_at
 
 
-def job_ended(pipe: Any, job: Job) -> None:
+def job_ended(pipe: Any, job: Any) -> None:
     """`job` of a batch reached its final end (in the pipeline that records or announces it;
     after the commands that record it, which the script checks)."""
     _queue_end(pipe, job.meta["batch_id"], job.id)
@@ -227,7 +231,7 @@ def sweep(connection: redis.Redis, at: float | None = None) -> int:
     """Look at the open batches due for a look: remove their ended jobs from `pending`, end
     those with none left. How many it ended."""
     at = time.time() if at is None else at
-    take = connection.register_script(callbacks._TAKE)
+    take = connection.register_script(TAKE)
     found = take(keys=[keys.BATCHES_OPEN], args=[at, at + SWEEP_LEASE, SWEEP_BATCHES])
     ended = 0
     for batch_id in (value.decode() for value in found[::2]):
@@ -246,36 +250,3 @@ def sweep(connection: redis.Redis, at: float | None = None) -> int:
         else:  # still open (or gone: the end script dropped it): look again later
             connection.zadd(keys.BATCHES_OPEN, {batch_id: time.time() + SWEEP_EVERY}, xx=True)
     return ended
-
-
-# ---------------------------------------------------------------------- delivering
-
-
-def deliver(sender: callbacks.WebhookSender, batch_id: str) -> None:
-    """Deliver the end of a batch (a leased CALLBACKS entry), or look again later."""
-    connection = sender.connection
-    view = read(connection, batch_id)
-    state = view and view["_callback"]
-    if not view or state is None or not view["done"] or state["status"] in callbacks.FINAL:
-        connection.zrem(keys.CALLBACKS, entry(batch_id))
-        return
-    ended = _timestamp(view["ended_at"])
-    if not view["_settled"] and time.time() < ended + SETTLE:
-        connection.zadd(keys.CALLBACKS, {entry(batch_id): time.time() + SETTLE_RECHECK})
-        return
-    state["attempts"] += 1
-    body = json.dumps(public(view), separators=(",", ":")).encode()
-    next_at = sender.attempt(
-        state,
-        body,
-        "batch.ended",
-        f"{batch_id}.ended",
-        view["owner"],
-        ended,
-        what=f"callback of batch {batch_id}",
-    )
-    sender.record(keys.batch(batch_id), "callback", state, next_at, entry(batch_id))
-
-
-def _timestamp(value: str) -> float:
-    return parse_iso(value).timestamp()

@@ -191,7 +191,7 @@ def settle(connection: Any, written: list[Prepared]) -> None:
     waiting = [prepared.job for prepared in written if prepared.job._dependency_ids]
     if not waiting:
         return
-    dependencies.settle(connection, [job.id for job in waiting])
+    dependencies.settle(connection, [job.id for job in waiting], Job)
     for job in waiting:
         if job.get_status() != JobStatus.DEFERRED:
             job.refresh()

@@ -7,6 +7,7 @@ from rq.job import Dependency, JobStatus
 
 from jobs.engine import dependencies
 from jobs.engine.dependencies import Verdict, verdict
+from jobs.engine.job import Job
 from jobs.engine.queue import Queue
 
 
@@ -66,7 +67,7 @@ def test_a_job_written_deferred_in_a_transaction_is_settled_after_it(fake_redis)
         queue.enqueue_job(job, pipeline=pipe)
         pipe.execute()
     assert job.get_status() == JobStatus.DEFERRED  # written without looking at its dependency
-    assert dependencies.settle(fake_redis, [job.id]) == []
+    assert dependencies.settle(fake_redis, [job.id], Job) == []
     assert job.get_status() == JobStatus.CANCELED
 
 
@@ -79,6 +80,6 @@ def test_maintenance_settles_a_chain_left_deferred(fake_redis):
     # Failed by a path that settles nothing (a process that died right after recording it).
     fake_redis.hset(first.key, "status", JobStatus.FAILED.value)
     assert all(job.get_status() == JobStatus.DEFERRED for job in chain)
-    dependencies.sweep(fake_redis, "default")
+    dependencies.sweep(fake_redis, "default", Job)
     assert all(job.get_status() == JobStatus.CANCELED for job in chain)
     assert chain[-1].get_meta()["error"]["message"].endswith(f"{chain[-2].id} ended canceled.")

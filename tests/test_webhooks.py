@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs import callbacks, keys
+from jobs import callbacks, keys, webhook_sender
 from jobs.callbacks import Allowed, CallbackRefused, parse_url, resolve
 from service.security import PUBLIC, key_owner
 from tests.support import ROOT, wait_until
@@ -566,7 +566,7 @@ def test_a_retried_job_delivers_its_new_end(web, workers, receiver):
     wait_until(lambda: web.job(job_id)["callback"]["status"] == "delivered", what="delivered again")
 
 
-def sender_for(receiver_url: str, **settings: object) -> tuple[callbacks.WebhookSender, object]:
+def sender_for(receiver_url: str, **settings: object) -> tuple[webhook_sender.WebhookSender, object]:
     import fakeredis
     from rq.job import JobStatus
 
@@ -574,7 +574,7 @@ def sender_for(receiver_url: str, **settings: object) -> tuple[callbacks.Webhook
     from jobs.settings import Settings
 
     connection = fakeredis.FakeRedis()
-    sender = callbacks.WebhookSender(
+    sender = webhook_sender.WebhookSender(
         connection, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",), **settings)
     )
     job = Job("a" * 32, connection=connection)
@@ -585,14 +585,14 @@ def sender_for(receiver_url: str, **settings: object) -> tuple[callbacks.Webhook
 def test_an_attempt_says_why_it_failed(receiver):
     hook, url = receiver
     sender, job = sender_for(url, callback_timeout=1)
-    with pytest.raises(callbacks._Undelivered, match="connection refused"):
+    with pytest.raises(webhook_sender._Undelivered, match="connection refused"):
         sender.post("http://127.0.0.1:1/", b"{}", job, "end")
     hook.delay = 2
-    with pytest.raises(callbacks._Undelivered, match="no answer within 1 s"):
+    with pytest.raises(webhook_sender._Undelivered, match="no answer within 1 s"):
         sender.post(url, b"{}", job, "end")
     hook.delay = 0
     hook.answers = [302]
-    with pytest.raises(callbacks._Undelivered, match="answered HTTP 302"):  # redirects are not followed
+    with pytest.raises(webhook_sender._Undelivered, match="answered HTTP 302"):  # redirects are not followed
         sender.post(url, b"{}", job, "end")
     sender.post(url, b'{"ok":1}', job, "end")
     assert hook.received[-1]["body"] == b'{"ok":1}'
@@ -612,14 +612,15 @@ def test_an_end_announced_while_a_sender_looks_stays_due(fake_redis):
     with fake_redis.pipeline() as pipe:
         callbacks.register(pipe, job, "http://127.0.0.1:9/")
         pipe.execute()
-    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
+    sender = webhook_sender.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
     fake_redis.zadd("afterward:callbacks", {job.id: 0})  # the job's end, announced meanwhile
     sender.deliver(job.id)  # ...by a webhook sender that read the job while it still ran
     assert fake_redis.zscore("afterward:callbacks", job.id) == 0
     # Without an end in between, a running job is looked at again later, not at once.
-    fake_redis.zadd("afterward:callbacks", {job.id: time.time() + callbacks.LEASE})
+    fake_redis.zadd("afterward:callbacks", {job.id: time.time() + webhook_sender.LEASE})
     sender.deliver(job.id)
-    assert time.time() < fake_redis.zscore("afterward:callbacks", job.id) <= time.time() + callbacks.LEASE
+    lease = time.time() + webhook_sender.LEASE
+    assert time.time() < fake_redis.zscore("afterward:callbacks", job.id) <= lease
 
 
 def finished_job(connection, job_id: str, url: str, owner: str | None = "public"):
@@ -653,10 +654,10 @@ def test_an_end_announced_anywhere_wakes_every_sender(fake_redis, receiver, monk
     from jobs.settings import Settings
 
     hook, url = receiver
-    monkeypatch.setattr(callbacks, "POLL", 60)
+    monkeypatch.setattr(webhook_sender, "POLL", 60)
     settings = Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
     senders = [
-        callbacks.WebhookSender(
+        webhook_sender.WebhookSender(
             fakeredis.FakeRedis(server=fake_redis.connection_pool.connection_kwargs["server"]), settings
         )
         for _ in range(2)
@@ -697,14 +698,14 @@ def test_an_end_announced_before_it_is_recorded_is_looked_at_again_soon(fake_red
         callbacks.register(pipe, job, "http://127.0.0.1:9/")
         callbacks.due(pipe, job)
         pipe.execute()
-    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
+    sender = webhook_sender.WebhookSender(fake_redis, Settings(callback_secret=SECRET))
     sender._pool = ThreadPoolExecutor(1)
     try:
         assert sender.take_due() == 1
         sender._pool.shutdown(wait=True)
     finally:
         sender._pool.shutdown(wait=True)
-    assert fake_redis.zscore(keys.CALLBACKS, job.id) <= time.time() + callbacks.ANNOUNCED_RECHECK
+    assert fake_redis.zscore(keys.CALLBACKS, job.id) <= time.time() + webhook_sender.ANNOUNCED_RECHECK
     # Once: the next look finds an entry that was not announced, and waits as for any running job.
     sender._pool = ThreadPoolExecutor(1)
     fake_redis.zadd(keys.CALLBACKS, {job.id: time.time() - 1})
@@ -718,7 +719,8 @@ def test_a_redis_error_while_taking_frees_the_senders_threads(fake_redis):
 
     from jobs.settings import Settings
 
-    sender = callbacks.WebhookSender(fake_redis, Settings(callback_secret=SECRET, callback_concurrency=3))
+    settings = Settings(callback_secret=SECRET, callback_concurrency=3)
+    sender = webhook_sender.WebhookSender(fake_redis, settings)
 
     def broken(*args, **kwargs):
         raise redis.ConnectionError("Redis went away")
@@ -738,7 +740,7 @@ def test_a_job_submitted_before_per_key_secrets_is_delivered_signed_with_its_own
     owner = key_owner(KEY_A)
     job = finished_job(fake_redis, "e" * 32, url, owner=owner)
     fake_redis.hset(job.key, "afterward_callback", json.dumps(callbacks.initial_state(url)))
-    sender = callbacks.WebhookSender(
+    sender = webhook_sender.WebhookSender(
         fake_redis, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
     )
     sender.deliver(job.id)
@@ -824,9 +826,9 @@ def test_a_sender_listens_again_after_losing_redis(fake_redis, receiver, monkeyp
     from jobs.settings import Settings
 
     hook, url = receiver
-    monkeypatch.setattr(callbacks, "POLL", 60)
-    monkeypatch.setattr(callbacks, "RECONNECT", 0.1)
-    sender = callbacks.WebhookSender(
+    monkeypatch.setattr(webhook_sender, "POLL", 60)
+    monkeypatch.setattr(webhook_sender, "RECONNECT", 0.1)
+    sender = webhook_sender.WebhookSender(
         fake_redis, Settings(callback_secret=SECRET, callback_allowed_hosts=("127.0.0.1",))
     )
     pubsub, failures = fake_redis.pubsub, []

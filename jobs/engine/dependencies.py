@@ -13,6 +13,9 @@ dependent was written. Here every end settles the dependents it holds back:
   dependency, and so do its own dependents in turn; with `allow_failure` it is queued
   instead, once every dependency has ended.
 
+The functions that read or write jobs take the engine's job class (`job_class`:
+jobs.engine.job.Job, which calls them from its own cancel and delete).
+
 Who settles: whoever records an end, right after the transaction that records it (the
 worker's success and failure handlers, Job.cancel, Job.delete), and whoever writes a
 dependent, right after its own transaction (a dependency may have ended meanwhile). A
@@ -31,13 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import WatchError
+from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ReadyJobRegistry
 from rq.utils import as_text
 
-from jobs import keys, quota
+from jobs import callbacks, keys, quota
 from jobs.engine import errors
-from jobs.engine.job import Job
+from jobs.engine.fair import FairQueue
 from jobs.settings import get_settings
 from jobs.times import now
 
@@ -77,18 +81,18 @@ def statuses_of(connection: Any, job_ids: Iterable[str]) -> dict[str, str | None
     job_ids = list(job_ids)
     with connection.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(Job.key_for(job_id), "status")
+            pipe.hget(RQJob.key_for(job_id), "status")
         found = pipe.execute()
     return {job_id: status and as_text(status) for job_id, status in zip(job_ids, found, strict=True)}
 
 
-def settle_dependents(connection: Any, job_id: str) -> list[str]:
+def settle_dependents(connection: Any, job_id: str, job_class: type[RQJob]) -> list[str]:
     """Settle the dependents of `job_id`, which just ended; the ids of those queued."""
-    dependents = connection.smembers(Job.dependents_key_for(job_id))
-    return settle(connection, [as_text(member) for member in dependents])
+    dependents = connection.smembers(RQJob.dependents_key_for(job_id))
+    return settle(connection, [as_text(member) for member in dependents], job_class)
 
 
-def settle(connection: Any, job_ids: Iterable[str]) -> list[str]:
+def settle(connection: Any, job_ids: Iterable[str], job_class: type[RQJob]) -> list[str]:
     """Queue or cancel each deferred job of `job_ids` whose dependencies have ended (a canceled
     job's dependents next, and theirs: a chain is settled whole); the ids of those queued."""
     todo = deque(dict.fromkeys(job_ids))
@@ -97,7 +101,7 @@ def settle(connection: Any, job_ids: Iterable[str]) -> list[str]:
         batch = [todo.popleft() for _ in range(min(BATCH, len(todo)))]
         jobs = [
             job
-            for job in Job.fetch_many(batch, connection=connection)
+            for job in job_class.fetch_many(batch, connection=connection)
             if job is not None and job.get_status(refresh=False) == JobStatus.DEFERRED
         ]
         statuses = statuses_of(connection, {d for job in jobs for d in job._dependency_ids})
@@ -107,33 +111,45 @@ def settle(connection: Any, job_ids: Iterable[str]) -> list[str]:
             if found is None:
                 continue
             if found.run:
-                if enqueue(connection, job.id, (JobStatus.DEFERRED,)):
+                if enqueue(connection, job.id, (JobStatus.DEFERRED,), job_class):
                     queued.append(job.id)
-            elif cancel(connection, job.id, *found.failed):
+            elif cancel(connection, job.id, *found.failed, job_class):
                 todo.extend(as_text(member) for member in connection.smembers(job.dependents_key))
     return queued
 
 
-def sweep(connection: Any, queue_name: str) -> list[str]:
+def sweep(connection: Any, queue_name: str, job_class: type[RQJob]) -> list[str]:
     """Maintenance: settle every deferred job of the queue whose dependencies have ended."""
-    registry = DeferredJobRegistry(queue_name, connection=connection, job_class=Job)
-    return settle(connection, registry.get_job_ids(cleanup=False))
+    registry = DeferredJobRegistry(queue_name, connection=connection, job_class=job_class)
+    return settle(connection, registry.get_job_ids(cleanup=False), job_class)
 
 
-def enqueue(connection: Any, job_id: str, expected: tuple[JobStatus, ...]) -> bool:
-    """Queue the job through the engine's Queue if its status is still one of `expected`."""
-    from jobs.engine.queue import Queue
+def enqueue_ready(connection: Any, by_queue_name: dict[str, list[str]], job_class: type[RQJob]) -> None:
+    """Queue the dependents RQ's own step readied (its `cancel(enqueue_dependents=True)`),
+    through the fair share (RQ's ReadyJobRegistry pushes them with RQ's Queue: past the fair
+    share, no wake-up signal)."""
+    for queue_name, job_ids in by_queue_name.items():
+        for job_id in job_ids:
+            try:
+                enqueue(connection, job_id, (JobStatus.READY_TO_ENQUEUE,), job_class)
+            except Exception:  # RQ's maintenance (ReadyJobRegistry.cleanup) queues it later
+                log.exception("could not queue job %s on %s; maintenance will", job_id, queue_name)
 
+
+def enqueue(connection: Any, job_id: str, expected: tuple[JobStatus, ...], job_class: type[RQJob]) -> bool:
+    """Queue the job through the fair share (as the engine's Queue pushes) if its status is
+    still one of `expected`."""
     for _ in range(TRIES):
         with connection.pipeline() as pipe:
             try:
-                job = _watched(pipe, connection, job_id, expected)
+                job = _watched(pipe, connection, job_id, expected, job_class)
                 if job is None:
                     return False
                 pipe.multi()
-                queue = Queue(job.origin, connection=connection)
+                queue = FairQueue(job.origin, connection=connection, job_class=job_class)
                 # Where RQ's own step put it, on the way from deferred to queued.
-                ReadyJobRegistry(job.origin, connection=connection, job_class=Job).remove(job, pipeline=pipe)
+                ready = ReadyJobRegistry(job.origin, connection=connection, job_class=job_class)
+                ready.remove(job, pipeline=pipe)
                 queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
                 pipe.execute()
                 log.info("job %s: its dependencies have ended; queued", job_id)
@@ -143,28 +159,27 @@ def enqueue(connection: Any, job_id: str, expected: tuple[JobStatus, ...]) -> bo
     return False
 
 
-def cancel(connection: Any, job_id: str, dependency_id: str, status: str) -> bool:
+def cancel(connection: Any, job_id: str, dependency_id: str, status: str, job_class: type[RQJob]) -> bool:
     """End the deferred job `canceled`, with a DependencyFailed error naming `dependency_id`."""
     for _ in range(TRIES):
         with connection.pipeline() as pipe:
             try:
-                job = _watched(pipe, connection, job_id, (JobStatus.DEFERRED,))
+                job = _watched(pipe, connection, job_id, (JobStatus.DEFERRED,), job_class)
                 if job is None:
                     return False
                 pipe.multi()
                 job.meta["error"] = errors.dependency_failed(dependency_id, status)
                 job.ended_at = now()
                 job._status = JobStatus.CANCELED
-                deferred = DeferredJobRegistry(job.origin, connection=connection, job_class=Job)
+                deferred = DeferredJobRegistry(job.origin, connection=connection, job_class=job_class)
                 deferred.remove(job, pipeline=pipe)
-                CanceledJobRegistry(job.origin, connection=connection, job_class=Job).add(job, pipeline=pipe)
+                canceled = CanceledJobRegistry(job.origin, connection=connection, job_class=job_class)
+                canceled.add(job, pipeline=pipe)
                 job.save(pipeline=pipe)
                 job.cleanup(get_settings().result_ttl, pipeline=pipe, remove_from_queue=False)
                 pipe.publish(keys.JOB_EVENTS_CHANNEL, job.id)
                 if job.meta.get(quota.META_FIELD):  # it no longer waits: its place in its key's share frees
                     quota.release(pipe, job.meta.get("owner", ""), job.id)
-                from jobs import callbacks
-
                 callbacks.due(pipe, job)
                 pipe.execute()
                 log.info("job %s canceled: its dependency %s ended %s", job_id, dependency_id, status)
@@ -174,12 +189,14 @@ def cancel(connection: Any, job_id: str, dependency_id: str, status: str) -> boo
     return False
 
 
-def _watched(pipe: Any, connection: Any, job_id: str, expected: tuple[JobStatus, ...]) -> Job | None:
+def _watched(
+    pipe: Any, connection: Any, job_id: str, expected: tuple[JobStatus, ...], job_class: type[RQJob]
+) -> RQJob | None:
     """The job as it is now, its hash watched; None (unwatched) unless its status is expected."""
-    key = Job.key_for(job_id)
+    key = job_class.key_for(job_id)
     pipe.watch(key)
     fields = pipe.hgetall(key)
-    job = Job(job_id, connection=connection)
+    job = job_class(job_id, connection=connection)
     if fields:
         job.restore(fields)
     if not fields or job.get_status(refresh=False) not in expected:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from rq.queue import Queue as RQQueue
+from rq.serializers import JSONSerializer
 
 from jobs import keys
 
@@ -363,3 +364,23 @@ def empty(connection: Any, queue: Any, job_prefix: str) -> int:
             keys.fair_waiting_prefix(queue.name),
         )
     )
+
+
+class FairQueue(RQQueue):
+    """RQ's queue, JSON only, whose every push goes through the fair share (`admit`) and signals
+    an idle worker. The engine's Queue (jobs.engine.queue) is one; settling a dependent
+    (jobs.engine.dependencies) pushes through one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["serializer"] = JSONSerializer
+        super().__init__(*args, **kwargs)
+
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        # Fairly between keys, signalling an idle worker, in one step.
+        admit(
+            pipeline if pipeline is not None else self.connection,
+            self,
+            job_id,
+            at_front,
+            self.job_class.redis_job_namespace_prefix,
+        )

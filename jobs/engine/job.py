@@ -15,8 +15,9 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
-from jobs import keys
-from jobs.engine import fair
+from jobs import batches, keys
+from jobs.callbacks import CALLBACK_FIELD
+from jobs.engine import dependencies, fair
 from jobs.engine.errors import UnregisteredJobError
 from jobs.settings import get_settings
 from jobs.times import now
@@ -25,9 +26,6 @@ TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.C
 
 # The job hash fields that name a function RQ would import and call besides the job's own.
 CALLBACK_FIELDS = ("success_callback_name", "failure_callback_name", "stopped_callback_name")
-
-# The job hash field holding its completion webhook's URL and delivery state (jobs.callbacks).
-CALLBACK_FIELD = "afterward_callback"
 
 # Job functions by their dotted paths before jobs/ was split into types, engine and index:
 # a job queued before an upgrade still runs after it.
@@ -167,16 +165,12 @@ class Job(RQJob):
         moved = super().cancel(pipeline=pipeline, enqueue_dependents=enqueue_dependents, **kwargs)
         self._leave_fair_share(pipeline)
         if pipeline is None and not enqueue_dependents:
-            from jobs.engine import dependencies
-
-            dependencies.settle_dependents(self.connection, self.id)
+            dependencies.settle_dependents(self.connection, self.id, Job)
         return moved
 
     def _cancel_queuing_dependents(self, **kwargs: Any) -> dict[str, list[str]]:
         """RQ's cancel(enqueue_dependents=True), in its own watched transaction as RQ's is, with
-        the dependents it readies queued by the engine's Queue after the commit."""
-        from jobs.engine.queue import Queue
-
+        the dependents it readies queued through the fair share after the commit."""
         with self.connection.pipeline() as pipe:
             while True:
                 try:
@@ -189,7 +183,7 @@ class Job(RQJob):
                     break
                 except WatchError:
                     continue
-        Queue(self.origin, connection=self.connection).enqueue_ready_jobs_by_queue(moved)
+        dependencies.enqueue_ready(self.connection, moved, Job)
         return moved
 
     def delete(self, pipeline: Pipeline | None = None, remove_from_queue: bool = True, **kwargs: Any) -> None:
@@ -204,9 +198,7 @@ class Job(RQJob):
             for status in RETRYABLE_INDEXES:
                 connection.zrem(keys.retryable(owner, status), self.id)
         if dependents:  # a deleted dependency counts as met, as in RQ
-            from jobs.engine import dependencies
-
-            dependencies.settle(self.connection, dependents)
+            dependencies.settle(self.connection, dependents, Job)
 
     def dependencies_are_met(
         self,
@@ -217,8 +209,6 @@ class Job(RQJob):
     ) -> bool:
         """RQ's test, with the engine's verdict (jobs.engine.dependencies): every dependency
         finished or gone; with `allow_dependency_failures`, every one ended, whichever way."""
-        from jobs.engine import dependencies
-
         connection = pipeline if pipeline is not None else self.connection
         if pipeline is not None:
             connection.watch(*[self.key_for(dependency_id) for dependency_id in self._dependency_ids])
@@ -257,8 +247,6 @@ class Job(RQJob):
             if ttl > 0:  # entries of jobs expired since go as the index is written
                 pipeline.zremrangebyscore(index, "-inf", ended - ttl)
         if self.meta.get("batch_id"):  # its batch may end with it, in the same transaction
-            from jobs import batches  # which imports this module
-
             batches.job_ended(pipeline, self)
 
 

@@ -27,7 +27,6 @@ from rq import Queue as RQQueue
 from rq.exceptions import DequeueTimeout
 from rq.intermediate_queue import IntermediateQueue as RQIntermediateQueue
 from rq.job import JobStatus
-from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.engine import dependencies, fair
@@ -73,11 +72,13 @@ return 0
 """
 
 
-class Queue(RQQueue):
+class Queue(fair.FairQueue):
+    """The engine's queue: pushes through the fair share (fair.FairQueue), dependencies settled
+    by the engine, and a dequeue that cannot lose a job (see the module's docstring)."""
+
     job_class = Job
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["serializer"] = JSONSerializer
         kwargs["job_class"] = Job
         super().__init__(*args, **kwargs)
 
@@ -89,16 +90,6 @@ class Queue(RQQueue):
         # RQ holds this lock for up to 15 minutes if its worker dies while cleaning, which
         # would stall the recovery of abandoned jobs; a minute is plenty for one round.
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=60))
-
-    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
-        # Fairly between keys (jobs.engine.fair), signalling an idle worker, in one step.
-        fair.admit(
-            pipeline if pipeline is not None else self.connection,
-            self,
-            job_id,
-            at_front,
-            self.job_class.redis_job_namespace_prefix,
-        )
 
     # ------------------------------------------------------------------ dependencies
 
@@ -120,7 +111,7 @@ class Queue(RQQueue):
         job = super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
         if pipeline is None and job.get_status(refresh=False) == JobStatus.DEFERRED:
             # RQ defers a job whose dependency already failed, was stopped or canceled, for good.
-            dependencies.settle(self.connection, [job.id])
+            dependencies.settle(self.connection, [job.id], self.job_class)
             if job.get_status() != JobStatus.DEFERRED:
                 job.refresh()
         return job
@@ -133,18 +124,13 @@ class Queue(RQQueue):
         queued or canceled (jobs.engine.dependencies)."""
         if exclude_job_id is not None:  # RQ's cancel(enqueue_dependents=True) of `job`
             return super().enqueue_dependents(job, exclude_job_id, refresh_job_status)
-        queued = dependencies.settle_dependents(self.connection, job.id)
+        queued = dependencies.settle_dependents(self.connection, job.id, self.job_class)
         return {self.name: queued} if queued else {}
 
     def enqueue_ready_jobs_by_queue(self, job_ids_by_queue_name: dict[str, list[str]]) -> None:
         """Queue the dependents RQ's own step readied, through the engine's Queue (RQ's
         ReadyJobRegistry pushes them with RQ's Queue: past the fair share, no wake-up signal)."""
-        for queue_name, job_ids in job_ids_by_queue_name.items():
-            for job_id in job_ids:
-                try:
-                    dependencies.enqueue(self.connection, job_id, (JobStatus.READY_TO_ENQUEUE,))
-                except Exception:  # RQ's maintenance (ReadyJobRegistry.cleanup) queues it later
-                    log.exception("could not queue job %s on %s; maintenance will", job_id, queue_name)
+        dependencies.enqueue_ready(self.connection, job_ids_by_queue_name, self.job_class)
 
     @property
     def count(self) -> int:
@@ -260,7 +246,7 @@ class IntermediateQueue(RQIntermediateQueue):
         recover_intermediate(self, queue, older_than=get_settings().intermediate_grace)
         fair.repair(queue.connection, queue, Job.redis_job_namespace_prefix)
         queue.connection.zremrangebyscore(keys.stopped(queue.name), "-inf", time.time())
-        dependencies.sweep(queue.connection, queue.name)
+        dependencies.sweep(queue.connection, queue.name, Job)
 
 
 def recover_intermediate(

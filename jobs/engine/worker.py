@@ -33,7 +33,6 @@ from rq.utils import current_timestamp, utcformat
 from rq.worker import WorkerStatus
 
 from jobs import batches, callbacks, keys, logs, metrics, quota
-from jobs.callbacks import WebhookSender
 from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
 from jobs.engine import dependencies, errors
 from jobs.engine.horse import (
@@ -53,6 +52,7 @@ from jobs.engine.queue import STOPPING, EmbedQueue, Queue, wake_worker
 from jobs.schedules import Ticker
 from jobs.settings import get_settings
 from jobs.times import now
+from jobs.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -584,7 +584,7 @@ class Worker(ForkingWorker):
 
     def _settle_dependents(self, job: Job, dependents: set[bytes]) -> None:
         try:
-            dependencies.settle(self.connection, [member.decode() for member in dependents])
+            dependencies.settle(self.connection, [member.decode() for member in dependents], Job)
         except Exception:  # the maintenance round settles them (dependencies.sweep)
             log.exception("could not settle the dependents of job %s", job.id)
 
