@@ -15,7 +15,7 @@ other's transaction fails and it writes nothing.
 
 Ticks missed while no ticker ran become one job, for the first of them; the schedule then goes
 on from its first tick after now (`Timing.following`). A tick is a submission without a
-request: service.submit validates and builds its job, and with API keys the job takes a place
+request: jobs.submission validates and builds its job, and with API keys the job takes a place
 in its key's share (jobs.quota) like any other; a tick refused there is recorded on the
 schedule (`refused`, `last_error`) and the schedule goes on.
 """
@@ -42,10 +42,11 @@ import redis
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, release_lock
 
-from jobs import keys
+from jobs import keys, submission
 from jobs.engine.queue import Queue
 from jobs.families import EMBED, GENERAL, family_queues
 from jobs.index.store import QuotaExceededError
+from jobs.refusals import ApiError
 from jobs.settings import Settings
 from jobs.times import iso_timestamp
 from jobs.types.registry import job_types
@@ -459,10 +460,6 @@ class Ticker:
         """Claim the schedule's due tick and write its job, in one transaction; the job's id, or
         None when there was nothing to do (not due, paused, deleted, claimed by another) or the
         tick was refused."""
-        # Imported by the leader only: importing the web side loads Flask and the dashboard,
-        # which the other worker processes have no use for.
-        from service.submit import enqueue, settle
-
         key = keys.schedule(schedule_id)
         with self.connection.pipeline() as pipe:
             place = None
@@ -498,7 +495,7 @@ class Ticker:
                                 refused.error["message"])  # fmt: skip
                     return None
                 pipe.multi()
-                enqueue(pipe, prepared, self.settings)
+                submission.enqueue(pipe, prepared, self.settings)
                 pipe.hset(
                     key,
                     mapping={
@@ -516,21 +513,19 @@ class Ticker:
                         place.release(undo)
                         undo.execute()
                 return None
-        settle(self.connection, [prepared])  # a job with depends_on whose dependencies ended meanwhile
+        # A job with depends_on whose dependencies ended meanwhile.
+        submission.settle(self.connection, [prepared])
         log.info("schedule %s: job %s for the tick at %s", schedule_id, prepared.job.id, iso_timestamp(due))
         return prepared.job.id
 
     def _submission(self, schedule: Schedule, due: float, moment: float) -> tuple[Any, Any]:
         """The tick's job, built and admitted as `POST /jobs/<type>` would, and its place in its
         key's share (None without API keys); _Refused when the service would refuse it."""
-        from service.errors import ApiError
-        from service.submit import Reservation, check_admitted, prepare
-
         job_type = self._job_types.get(schedule.type)
         if job_type is None:
             raise _Refused("unknown_job_type", f"Unknown job type {schedule.type!r}.", moment)
         try:
-            prepared = prepare(
+            prepared = submission.prepare(
                 self.settings, self._queues, schedule.type, job_type, schedule.job, schedule.owner
             )
             prepared.job.meta.update(schedule=schedule.id, tick=iso_timestamp(due))
@@ -544,12 +539,12 @@ class Ticker:
         if not self.settings.api_keys:
             return prepared, None
         size = len(json.dumps(schedule.job, separators=(",", ":")).encode())
-        place = Reservation(self.settings, schedule.owner, prepared.job.id, size, moment)
+        place = submission.Reservation(self.settings, schedule.owner, prepared.job.id, size, moment)
         with self.connection.pipeline(transaction=False) as pipe:
             place.reserve(pipe)
             (answer,) = pipe.execute()
         try:
-            check_admitted(answer, self.settings)
+            submission.check_admitted(answer, self.settings)
         except ApiError as error:
             raise _Refused(error.code, error.message, moment) from None
         return prepared, place

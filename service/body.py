@@ -8,10 +8,9 @@ from typing import Any
 
 from flask import current_app, request
 from gunicorn.http.errors import ParseException as ServerParseError
-from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from service.errors import ApiError
+from jobs.refusals import ApiError
 
 # Levels of objects and arrays a request body may nest (the body itself is level 1). Deeper
 # values cannot be stored or serialized safely, and no job needs them.
@@ -87,25 +86,6 @@ def query_args() -> dict[str, str]:
             ],
         )
     return request.args.to_dict()
-
-
-def validate(model: type[BaseModel], data: Any, context: dict | None = None) -> BaseModel:
-    """Validate `data` against `model`; a 422 listing every bad field otherwise."""
-    try:
-        return model.model_validate(data, context=context)
-    except ValidationError as error:
-        raise ApiError(422, "The request has invalid fields.", details=field_errors(error)) from None
-
-
-def field_errors(error: ValidationError) -> list[dict[str, str]]:
-    return [
-        {
-            "field": ".".join(str(part) for part in item["loc"]),
-            "message": item["msg"],
-            "type": item["type"],
-        }
-        for item in error.errors(include_url=False, include_input=False)
-    ]
 
 
 def _read_body() -> bytes:

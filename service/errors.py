@@ -11,6 +11,7 @@ import redis
 from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from jobs.refusals import CODES, ApiError
 from service.state import get_state
 
 log = logging.getLogger(__name__)
@@ -32,50 +33,11 @@ _NO_REPLICAS = re.compile(r"(^|[\s:-])NOREPLICAS Not enough good replicas")
 # behind a Sentinel URL the connection moves to the new primary by itself: jobs.sentinel).
 _READ_ONLY = re.compile(r"(^|[\s:-])READONLY You can't write against a read only replica")
 
-_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    409: "conflict",
-    411: "length_required",
-    413: "payload_too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    422: "validation_failed",
-    429: "too_many_requests",
-    431: "headers_too_large",
-    500: "internal_error",
-    503: "unavailable",
-}
-
-
-class ApiError(Exception):
-    """An error answer; raise it from a view (or `abort`) and the handler renders it."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str | None = None,
-        details: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code or _CODES.get(status, "error")
-        self.details = details
-        self.headers = headers or {}
-
 
 def error_response(
     status: int, message: str, code: str | None = None, details: Any = None, headers: dict | None = None
 ) -> Response:
-    body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message}
+    body: dict[str, Any] = {"code": code or CODES.get(status, "error"), "message": message}
     if details is not None:
         body["details"] = details
     response = jsonify(error=body)

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.results import Result
 
 from jobs import keys
 from jobs.engine.job import Job
+from jobs.submission import JOB_ID
 from jobs.view import scheduled_key
 from service.errors import ApiError
 from service.requests import log_job
 from service.security import check_request, count_request
 from service.state import AppState
-
-# Job ids are uuid4 hex strings made by `submit`; anything else cannot name a job. Always
-# `fullmatch`: `$` would also match before a trailing newline.
-JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def load_job(state: AppState, job_id: str, owner: str) -> Job:

@@ -18,8 +18,8 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
+from jobs.submission import request_model
 from service.state import AppState, get_state
-from service.submit import request_model
 from service.views.batches import MAX_WAIT_SECONDS as MAX_BATCH_WAIT
 from service.views.batches import BatchBody
 from service.views.jobs import MAX_TYPE_NAME, MAX_WAIT_SECONDS, BulkRetried, BulkRetry, ListQuery, QueueName

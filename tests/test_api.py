@@ -283,10 +283,10 @@ def test_list_is_newest_first_and_filters(client):
 def test_the_recent_jobs_index_is_trimmed_now_and_then(client, fake_redis, monkeypatch):
     index = keys.recent_jobs("public")
     fake_redis.zadd(index, {"0" * 32: 1.0})  # an id whose job expired long ago
-    monkeypatch.setattr("service.submit.random.randrange", lambda n: n - 1)  # most submissions
+    monkeypatch.setattr("jobs.submission.random.randrange", lambda n: n - 1)  # most submissions
     post(client, "log", {"message": "x"})
     assert fake_redis.zscore(index, "0" * 32) == 1.0
-    monkeypatch.setattr("service.submit.random.randrange", lambda n: 0)  # one in TRIM_EVERY
+    monkeypatch.setattr("jobs.submission.random.randrange", lambda n: 0)  # one in TRIM_EVERY
     post(client, "log", {"message": "x"})
     assert fake_redis.zscore(index, "0" * 32) is None
     assert fake_redis.zcard(index) == 2

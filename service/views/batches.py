@@ -17,25 +17,16 @@ from rq.exceptions import NoSuchJobError
 
 from jobs import batches, keys, quota
 from jobs.batches import MAX_JOBS
+from jobs.refusals import validate
 from jobs.settings import Settings
-from service.body import query_args, read_json_object, validate
+from jobs.submission import JOB_ID, Prepared, check_callback_url, enqueue, prepare, settle
+from service.body import query_args, read_json_object
 from service.errors import ApiError
-from service.jobview import JOB_ID
 from service.replication import acknowledges_writes
 from service.requests import current_request_id
 from service.security import current_owner, folds_rate_limit
 from service.state import AppState, get_state
-from service.submit import (
-    Prepared,
-    _claim,
-    _release,
-    check_callback_url,
-    check_idempotency_key,
-    enqueue,
-    prepare,
-    reserve_with_hit,
-    settle,
-)
+from service.submit import _claim, _release, check_idempotency_key, reserve_with_hit
 
 bp = Blueprint("batches", __name__)
 log = logging.getLogger(__name__)

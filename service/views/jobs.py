@@ -19,9 +19,11 @@ from rq.utils import utcformat
 
 from jobs import callbacks, keys, quota
 from jobs.engine.job import Job
+from jobs.refusals import validate
+from jobs.submission import check_admitted
 from jobs.times import now
 from jobs.view import UNREAD, is_terminal, job_view
-from service.body import query_args, read_json_object, validate
+from service.body import query_args, read_json_object
 from service.errors import ApiError
 from service.jobview import check_job_id, load_job, load_with_result, recent_jobs, scheduled_times
 from service.replication import acknowledges_writes
@@ -38,7 +40,7 @@ from service.retry import (
 )
 from service.security import current_owner, folds_rate_limit
 from service.state import get_state
-from service.submit import check_admitted, check_idempotency_key, submit
+from service.submit import check_idempotency_key, submit
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The schedules API: jobs submitted again and again, on a cron expression or every N seconds.
 
 A schedule's job body is validated at creation exactly as `POST /jobs/<type>` validates it
-(service.submit.prepare), and again at every tick, when its job is built and written by the
+(jobs.submission.prepare), and again at every tick, when its job is built and written by the
 ticker in a worker process (jobs.schedules).
 """
 
@@ -17,6 +17,7 @@ from flask import Blueprint, Response, jsonify, url_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs import schedules
+from jobs.refusals import validate
 from jobs.schedules import (
     DEFAULT_TIMEZONE,
     MAX_CRON_CHARS,
@@ -28,12 +29,12 @@ from jobs.schedules import (
     Timing,
     TooManySchedules,
 )
-from service.body import read_json_object, validate
+from jobs.submission import prepare
+from service.body import read_json_object
 from service.errors import ApiError
 from service.replication import acknowledges_writes
 from service.security import current_owner
 from service.state import get_state
-from service.submit import prepare
 from service.views.jobs import MAX_TYPE_NAME
 
 bp = Blueprint("schedules", __name__)

@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from jobs import keys
 from jobs.index.owners import KEY
 from jobs.index.store import DocumentStore, NotOwnerError, QuotaExceededError
+from jobs.refusals import validate
 from jobs.types.embed import DOCUMENT_ID, check_metadata
 from jobs.types.schema import limits, within
-from service.body import query_args, read_json_object, validate
+from service.body import query_args, read_json_object
 from service.errors import ApiError, error_response
 from service.replication import acknowledges_writes
 from service.security import current_owner
