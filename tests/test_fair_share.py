@@ -10,8 +10,8 @@ import pytest
 
 from jobs.engine import fair, pause
 from jobs.engine.job import Job
+from jobs.engine.maintenance import Scheduler
 from jobs.engine.queue import EmbedQueue, Queue
-from jobs.engine.worker import Scheduler
 from jobs.families import family_queues
 from tests.support import WebService, start_workers, wait_until
 from tests.test_security import KEY_A, KEY_B, make_app

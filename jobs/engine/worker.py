@@ -1,39 +1,40 @@
 """The RQ worker class Afterward's workers run; see the Procfile's `worker:` line.
 
-It is RQ's forking `Worker`, with its public hooks overridden: `execute_job` hands each job
-to a long-lived work-horse (jobs.engine.horse) and watches it; the failure and success
-handlers record what a client should read; the stop handlers give a running job its grace
-period. What RQ offers no hook for is listed, and checked, in jobs.engine.rq_touchpoints.
+It is RQ's forking `Worker`, with its public hooks overridden. This module follows a job's
+life, top to bottom: taken off a queue, started, run in a long-lived work-horse, watched,
+finished or failed, put back at a shutdown, and announced. The rest of the worker lives
+beside it, one concern a module, mixed into the class:
+
+- jobs.engine.maintenance: heartbeats, the maintenance round and RQ's scheduler;
+- jobs.engine.shutdown: a stop request, a stop-job command, and the worker's teardown;
+- jobs.engine.horse_keeping: forking, killing and burying the work-horse, and its loop.
+
+What RQ offers no hook for is listed, and checked, in jobs.engine.rq_touchpoints.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
-from collections.abc import Callable
-from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from rq import Worker as ForkingWorker
 from rq.callbacks import execute_stopped_callback
-from rq.command import parse_payload
 from rq.exceptions import AbandonedJobError, InvalidJobOperation
 from rq.executions import Execution
 from rq.job import JobStatus, Retry
 from rq.queue import Queue as RQQueue
-from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
-from rq.utils import current_timestamp, utcformat
+from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
-from jobs import batches, callbacks, keys, logs, metrics, quota
-from jobs.connection import Outage, RedisProbe, process_outage, wait_for_redis, warn_if_evicting
+from jobs import callbacks, keys, logs, metrics, quota
+from jobs.connection import RedisProbe, process_outage, wait_for_redis, warn_if_evicting
 from jobs.engine import dependencies, errors
 from jobs.engine.horse import (
     DONE,
@@ -42,13 +43,12 @@ from jobs.engine.horse import (
     Horse,
     Item,
     Order,
-    ProcessState,
-    die_with_parent,
-    read_orders,
-    resident_mb,
 )
+from jobs.engine.horse_keeping import HorseKeeping
 from jobs.engine.job import Job
-from jobs.engine.queue import STOPPING, EmbedQueue, Queue, wake_worker
+from jobs.engine.maintenance import Maintenance, OneLineOutages
+from jobs.engine.queue import EmbedQueue, Queue, wake_worker
+from jobs.engine.shutdown import Shutdown
 from jobs.schedules import Ticker
 from jobs.settings import get_settings
 from jobs.times import now
@@ -57,12 +57,19 @@ from jobs.webhook_sender import WebhookSender
 log = logging.getLogger(__name__)
 
 
-class Worker(ForkingWorker):
+class Worker(Maintenance, Shutdown, HorseKeeping, ForkingWorker):
     """RQ's forking worker, with a work-horse that runs job after job until it must be replaced.
 
     Each job still runs in a forked process apart from the worker: a job that crashes,
     leaks or hangs cannot take the worker down, a timeout always ends it, a cancel kills it,
     and a failed job's process is never reused (jobs.engine.horse says what is).
+
+    A job's life, in the order of this class: RQ's work loop takes it (Queue.dequeue_any,
+    waiting at most `dequeue_timeout`) and calls `execute_job`, which starts it (`_start`)
+    and sends it to the horse; the horse runs it (`_run_order`, RQ's `perform_job`) while the
+    worker watches (`_watch`); it finishes (`_finalize_success`, `_finish`) or fails
+    (`handle_job_failure`, `_horse_died`), or a shutdown puts it back (`_put_back`); and its
+    end is announced (`_announce`).
     """
 
     queue_class = Queue
@@ -119,9 +126,9 @@ class Worker(ForkingWorker):
         self._errors: dict[str, errors.Error] = {}
         self.push_exc_handler(self._remember_error)
         # RQ logs every retry of its work loop and its pub/sub thread while Redis is away.
-        for earlier in [f for f in self.log.filters if isinstance(f, _OneLineOutages)]:
+        for earlier in [f for f in self.log.filters if isinstance(f, OneLineOutages)]:
             self.log.removeFilter(earlier)
-        self.log.addFilter(_OneLineOutages(self._outage))
+        self.log.addFilter(OneLineOutages(self._outage))
         warn_if_evicting(self.connection)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
@@ -138,50 +145,7 @@ class Worker(ForkingWorker):
         self._ticker = Ticker(self.connection, self.settings)
         self._ticker.start()
 
-    # ------------------------------------------------------------------ taking jobs
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's worker heartbeat, at most once a second on its own, in one round trip.
-
-        RQ beats before and after every dequeue and after every job, three commands and three
-        round trips each time, for a hash that lives for minutes. A beat is skipped when one
-        less than a second ago already keeps the hash alive at least as long.
-        """
-        timeout = timeout or self.worker_ttl + 60
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline=pipeline)
-        elif self._beat_due(timeout):
-            with self.connection.pipeline(transaction=False) as pipe:
-                super().heartbeat(timeout, pipeline=pipe)
-                pipe.execute()
-            self._outage.up()
-        else:
-            return
-        self._beat_at, self._beat_until = time.monotonic(), time.monotonic() + timeout
-
-    def _beat_due(self, timeout: int | None = None) -> bool:
-        now_ = time.monotonic()
-        return now_ - self._beat_at >= 1 or self._beat_until < now_ + (timeout or self.worker_ttl + 60) - 1
-
-    def check_for_suspension(self, burst: bool) -> None:
-        # RQ looks (with a heartbeat, one round trip) before every job: once a second will do.
-        if time.monotonic() - self._suspension_checked_at >= 1:
-            super().check_for_suspension(burst)
-            self._suspension_checked_at = time.monotonic()
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        # RQ sets IDLE both after a job and before each dequeue: write only a change.
-        if pipeline is None and state == self._state:
-            return
-        super().set_state(state, pipeline=pipeline)
-
-    @property
-    def dequeue_timeout(self) -> int:
-        # Wake up for maintenance (job recovery) even when no job comes, and heartbeat as often
-        # as a busy worker does: a worker silent longer than a job's heartbeat is dead
-        # (service.workers.is_live).
-        beat = get_settings().job_monitoring_interval
-        return max(1, min(self.worker_ttl - 15, self.maintenance_interval, beat))
+    # ------------------------------------------------------------------ started
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job` and the jobs taken off its queue together with it (`job.taken_with`)."""
@@ -235,224 +199,7 @@ class Worker(ForkingWorker):
         # The worker did it when it started the job (_start), in the same round trip.
         return None
 
-    # ------------------------------------------------------------------ the work-horse
-
-    @property
-    def horse_pid(self) -> int:
-        return self._horse.pid if self._horse is not None else 0
-
-    def _spawn_horse(self) -> Horse:
-        self._horse = Horse(self._horse_main)
-        self.procline(f"Horse {self._horse.pid} ready")
-        return self._horse
-
-    def _bury_horse(self) -> int | None:
-        status = self._horse.reap() if self._horse is not None else None
-        self._horse = None
-        return status
-
-    def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        """RQ's stop-job, stop-execution and kill-horse commands end here: stop the running job.
-
-        Only the horse is killed: it shares the worker's process group, which RQ's own
-        `kill_horse` would signal whole.
-        """
-        if self._horse is not None:
-            self._kill_reason = self._kill_reason or "stopped"
-            with suppress(ProcessLookupError):
-                os.kill(self._horse.pid, sig)
-
-    def handle_payload(self, message: Any) -> None:
-        # RQ's stop-job command stops only the job `get_current_job_id` names: here, any of
-        # the jobs the horse runs (the others of its batch are put back, untouched).
-        payload = parse_payload(message)
-        job_id = payload.get("job_id")
-        if payload.get("command") == "stop-job" and job_id in self._running_ids:
-            log.info("stopping job %s on request", job_id)
-            self._stopped_job_id = job_id
-            self.kill_horse()
-            return
-        super().handle_payload(message)
-
-    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
-        status = self._bury_horse()
-        return None, status, None
-
-    def _watch(self, running: list[tuple[Job, Execution]], queue: Queue, horse: Horse) -> None:
-        """Heartbeat until the horse reports its jobs done, enforcing timeouts and shutdown grace."""
-        started = time.monotonic()
-        self._kill_reason = None
-        active = {job.id: (job, execution) for job, execution in running}
-        self._running_ids = frozenset(active)
-        # The horse's own alarm stops a job at its timeout; a batch that fails as a whole is
-        # run again one job at a time, so the longest a batch may take is its shortest
-        # timeout plus all of them.
-        timeouts = [job.timeout or Queue.DEFAULT_TIMEOUT for job, _ in running]
-        budget = sum(timeouts) + (min(timeouts) if len(running) > 1 else 0)
-        while True:
-            report = horse.wait_report(timeout=self._next_look(), wake=self._wake_read)
-            self._stopping()
-            if report is None:  # still running
-                try:
-                    self._heartbeat_all(list(active.values()))
-                except redis.exceptions.RedisError:
-                    # Cut off from Redis for longer than a heartbeat lasts: the jobs will be
-                    # recovered as abandoned elsewhere, so they must not go on here.
-                    horse.kill()
-                    self._bury_horse()
-                    raise
-                self._enforce_limits(horse, time.monotonic() - started, budget)
-                continue
-            if report.startswith(ENDED):
-                _, execution = active.pop(report[len(ENDED) :].decode().strip(), (None, None))
-                if execution is not None:
-                    self.executions.pop(execution.id, None)
-                continue
-            self._running_ids = frozenset()
-            for _, execution in active.values():
-                self.executions.pop(execution.id, None)
-            if report == DONE:
-                return
-            if report.startswith(RETIRING):
-                log.info("work-horse %s retires: %s", horse.pid, report[len(RETIRING) :].decode().strip())
-                self._bury_horse()
-                if self.prefork:
-                    self._spawn_horse()
-                return
-            pid, status = horse.pid, self._bury_horse()
-            reason, stopped_id = self._kill_reason or "", self._stopped_job_id
-            # Last first: jobs put back at the front of their queue keep their order there.
-            for job, execution in reversed(active.values()):
-                # Stopped beside the one job asked for: it runs again, untouched.
-                beside = reason == "stopped" and stopped_id is not None and job.id != stopped_id
-                self._horse_died(job, queue, execution, pid, status, "shutdown" if beside else reason)
-            self._kill_reason = None
-            self._stopped_job_id = None
-            if self.prefork:
-                self._spawn_horse()
-            return
-
-    def _wake_if_capped(self, jobs: list[Job]) -> None:
-        """A job that ran under its key's cap (KEY_MAX_ACTIVE) ended: a job of that key held
-        back by the cap may run now, so idle workers look at once instead of at their next poll."""
-        if not any(job.max_active for job in jobs):
-            return
-        with self.connection.pipeline(transaction=False) as pipe:
-            for queue in self.queues:
-                wake_worker(pipe, queue.name)
-            pipe.execute()
-
-    def _heartbeat_all(self, running: list[tuple[Job, Execution]]) -> None:
-        """RQ's `maintain_heartbeats` for every running job, in one round trip."""
-        worker_ttl = self.job_monitoring_interval + 60
-        ttl = self.settings.heartbeat_ttl
-        with self.connection.pipeline() as pipe:
-            self.heartbeat(worker_ttl, pipeline=pipe)
-            positions = []
-            for job, execution in running:
-                execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
-                positions.append(len(pipe))
-                job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
-            results = pipe.execute()
-            # A job deleted as it finished (result_ttl=0) must not come back as a husk holding
-            # only `last_heartbeat` (rq/rq#1450); a worker hash that expired is written again.
-            for position, (job, _) in zip(positions, running, strict=True):
-                if results[position] == 1:
-                    pipe.delete(job.key)
-            if results[0] == 1:
-                pipe.hset(self.key, mapping=self.serialize())
-                pipe.expire(self.key, worker_ttl)
-            pipe.execute()
-
-    def _next_look(self) -> float:
-        """Seconds until the next look at the running jobs: the monitoring interval, but no
-        later than the end of a shutdown grace (a runner kills what is still there soon after)."""
-        if self._shutdown_deadline is None or self._kill_reason is not None:
-            return self.job_monitoring_interval
-        return max(0.0, min(self.job_monitoring_interval, self._shutdown_deadline - time.monotonic()))
-
-    def _enforce_limits(self, horse: Horse, working_time: float, budget: float) -> None:
-        if self._shutdown_deadline is not None and time.monotonic() >= self._shutdown_deadline:
-            log.warning("the running job(s) did not finish within the shutdown grace period; putting back")
-            self._kill_reason = "shutdown"
-            horse.kill()
-            return
-        # The horse enforces the timeout itself with SIGALRM; this catches a job that
-        # swallows that exception or is stuck in C code, a little after its deadline.
-        if working_time > budget + self.settings.timeout_grace:
-            log.warning("the running job(s) ignored their %s s timeout; killing the work-horse", budget)
-            self._kill_reason = "timeout"
-            horse.kill()
-
-    def _horse_died(
-        self, job: Job, queue: Queue, execution: Execution, pid: int, status: int | None, reason: str
-    ) -> None:
-        if reason == "shutdown":
-            self._put_back(job, queue, execution)
-            return
-        try:
-            if job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
-                return  # it ended before its horse died
-        except InvalidJobOperation:
-            return  # it ended and expired meanwhile
-        if reason == "timeout":
-            error = errors.timed_out(job)
-        elif reason == "stopped":
-            error = errors.JOB_STOPPED
-            try:
-                execute_stopped_callback(job, self.death_penalty_class)
-            except Exception:
-                log.exception("the stopped callback of job %s failed", job.id)
-        else:
-            signum = os.WTERMSIG(status) if status and os.WIFSIGNALED(status) else None
-            error = errors.horse_died(signum)
-            log.warning("job %s failed: its work-horse died (wait status %s)", job.id, status)
-            self.handle_work_horse_killed(job, pid, status, None)
-        self._errors[job.id] = error
-        job.ended_at = now()
-        self.handle_job_failure(
-            job, queue=queue, exc_string=f"{error['type']}: {error['message']}", execution=execution
-        )
-
-    def _put_back(self, job: Job, queue: Queue, execution: Execution) -> None:
-        """A job stopped by a shutdown goes back to the front of its queue, its retries intact."""
-        job.get_meta(refresh=True)
-        job.meta["error"] = errors.WORKER_SHUTDOWN
-        with self.connection.pipeline() as pipe:
-            if job.has_rate_limit:
-                # It keeps the slot of its key it holds (RQ's enqueue_job would refuse it here).
-                queue._enqueue_job(job, pipeline=pipe, at_front=True)
-            else:
-                queue.enqueue_job(job, pipeline=pipe, at_front=True)  # first: it starts the transaction
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
-        log.info("job %s put back at the front of %s", job.id, queue.name)
-        self._announce(job)
-
-    def _horse_main(self, orders_fd: int, reports_fd: int) -> None:
-        """The horse: run each order it is sent and report; retire when it must be replaced."""
-        random.seed()
-        self._in_horse = True
-        self._outage.muted = True  # the worker says when Redis is away, once
-        self._reports_fd = reports_fd
-        signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
-        self.setup_work_horse_signals()
-        self.horse_started()
-        state = ProcessState()
-        orders = os.fdopen(orders_fd, "rb")
-        done = 0
-        while (order := read_orders(orders)) is not None:
-            try:
-                succeeded = self._run_order(order)
-            except BaseException:
-                log.exception("work-horse failed outside its job")
-                os._exit(1)
-            done += len(order.items)
-            state.restore()
-            reason = self._retire_reason(succeeded, state, done)
-            os.write(reports_fd, DONE + b"\n" if reason is None else RETIRING + f" {reason}\n".encode())
-            if reason is not None:
-                return
+    # ------------------------------------------------------------------ run, in the work-horse
 
     def _run_order(self, order: Order) -> bool:
         """Run the order's jobs: together when their type can (`JobType.run_many`), else one by one."""
@@ -531,6 +278,77 @@ class Worker(ForkingWorker):
         )
         return True
 
+    # ------------------------------------------------------------------ watched, from the worker
+
+    def _watch(self, running: list[tuple[Job, Execution]], queue: Queue, horse: Horse) -> None:
+        """Heartbeat until the horse reports its jobs done, enforcing timeouts and shutdown grace."""
+        started = time.monotonic()
+        self._kill_reason = None
+        active = {job.id: (job, execution) for job, execution in running}
+        self._running_ids = frozenset(active)
+        # The horse's own alarm stops a job at its timeout; a batch that fails as a whole is
+        # run again one job at a time, so the longest a batch may take is its shortest
+        # timeout plus all of them.
+        timeouts = [job.timeout or Queue.DEFAULT_TIMEOUT for job, _ in running]
+        budget = sum(timeouts) + (min(timeouts) if len(running) > 1 else 0)
+        while True:
+            report = horse.wait_report(timeout=self._next_look(), wake=self._wake_read)
+            self._stopping()
+            if report is None:  # still running
+                try:
+                    self._heartbeat_all(list(active.values()))
+                except redis.exceptions.RedisError:
+                    # Cut off from Redis for longer than a heartbeat lasts: the jobs will be
+                    # recovered as abandoned elsewhere, so they must not go on here.
+                    horse.kill()
+                    self._bury_horse()
+                    raise
+                self._enforce_limits(horse, time.monotonic() - started, budget)
+                continue
+            if report.startswith(ENDED):
+                _, execution = active.pop(report[len(ENDED) :].decode().strip(), (None, None))
+                if execution is not None:
+                    self.executions.pop(execution.id, None)
+                continue
+            self._running_ids = frozenset()
+            for _, execution in active.values():
+                self.executions.pop(execution.id, None)
+            if report == DONE:
+                return
+            if report.startswith(RETIRING):
+                log.info("work-horse %s retires: %s", horse.pid, report[len(RETIRING) :].decode().strip())
+                self._bury_horse()
+                if self.prefork:
+                    self._spawn_horse()
+                return
+            pid, status = horse.pid, self._bury_horse()
+            reason, stopped_id = self._kill_reason or "", self._stopped_job_id
+            # Last first: jobs put back at the front of their queue keep their order there.
+            for job, execution in reversed(active.values()):
+                # Stopped beside the one job asked for: it runs again, untouched.
+                beside = reason == "stopped" and stopped_id is not None and job.id != stopped_id
+                self._horse_died(job, queue, execution, pid, status, "shutdown" if beside else reason)
+            self._kill_reason = None
+            self._stopped_job_id = None
+            if self.prefork:
+                self._spawn_horse()
+            return
+
+    def _enforce_limits(self, horse: Horse, working_time: float, budget: float) -> None:
+        if self._shutdown_deadline is not None and time.monotonic() >= self._shutdown_deadline:
+            log.warning("the running job(s) did not finish within the shutdown grace period; putting back")
+            self._kill_reason = "shutdown"
+            horse.kill()
+            return
+        # The horse enforces the timeout itself with SIGALRM; this catches a job that
+        # swallows that exception or is stuck in C code, a little after its deadline.
+        if working_time > budget + self.settings.timeout_grace:
+            log.warning("the running job(s) ignored their %s s timeout; killing the work-horse", budget)
+            self._kill_reason = "timeout"
+            horse.kill()
+
+    # ------------------------------------------------------------------ finished
+
     def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
         # RQ's way for what needs it (a returned Retry, callbacks, repeats); otherwise one round trip.
         if isinstance(return_value, Retry) or not _plain(job):
@@ -582,140 +400,28 @@ class Worker(ForkingWorker):
             job.send_webhooks(JobStatus.FINISHED)
             log.info("job %s finished in %.3f s", job.id, (job.ended_at - job.started_at).total_seconds())
 
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        self._announce(job, "finished")
+        self._wake_if_capped([job])
+
     def _settle_dependents(self, job: Job, dependents: set[bytes]) -> None:
         try:
             dependencies.settle(self.connection, [member.decode() for member in dependents], Job)
         except Exception:  # the maintenance round settles them (dependencies.sweep)
             log.exception("could not settle the dependents of job %s", job.id)
 
-    def _retire_reason(self, succeeded: bool, state: ProcessState, done: int) -> str | None:
-        if not succeeded:
-            return "its job did not succeed"
-        threads = state.threads_left()
-        if threads:
-            return f"its job left threads running: {', '.join(threads)}"
-        cap = self.settings.horse_max_rss_mb
-        if cap and (rss := resident_mb()) > cap:
-            return f"{rss:.0f} MB resident, above HORSE_MAX_RSS_MB={cap}"
-        if done >= self.settings.horse_max_jobs:
-            return f"it ran HORSE_MAX_JOBS={self.settings.horse_max_jobs} jobs"
-        return None
-
-    def horse_started(self) -> None:
-        """Called in a new work-horse before its first job (load what its jobs need here)."""
-
-    def setup_work_horse_signals(self) -> None:
-        # When a job must stop is the worker's decision: SIGTERM and SIGINT sent to the whole
-        # process group (a platform's stop, Ctrl-C) are for the worker. A handler that does
-        # nothing, not SIG_IGN, so that processes a job starts get the defaults back on exec.
-        signal.signal(signal.SIGINT, _for_the_worker)
-        signal.signal(signal.SIGTERM, _for_the_worker)
-
-    def teardown(self) -> None:
-        if not self._in_horse:
-            self._stopping()
-            if self._webhook_sender is not None:
-                self._webhook_sender.stop()
-                self._webhook_sender = None
-            if self._probe is not None:
-                self._probe.stop()
-                self._probe = None
-            if self._ticker is not None:
-                self._ticker.stop()
-                self._ticker = None
-            if self._horse is not None:
-                self._horse.close()
-                self._horse = None
-            if self.pubsub_thread is not None:
-                # Told to stop before RQ unsubscribes, RQ's listener ends on the reply; told
-                # after, it may have taken the reply already and wait for a new subscription,
-                # and RQ waits a second for it while the runner's time to kill runs out.
-                self.pubsub_thread.stop()
-        super().teardown()
-
-    def run_maintenance_tasks(self) -> None:
-        super().run_maintenance_tasks()
-        # After abandoned jobs are failed: batches whose last end no one announced (jobs.batches).
-        try:
-            batches.sweep(self.connection)
-        except redis.exceptions.RedisError:
-            pass  # the work loop says when Redis is away; the next round looks again
-        except Exception:
-            log.exception("could not sweep open batches")
-
-    def _start_scheduler(
-        self, burst: bool = False, logging_level: str | None = "INFO", *args: Any, **kwargs: Any
-    ) -> None:
-        """RQ's, with a scheduler that stops quietly when Redis goes away (its worker says so,
-        once, and starts a new scheduler in its first maintenance round once Redis answers)."""
-        self.scheduler = Scheduler(
-            self.queues,
-            connection=self.connection,
-            logging_level=logging_level if logging_level is not None else self.log.level,
-            serializer=self.serializer,
-        )
-        self.scheduler.acquire_locks()
-        if not self.scheduler.acquired_locks:
+    def _wake_if_capped(self, jobs: list[Job]) -> None:
+        """A job that ran under its key's cap (KEY_MAX_ACTIVE) ended: a job of that key held
+        back by the cap may run now, so idle workers look at once instead of at their next poll."""
+        if not any(job.max_active for job in jobs):
             return
-        if burst:
-            try:
-                self.scheduler.register_birth()
-                self.scheduler.enqueue_scheduled_jobs()
-            finally:
-                self.scheduler.release_locks()
-                self.scheduler.register_death()
-        else:
-            self.scheduler.start()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                wake_worker(pipe, queue.name)
+            pipe.execute()
 
-    # ------------------------------------------------------------------ running jobs
-
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        # A job whose worker stops heartbeating is abandoned after this long (RQ allows 60 s
-        # more); the maintenance round then retries or fails it. See README, guarantees.
-        return self.settings.heartbeat_ttl
-
-    def request_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM/SIGINT: a warm stop. The running job gets `SHUTDOWN_GRACE` seconds, then is
-        put back (_enforce_limits); an idle worker stops at its next look at its queues.
-
-        A handler runs wherever the main thread happens to be, even inside another run of
-        itself: a platform's SIGTERM and the pool's SIGINT arrive together. So it only sets
-        flags (no lock, no Redis call, no logging); the main thread does the rest (_stopping).
-        """
-        signal.signal(signal.SIGINT, self.request_force_stop)
-        signal.signal(signal.SIGTERM, self.request_force_stop)
-        if self._shutdown_deadline is None:
-            self._shutdown_deadline = time.monotonic() + self.settings.shutdown_grace
-            self._shutdown_requested_date = now()
-        # Look at the running job every second until it ends or the grace runs out.
-        self.job_monitoring_interval = 1
-        # RQ's work loop ends after the running job; a waiting dequeue returns no job.
-        self._stop_requested = True
-        STOPPING.set()
-
-    def request_force_stop(self, signum: int, frame: Any) -> None:
-        # Further signals neither cut a job's grace period short nor break off the worker's
-        # clean exit. When the grace period is over the running job is stopped and put back.
-        pass
-
-    def _stopping(self) -> None:
-        """The main thread's part of a stop request: say so, in the log and in Redis, once."""
-        if self._shutdown_deadline is None or self._stop_announced:
-            return
-        self._stop_announced = True
-        grace = self.settings.shutdown_grace
-        log.info("worker %s: stopping; a running job gets %s s to finish", self.name, grace)
-        with suppress(redis.exceptions.RedisError):
-            self.set_shutdown_requested_date()
-        if self.scheduler:
-            self.stop_scheduler()
-
-    # ------------------------------------------------------------------ ends of jobs
-
-    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        super().handle_job_success(job, queue, started_job_registry, execution)
-        self._announce(job, "finished")
-        self._wake_if_capped([job])
+    # ------------------------------------------------------------------ failed
 
     def handle_job_failure(
         self,
@@ -750,6 +456,55 @@ class Worker(ForkingWorker):
         self._errors[job.id] = errors.describe_exception(job, exc_value)
         return True
 
+    def _horse_died(
+        self, job: Job, queue: Queue, execution: Execution, pid: int, status: int | None, reason: str
+    ) -> None:
+        if reason == "shutdown":
+            self._put_back(job, queue, execution)
+            return
+        try:
+            if job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
+                return  # it ended before its horse died
+        except InvalidJobOperation:
+            return  # it ended and expired meanwhile
+        if reason == "timeout":
+            error = errors.timed_out(job)
+        elif reason == "stopped":
+            error = errors.JOB_STOPPED
+            try:
+                execute_stopped_callback(job, self.death_penalty_class)
+            except Exception:
+                log.exception("the stopped callback of job %s failed", job.id)
+        else:
+            signum = os.WTERMSIG(status) if status and os.WIFSIGNALED(status) else None
+            error = errors.horse_died(signum)
+            log.warning("job %s failed: its work-horse died (wait status %s)", job.id, status)
+            self.handle_work_horse_killed(job, pid, status, None)
+        self._errors[job.id] = error
+        job.ended_at = now()
+        self.handle_job_failure(
+            job, queue=queue, exc_string=f"{error['type']}: {error['message']}", execution=execution
+        )
+
+    # ------------------------------------------------------------------ put back at a shutdown
+
+    def _put_back(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """A job stopped by a shutdown goes back to the front of its queue, its retries intact."""
+        job.get_meta(refresh=True)
+        job.meta["error"] = errors.WORKER_SHUTDOWN
+        with self.connection.pipeline() as pipe:
+            if job.has_rate_limit:
+                # It keeps the slot of its key it holds (RQ's enqueue_job would refuse it here).
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            else:
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)  # first: it starts the transaction
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        log.info("job %s put back at the front of %s", job.id, queue.name)
+        self._announce(job)
+
+    # ------------------------------------------------------------------ announced
+
     def _announce(self, job: Job, event: str | None = None) -> None:
         """Wake whoever long-polls this job and, for an attempt's end, count it and make its
         completion webhook due (one round trip)."""
@@ -763,64 +518,6 @@ class Worker(ForkingWorker):
                 pipe.execute()
         except Exception:  # waiters fall back to polling, webhooks to their senders' rounds
             log.warning("could not announce the end of job %s", job.id, exc_info=True)
-
-
-class Scheduler(RQScheduler):
-    """RQ's scheduler process, which dies with its worker, ends without a traceback when Redis
-    goes away, and queues due jobs through the engine's queues (fair share, wake-up signal)."""
-
-    def start(self) -> Any:
-        self._worker_pid = os.getpid()
-        return super().start()
-
-    def work(self) -> None:
-        # A worker killed outright (SIGKILL, OOM) cannot stop its scheduler: the kernel does,
-        # with SIGTERM, which RQ's scheduler answers by releasing its locks and exiting.
-        die_with_parent(self._worker_pid, signal.SIGTERM)
-        process_outage().muted = True  # its worker says when Redis is away, once
-        try:
-            super().work()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            self.log.info(
-                "scheduler %s: Redis is unreachable; it stops, and its worker starts another", os.getpid()
-            )
-
-    def enqueue_scheduled_jobs(self) -> None:
-        """RQ's, with each due job queued by the engine's Queue: RQ's scheduler pushes onto
-        the queue list itself, past the fair share and without a wake-up signal."""
-        self._status = self.Status.WORKING
-        if not self._scheduled_job_registries and self._acquired_locks:
-            self.prepare_registries()
-        for registry in self._scheduled_job_registries:
-            job_ids = registry.get_jobs_to_schedule(current_timestamp())
-            if not job_ids:
-                continue
-            queue = Queue(registry.name, connection=self.connection)
-            jobs = Job.fetch_many(job_ids, connection=self.connection)
-            with self.connection.pipeline() as pipe:
-                for job_id, job in zip(job_ids, jobs, strict=True):
-                    if job is not None:
-                        job.rate_limit_key = None  # RQ's cap, on a job of an earlier release
-                        queue.enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
-                    registry.remove(job_id, pipeline=pipe)
-                pipe.execute()
-        self._status = self.Status.STARTED
-
-
-class _OneLineOutages(logging.Filter):
-    """Turns RQ's "could not connect to Redis" lines, one per retry, into the outage's one line."""
-
-    def __init__(self, outage: Outage) -> None:
-        super().__init__()
-        self.outage = outage
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "could not connect to Redis" in record.msg:
-            args = record.args if isinstance(record.args, tuple) else ()
-            error = next((arg for arg in args if isinstance(arg, BaseException)), None)
-            self.outage.down(error or redis.exceptions.ConnectionError(record.getMessage()))
-            return False
-        return True
 
 
 class EmbedWorker(Worker):
@@ -871,6 +568,3 @@ def _item(job: Job, execution: Execution) -> Item:
 def _plain(job: Job) -> bool:
     """A job whose success needs nothing beyond the fast path: no callbacks, no repeats."""
     return not job.callback_names and job.repeats_left is None
-
-
-_for_the_worker: Callable[[int, Any], None] = lambda signum, frame: None  # noqa: E731
