@@ -145,7 +145,7 @@ def enqueue(pipe: Any, prepared: Prepared, settings: Settings) -> None:
     if options.callback_url is not None:
         callbacks.register(pipe, job, options.callback_url)
     _index(pipe, prepared.owner, job.id, settings)
-    metrics.count(pipe, "accepted", prepared.type_name, options.queue)
+    metrics.count(pipe, "accepted", prepared.type_name, prepared.queue.name)
 
 
 def submit(
