@@ -41,7 +41,8 @@ def test_one_benchmark_measured_again_replaces_its_rows_and_section_and_keeps_th
         "| a | 1 | 2 | **2.0x** | |\n| b | 1 | 1 | **1.0x** | |\n\n"
         "## bench.a\n\nold a\n\n## bench.b\n\nold b\n"
     )
-    measured = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n" + _SPLIT + _SPLIT + "## bench.b\n\nnew b\n"
+    rows = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n"
+    measured = rows + _SPLIT + _SPLIT + "## bench.b\n\nnew b\n"
     updated = update(report, measured)
     rows = [line for line in updated.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["| a | 1 | 2 | **2.0x** | |", "| b | 1 | 3 | **3.0x** | |", "| c | 1 | 4 | **4.0x** | |"]
@@ -59,7 +60,8 @@ def test_a_benchmark_measured_again_replaces_its_notes_and_keeps_the_others():
         "## bench.a\n\nold a\n"
     )
     # b is met now (no note); c has a new one.
-    measured = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n" + _SPLIT + "- c: new note on c" + _SPLIT
+    rows = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n"
+    measured = rows + _SPLIT + "- c: new note on c" + _SPLIT
     updated = update(report, measured)
     notes = updated.split(NOTES)[1].split("\n\n")[0].splitlines()
     assert notes == ["- a: old note on a", "- c: new note on c"]
