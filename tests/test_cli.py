@@ -136,6 +136,23 @@ def test_only_job_types_are_submitted_retry_is_not_one(web, real_redis):
     assert real_redis.keys("rq:job:*") == []  # nothing was retried or submitted
 
 
+def test_the_client_library_submits_no_retry_job():
+    # Refused before any request: POST /jobs/retry would run the key's failed jobs again.
+    code = (
+        "from afterward_client import Client\n"
+        f"Client('http://127.0.0.1:{closed_port()}').submit('retry', {{}})"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "client")),
+        check=False,
+    )
+    assert "ValueError: 'retry' is not a job type" in answer.stderr, answer.stderr
+
+
 @pytest.mark.integration
 def test_a_refused_key_names_the_option_and_the_variable(keyed_web):
     for given in ([], ["--api-key", "not-a-key"]):
