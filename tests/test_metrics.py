@@ -8,7 +8,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import metrics
+from jobs import keys, metrics
 from jobs.engine.job import Job
 from service import create_app
 from service.metrics import KNOWN_METHODS
@@ -67,6 +67,27 @@ def test_ended_jobs_feed_counters_and_histograms(client, fake_redis):
     assert value(duration, type="log") > 0
     wait = families["afterward_job_wait_seconds"]
     assert {s.labels["le"]: s.value for s in wait.samples if s.name.endswith("_bucket")}["2.5"] == 2
+
+
+def test_figures_recorded_under_an_embed_jobs_priority_count_under_its_queue(client, fake_redis):
+    # Before metrics named the RQ queue, an embed job on embed-default was counted as `default`.
+    fake_redis.hset(keys.METRICS_COUNTERS, mapping={"finished|embed|default": 2, "finished|log|default": 5})
+    fake_redis.hset(
+        keys.metrics_histogram("duration"), mapping={"embed|default|3": 2, "embed|default|sum": 0.1}
+    )
+    job = Job.fetch(client.post("/jobs/embed", json={"text": "x"}).get_json()["id"], connection=fake_redis)
+    start = datetime.now(UTC)
+    job.enqueued_at, job.started_at, job.ended_at = start, start, start + timedelta(seconds=0.02)
+    with fake_redis.pipeline() as pipe:
+        metrics.record_end(pipe, job, "finished")
+        pipe.execute()
+    families = scrape(client)
+    finished = {
+        (s.labels["type"], s.labels["queue"]): s.value for s in families["afterward_jobs_finished"].samples
+    }
+    assert finished == {("embed", "embed-default"): 3, ("log", "default"): 5}
+    counts = [s for s in families["afterward_job_duration_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels["type"], s.labels["queue"], s.value) for s in counts] == [("embed", "embed-default", 3)]
 
 
 def test_metrics_need_a_key_when_the_api_does(fake_redis, tmp_path):
