@@ -27,13 +27,18 @@ VENV_BIN = ROOT / ".venv" / "bin"
 UNCLEAN = (*CRASH_SIGNS, "SIGKILL", "not found")
 
 
-def readme_block(heading: str) -> str:
-    """The first ```sh block under `heading` in README.md, as written."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1]
-    found = re.search(r"^```sh\n(.*?)^```$", section.split("\n## ", 1)[0], re.DOTALL | re.MULTILINE)
-    assert found, f"no sh block under {heading!r}"
+def sh_block(page: str, heading: str) -> str:
+    """The first ```sh block under the `## heading` (or `### heading`) of a page, as written."""
+    text = (ROOT / page).read_text()
+    section = re.split(rf"^#+ {re.escape(heading)}$", text, maxsplit=1, flags=re.MULTILINE)[1]
+    found = re.search(r"^```sh\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert found, f"no sh block under {heading!r} in {page}"
     return found.group(1)
+
+
+def test_deploying_shows_the_readmes_command():
+    heading = "Running the Procfile by hand"
+    assert sh_block("docs/deploying.md", heading) == sh_block("README.md", heading)
 
 
 def unactivated_environment() -> dict[str, str]:
@@ -61,7 +66,7 @@ def private_redis(tmp_path) -> Iterator[EmbeddedRedis]:
 
 @pytest.mark.skipif(not (VENV_BIN / "honcho").exists(), reason="needs the checkout's .venv")
 def test_the_readmes_by_hand_command_serves_and_stops_cleanly_on_ctrl_c(private_redis, tmp_path):
-    block = readme_block("Running the Procfile by hand")
+    block = sh_block("README.md", "Running the Procfile by hand")
     env = unactivated_environment()
     for program in ("honcho", "gunicorn", "rq"):  # only the block's PATH finds them
         found = shutil.which(program, path=env["PATH"])
