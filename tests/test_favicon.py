@@ -50,3 +50,13 @@ def test_favicon_ico_answers_without_a_key(fake_redis, tmp_path):
     client = make_app(tmp_path, api_keys=(KEY_A,)).test_client()
     assert_icon(client.get("/favicon.ico"))
     assert client.get("/jobs").status_code == 401  # the API itself still needs its key
+
+
+def test_the_icons_the_api_docs_page_links_to_are_served(fake_redis, tmp_path):
+    client = make_app(tmp_path, api_keys=(KEY_A,)).test_client()
+    page = client.get("/docs/")
+    hrefs = icon_links(page.get_data(as_text=True))
+    assert hrefs  # Swagger UI's own icons
+    for href in hrefs:
+        with client.get(href) as response:
+            assert response.status_code == 200 and response.mimetype.startswith("image/"), href
