@@ -226,7 +226,12 @@ class Job(RQJob):
         ids = [job_id for job_id in ids if job_id != exclude_job_id]
         statuses = dependencies.statuses_of(self.connection, ids)
         if parent_job is not None and parent_job.id in statuses:
-            statuses[parent_job.id] = parent_job.get_status(refresh=refresh_job_status).value
+            # RQ's success handler passes the job whose end it is recording, before the status
+            # is written: as in RQ, that job is done unless it ended badly.
+            parent = parent_job.get_status(refresh=refresh_job_status).value
+            statuses[parent_job.id] = (
+                parent if parent in dependencies.ENDED_BADLY else JobStatus.FINISHED.value
+            )
         found = dependencies.verdict(statuses, bool(self.allow_dependency_failures))
         return found is not None and found.run
 
