@@ -9,7 +9,8 @@ beside it, one concern a module, mixed into the class:
 - jobs.engine.shutdown: a stop request, a stop-job command, and the worker's teardown;
 - jobs.engine.horse_keeping: forking, killing and burying the work-horse, and its loop.
 
-What RQ offers no hook for is listed, and checked, in jobs.engine.rq_touchpoints.
+Where the engine relies on how RQ calls it is listed in docs/design.md ("RQ touchpoints"),
+each checked by a test in tests/test_rq_touchpoints.py.
 """
 
 from __future__ import annotations
