@@ -100,7 +100,7 @@ def test_the_work_loop_takes_jobs_through_the_engines_dequeue_any(engine, monkey
     # What the engine's dequeue does and RQ's does not: the job waits on the intermediate list,
     # with the jobs taken together with it beside it.
     assert engine.connection.lrange(queue.intermediate_queue_key, 0, -1) == [job.id.encode()]
-    assert taken.companions == []
+    assert taken.taken_with == []
 
 
 # ---------------------------------------------------------------- recovering jobs
@@ -481,7 +481,7 @@ def test_a_workers_socket_timeout_follows_the_maintenance_interval(monkeypatch):
 def test_the_engines_scheduler_queues_due_jobs_from_rqs_registries(engine):
     """The engine's Scheduler walks the registries RQ's scheduler prepares for the queues whose
     locks it holds (`prepare_registries`, `_scheduled_job_registries`, `_acquired_locks`,
-    `Status`), and queues each due job through the engine's Queue (fair share, doorbell)."""
+    `Status`), and queues each due job through the engine's Queue (fair share, wake-up signal)."""
     job = engine.queue.enqueue_at(datetime.now(UTC) - timedelta(seconds=1), "tests.fixtures.note", value=1)
     assert status(engine, job) == "scheduled"
     scheduler = Scheduler([engine.queue], connection=engine.connection)
@@ -493,7 +493,7 @@ def test_the_engines_scheduler_queues_due_jobs_from_rqs_registries(engine):
         scheduler.release_locks()
     assert status(engine, job) == "queued"
     assert engine.connection.lrange(engine.queue.key, 0, -1) == [job.id.encode()]
-    assert engine.connection.llen(keys.doorbell("default")) >= 1, "not queued through the engine's Queue"
+    assert engine.connection.llen(keys.wakeup_list("default")) >= 1, "not queued through the engine's Queue"
     assert scheduler.status == Scheduler.Status.STARTED
 
 
@@ -532,7 +532,7 @@ def test_rqs_handlers_settle_dependents_through_the_engine(
     dependent = submit(engine, value=2, depends_on=Dependency(jobs=[dependency], allow_failure=allow_failure))
     assert status(engine, dependent) == "deferred"
     job, execution = take_and_start(engine)
-    engine.connection.delete(keys.doorbell("default"))
+    engine.connection.delete(keys.wakeup_list("default"))
     if dependency_ends == "finished":  # RQ's own success path, not the engine's fast one
         BaseWorker._finalize_success(engine.worker, job, engine.queue, execution, {"value": 1})
     else:
@@ -541,7 +541,8 @@ def test_rqs_handlers_settle_dependents_through_the_engine(
     assert status(engine, dependent) == dependent_ends
     if dependent_ends == "queued":
         assert engine.connection.lrange(engine.queue.key, 0, -1) == [dependent.id.encode()]
-        assert engine.connection.llen(keys.doorbell("default")) >= 1, "not queued through the engine's Queue"
+        signals = engine.connection.llen(keys.wakeup_list("default"))
+        assert signals >= 1, "not queued through the engine's Queue"
 
 
 # ---------------------------------------------------------------- the list, and a check failing
