@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from typing import Any
 
 import redis
@@ -429,17 +430,16 @@ class Worker(ForkingWorker):
         log.info("job %s put back at the front of %s", job.id, queue.name)
         self._announce(job)
 
-    def _horse_main(self, orders_fd: int, reports_fd: int) -> None:
+    def _horse_main(self, orders: Connection, reports: Connection) -> None:
         """The horse: run each order it is sent and report; retire when it must be replaced."""
         random.seed()
         self._in_horse = True
         self._outage.muted = True  # the worker says when Redis is away, once
-        self._reports_fd = reports_fd
+        self._reports = reports
         signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
         self.setup_work_horse_signals()
         self.horse_started()
         state = ProcessState()
-        orders = os.fdopen(orders_fd, "rb")
         done = 0
         while (order := read_orders(orders)) is not None:
             try:
@@ -450,7 +450,7 @@ class Worker(ForkingWorker):
             done += len(order.items)
             state.restore()
             reason = self._retire_reason(succeeded, state, done)
-            os.write(reports_fd, DONE + b"\n" if reason is None else RETIRING + f" {reason}\n".encode())
+            reports.send_bytes(DONE if reason is None else RETIRING + f" {reason}".encode())
             if reason is not None:
                 return
 
@@ -466,7 +466,7 @@ class Worker(ForkingWorker):
             self.execution = execution
             with logs.context(job=job.id, request=job.meta.get("request_id")):
                 succeeded = self.perform_job(job, queue, execution) and succeeded
-            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+            self._reports.send_bytes(ENDED + f" {job.id}".encode())
         return succeeded
 
     def _restore(self, item: Item) -> tuple[Job, Execution]:
@@ -522,7 +522,7 @@ class Worker(ForkingWorker):
                 job.meta["progress"] = job_type.final_progress(job.kwargs)
         self._finish(running, queue, with_meta=job_type.final_progress is not None)
         for job in jobs:
-            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+            self._reports.send_bytes(ENDED + f" {job.id}".encode())
         log.info(
             "%d %s jobs ran together in %.3f s",
             len(jobs),
