@@ -38,9 +38,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def page_of(site: Path, source: str) -> Path:
-    """Where mkdocs writes docs/<source> (directory URLs: api.md -> api/index.html)."""
-    name = source.removesuffix(".md")
-    return site / "index.html" if name == "index" else site / name / "index.html"
+    """Where mkdocs writes docs/<source> (api.md -> api.html: mkdocs.yml has no directory URLs)."""
+    return site / (source.removesuffix(".md") + ".html")
 
 
 def anchors(page: Path) -> set[str]:
