@@ -26,7 +26,9 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-$(VENV)/.runtime: requirements.txt
+# requirements.txt lists ./client too: `make run` installs the `afterward` command line
+# ($(BIN)/afterward), again whenever the client changes.
+$(VENV)/.runtime: requirements.txt client/pyproject.toml $(wildcard client/afterward_client/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
