@@ -223,21 +223,25 @@ def build(tiny: bool, only: list[str] | None = None) -> str:
             + "\n```\n"
         )
     if only:
-        return "\n".join(rows) + "\n" + _SPLIT + "\n".join(sections)
+        return "\n".join(rows) + "\n" + _SPLIT + "\n".join(notes) + _SPLIT + "\n".join(sections)
     table = "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n" + "\n".join(rows)
     size = "tiny sizes (a check that the report builds)" if tiny else "default sizes"
-    noted = "\n\nWhat the measurements say about targets not met:\n\n" + "\n".join(notes) if notes else ""
+    noted = NOTES + "\n".join(notes) if notes else ""
     summary = f"{INTRO}\nMeasured {machine()}, at {size}.\n\n## Summary\n\n{table}{noted}\n\n"
     return summary + "\n".join(sections)
 
 
 _SPLIT = "\n<!-- sections -->\n"
+NOTES = "\n\nWhat the measurements say about targets not met:\n\n"
 
 
 def update(report: str, measured: str) -> str:
-    """`report` with the rows and sections of `measured` (from `build(only=…)`) in place of
-    theirs: a row by its benchmark's name, a section by its heading; new ones at the end."""
-    rows, sections = measured.split(_SPLIT)
+    """`report` with the rows, notes and sections of `measured` (from `build(only=…)`) in
+    place of theirs: a row by its benchmark's name, a section by its heading, new ones at the
+    end; a note goes with its row's name, so a row measured again keeps only its new note."""
+    rows, notes, sections = measured.split(_SPLIT)
+    names = {row.split("|")[1].strip() for row in rows.splitlines()}
+    report = _renote(report, names, [note for note in notes.splitlines() if note])
     lines = report.splitlines()
     table_end = max(i for i, line in enumerate(lines) if line.startswith("| ")) + 1
     for row in rows.splitlines():
@@ -249,7 +253,7 @@ def update(report: str, measured: str) -> str:
         else:
             lines[at] = row
     text = "\n".join(lines) + "\n"
-    for section in sections.split("\n## ")[0:]:
+    for section in sections.split("\n## ") if sections.strip() else []:
         section = section if section.startswith("## ") else "## " + section
         heading = section.splitlines()[0]
         start = text.find("\n" + heading + "\n")
@@ -260,6 +264,20 @@ def update(report: str, measured: str) -> str:
         end = len(text) if end < 0 else end
         text = text[: start + 1] + section.rstrip("\n") + "\n" + text[end:]
     return text
+
+
+def _renote(report: str, names: set[str], notes: list[str]) -> str:
+    """`report` whose summary notes on the benchmarks `names` are replaced by `notes`."""
+    first_section = report.find("\n## ", report.find("## Summary"))
+    head, rest = report[:first_section], report[first_section:]
+    table, _, old = head.partition(NOTES.strip("\n"))
+    kept = [
+        note
+        for note in old.strip("\n").splitlines()
+        if note and note.removeprefix("- ").split(": ", 1)[0] not in names
+    ]
+    kept += notes
+    return table.rstrip("\n") + (NOTES + "\n".join(kept) if kept else "") + "\n" + rest
 
 
 def main() -> None:

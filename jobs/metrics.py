@@ -19,8 +19,10 @@ SEPARATOR = "|"
 
 
 def labels_of(job: Any) -> tuple[str, str]:
+    """(type, queue): the queue is the RQ queue the job is on (`embed-default` for an embed job
+    asked for `default`), the name the job view, `/queues` and `afterward_queue_depth` use."""
     meta = job.meta or {}
-    return meta.get("type") or "unknown", meta.get("queue") or job.origin or "unknown"
+    return meta.get("type") or "unknown", job.origin or meta.get("queue") or "unknown"
 
 
 def count(pipe: Any, event: str, job_type: str, queue: str) -> None:

@@ -55,9 +55,9 @@ def job_view(
 
 
 def _dependencies(job: Job) -> dict[str, Any]:
-    if not job._dependency_ids:
+    if not job.depends_on_ids:
         return {}
-    return {"depends_on": list(job._dependency_ids), "allow_failure": bool(job.allow_dependency_failures)}
+    return {"depends_on": job.depends_on_ids, "allow_failure": bool(job.allow_dependency_failures)}
 
 
 def _return_value(job: Job, latest: Result | None) -> Any:

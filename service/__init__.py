@@ -35,6 +35,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
+    # The icon in service/static/: the dashboard's pages ask for /static/favicon.ico, browsers
+    # showing any other answer (an API's JSON) for /favicon.ico.
+    app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.ico"))
 
     state = init_state(app, settings)
     with suppress(RedisError):  # Redis may not be up yet; /readyz says so then

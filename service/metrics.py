@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from jobs import keys
+from jobs.families import PRIORITIES, queue_name
 from jobs.index.store import DocumentStore
 from jobs.metrics import BUCKETS, SEPARATOR
 from service.state import AppState
@@ -67,6 +68,14 @@ class RedisCollector(Collector):
     def __init__(self, state: AppState) -> None:
         self.state = state
 
+    def queue_label(self, job_type: str, queue: str) -> str:
+        """The RQ queue's name. Figures recorded by an older version carry the priority the
+        client chose instead (`default` for an embed job on `embed-default`): counted with it."""
+        known = self.state.job_types.get(job_type)
+        if known is not None and known.family and queue in PRIORITIES:
+            return queue_name(known.family, queue)
+        return queue
+
     def collect(self) -> Iterator:
         redis = self.state.redis
         counters = redis.hgetall(keys.METRICS_COUNTERS)
@@ -74,14 +83,18 @@ class RedisCollector(Collector):
             event: CounterMetricFamily(f"afterward_jobs_{event}", help_text, labels=["type", "queue"])
             for event, help_text in JOB_EVENTS.items()
         }
+        totals: dict[tuple[str, str, str], int] = defaultdict(int)
         for field, value in counters.items():
             event, job_type, queue = field.decode().split(SEPARATOR)
             if event in families:
-                families[event].add_metric([job_type, queue], int(value))
+                totals[(event, job_type, self.queue_label(job_type, queue))] += int(value)
+        for (event, job_type, queue), total in totals.items():
+            families[event].add_metric([job_type, queue], total)
         yield from families.values()
 
         for name, (metric, help_text) in HISTOGRAMS.items():
-            yield _histogram(metric, help_text, redis.hgetall(keys.metrics_histogram(name)))
+            fields = redis.hgetall(keys.metrics_histogram(name))
+            yield _histogram(metric, help_text, fields, self.queue_label)
 
         depth = GaugeMetricFamily("afterward_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
         with redis.pipeline(transaction=False) as pipe:
@@ -116,15 +129,18 @@ class RedisCollector(Collector):
         )
 
 
-def _histogram(metric: str, help_text: str, fields: dict[bytes, bytes]) -> HistogramMetricFamily:
+def _histogram(
+    metric: str, help_text: str, fields: dict[bytes, bytes], queue_label: Callable[[str, str], str]
+) -> HistogramMetricFamily:
     buckets: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * (len(BUCKETS) + 1))
     sums: dict[tuple[str, str], float] = defaultdict(float)
     for field, value in fields.items():
         job_type, queue, slot = field.decode().split(SEPARATOR)
+        labels = (job_type, queue_label(job_type, queue))
         if slot == "sum":
-            sums[(job_type, queue)] = float(value)
+            sums[labels] += float(value)
         else:
-            buckets[(job_type, queue)][int(slot)] += float(value)
+            buckets[labels][int(slot)] += float(value)
     family = HistogramMetricFamily(metric, help_text, labels=["type", "queue"])
     for labels, counts in buckets.items():
         cumulative, total = [], 0.0

@@ -134,7 +134,7 @@ def enqueue(pipe: Any, prepared: Prepared, settings: Settings) -> None:
     """Write the prepared job on `pipe` (a transaction): queued, or scheduled when it has a
     delay, with its webhook, its place in its owner's recent jobs and the accepted count."""
     job, options = prepared.job, prepared.options
-    if job._dependency_ids and not pipe.explicit_transaction and not pipe.command_stack:
+    if job.depends_on_ids and not pipe.explicit_transaction and not pipe.command_stack:
         # The job is written deferred; `settle` queues it after the transaction if its
         # dependencies have ended meanwhile (jobs.engine.dependencies).
         pipe.multi()
@@ -145,7 +145,7 @@ def enqueue(pipe: Any, prepared: Prepared, settings: Settings) -> None:
     if options.callback_url is not None:
         callbacks.register(pipe, job, options.callback_url)
     _index(pipe, prepared.owner, job.id, settings)
-    metrics.count(pipe, "accepted", prepared.type_name, options.queue)
+    metrics.count(pipe, "accepted", prepared.type_name, prepared.queue.name)
 
 
 def submit(
@@ -188,7 +188,7 @@ def submit(
 def settle(connection: Any, written: list[Prepared]) -> None:
     """After the transaction that wrote them: queue (or cancel) the jobs with dependencies
     that ended before the transaction did; the jobs show their status as it now is."""
-    waiting = [prepared.job for prepared in written if prepared.job._dependency_ids]
+    waiting = [prepared.job for prepared in written if prepared.job.depends_on_ids]
     if not waiting:
         return
     dependencies.settle(connection, [job.id for job in waiting])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.report import _SPLIT, BENCHMARKS, update
+from bench.report import _SPLIT, BENCHMARKS, NOTES, update
 from tests.support import ROOT
 
 
@@ -41,9 +41,31 @@ def test_one_benchmark_measured_again_replaces_its_rows_and_section_and_keeps_th
         "| a | 1 | 2 | **2.0x** | |\n| b | 1 | 1 | **1.0x** | |\n\n"
         "## bench.a\n\nold a\n\n## bench.b\n\nold b\n"
     )
-    measured = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n" + _SPLIT + "## bench.b\n\nnew b\n"
+    rows = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n"
+    measured = rows + _SPLIT + _SPLIT + "## bench.b\n\nnew b\n"
     updated = update(report, measured)
     rows = [line for line in updated.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["| a | 1 | 2 | **2.0x** | |", "| b | 1 | 3 | **3.0x** | |", "| c | 1 | 4 | **4.0x** | |"]
     assert "old a" in updated and "new b" in updated and "old b" not in updated
     assert updated.index("## bench.a") < updated.index("## bench.b")
+
+
+def test_a_benchmark_measured_again_replaces_its_notes_and_keeps_the_others():
+    report = (
+        "# Benchmarks\n\n## Summary\n\n"
+        "| Benchmark | Baseline | Afterward | Ratio | Target |\n|---|---|---|---|---|\n"
+        "| a | 1 | 2 | **2.0x** | |\n| b | 1 | 1 | **1.0x** | |\n| c | 1 | 1 | **1.0x** | |"
+        + NOTES
+        + "- a: old note on a\n- b: old note on b\n- c: old note on c\n\n"
+        "## bench.a\n\nold a\n"
+    )
+    # b is met now (no note); c has a new one.
+    rows = "| b | 1 | 3 | **3.0x** | |\n| c | 1 | 4 | **4.0x** | |\n"
+    measured = rows + _SPLIT + "- c: new note on c" + _SPLIT
+    updated = update(report, measured)
+    notes = updated.split(NOTES)[1].split("\n\n")[0].splitlines()
+    assert notes == ["- a: old note on a", "- c: new note on c"]
+    assert "\n\n## bench.a\n" in updated
+    # With no note left, the heading goes too.
+    cleared = update(updated, "| a | 1 | 2 | **2.0x** | |\n| c | 1 | 4 | **4.0x** | |\n" + _SPLIT + _SPLIT)
+    assert NOTES.strip() not in cleared and "| c | 1 | 4 | **4.0x** | |\n\n## bench.a" in cleared

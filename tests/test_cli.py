@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import requests
 
 from jobs.engine.job import Job
 from jobs.index.store import DocumentStore
@@ -113,6 +114,53 @@ def test_submit_types_values_by_the_schema(web, workers, real_redis):
     assert not_a_number.returncode == 2 and "--seconds" in not_a_number.stderr
     no_type = run("submit", "nope", "--url", web.base)
     assert no_type.returncode == 1 and "unknown_job_type" in no_type.stderr and "log" in no_type.stderr
+
+
+@pytest.mark.integration
+def test_only_job_types_are_submitted_retry_is_not_one(web, real_redis):
+    # POST /jobs/retry (bulk retry) shares the /jobs/<type> shape but is no job type.
+    known = requests.post(web.url("/jobs/nope"), json={}, timeout=30).json()["error"]["details"]
+    assert "retry" not in known["known_types"] and "log" in known["known_types"]
+    for command in (
+        ["submit", "retry"],
+        ["submit", "retry", "--help"],
+        ["schedules", "create", "retry", "--every", "60"],
+    ):
+        answer = run(*command, "--url", web.base)
+        assert answer.returncode == 1, answer.stderr
+        assert "Traceback" not in answer.stderr and "KeyError" not in answer.stderr
+        assert "unknown_job_type" in answer.stderr and "No job type 'retry'" in answer.stderr
+        said = " ".join(answer.stderr.split())  # as one line, however the terminal folded it
+        listed = said.split("the types are ", 1)[1].split(".", 1)[0]
+        assert listed.split(", ") == sorted(known["known_types"])
+    assert real_redis.keys("rq:job:*") == []  # nothing was retried or submitted
+
+
+def test_the_client_library_submits_no_retry_job():
+    # Refused before any request: POST /jobs/retry would run the key's failed jobs again.
+    code = (
+        "from afterward_client import Client\n"
+        f"Client('http://127.0.0.1:{closed_port()}').submit('retry', {{}})"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "client")),
+        check=False,
+    )
+    assert "ValueError: 'retry' is not a job type" in answer.stderr, answer.stderr
+
+
+@pytest.mark.integration
+def test_a_refused_key_names_the_option_and_the_variable(keyed_web):
+    for given in ([], ["--api-key", "not-a-key"]):
+        answer = run("jobs", "--url", keyed_web.base, *given)
+        assert answer.returncode == 1 and "401 unauthorized" in answer.stderr
+        assert "--api-key" in answer.stderr and "AFTERWARD_API_KEY" in answer.stderr, answer.stderr
+    refused = run("jobs", "--url", keyed_web.base, env={"AFTERWARD_API_KEY": "not-a-key"})
+    assert "was refused" in refused.stderr and "AFTERWARD_API_KEY" in refused.stderr
 
 
 @pytest.mark.integration

@@ -183,3 +183,26 @@ def test_a_paused_queue_is_marked_in_the_queue_list(browser, dashboard):
     badge.wait_for(state="detached")
     assert low.locator("td").first.inner_text().strip() == "low"
     context.close()
+
+
+def test_the_dashboard_page_finds_its_icon_and_no_404(browser, dashboard):
+    context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD})
+    page = context.new_page()
+    failures: list[str] = []
+    page.on("response", lambda response: response.status >= 400 and failures.append(response.url))
+    page.on("console", lambda message: message.type == "error" and failures.append(message.text))
+    assert page.goto(dashboard.url("/rq/")).status == 200
+    page.wait_for_load_state("networkidle")
+    # What the browser fetches for the tab's icon: the page's <link rel="shortcut icon">.
+    icon = page.evaluate(
+        """async () => {
+            const link = document.querySelector('link[rel~="icon"]');
+            const answer = await fetch(link.href);
+            return {href: link.href, status: answer.status, type: answer.headers.get('content-type'),
+                    size: (await answer.arrayBuffer()).byteLength};
+        }"""
+    )
+    context.close()
+    assert icon["href"] == dashboard.url("/static/favicon.ico")
+    assert icon["status"] == 200 and icon["type"].startswith("image/") and icon["size"] > 0, icon
+    assert failures == []

@@ -17,16 +17,6 @@ from jobs.engine.worker import Worker
 from jobs.settings import Settings
 
 
-def test_a_workers_socket_timeout_follows_the_maintenance_interval(monkeypatch):
-    # RQ sizes it from the intervals it is given in its constructor: ours, not its 10 minutes.
-    monkeypatch.setenv("MAINTENANCE_INTERVAL", "10")
-    monkeypatch.setenv("JOB_MONITORING_INTERVAL", "30")
-    connection = redis.Redis(host="127.0.0.1", port=1)  # never connected
-    worker = Worker([Queue("default", connection=connection)], connection=connection, prepare_for_work=False)
-    assert worker.maintenance_interval == 10
-    assert connection.connection_pool.connection_kwargs["socket_timeout"] == 10 + 10
-
-
 def test_an_idle_worker_heartbeats_as_often_as_a_busy_one(monkeypatch):
     # Its wait for a job ends every JOB_MONITORING_INTERVAL, and RQ heartbeats between two
     # waits: a worker is counted dead after as long as a running job's heartbeat lasts.

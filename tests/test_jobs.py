@@ -13,7 +13,7 @@ from jobs.engine.job import Job
 from jobs.settings import Settings
 from jobs.types import sleep as sleep_module
 from jobs.types.log import write_log
-from jobs.types.registry import JOB_TYPES, allowed_functions
+from jobs.types.registry import JOB_TYPES, allowed_functions, job_types
 from jobs.types.sleep import sleep_for
 
 
@@ -93,6 +93,18 @@ def test_registered_functions_resolve(fake_redis):
     assert allowed_functions() == {job_type.path for job_type in JOB_TYPES.values()}
     job = Job.create("jobs.types.log.write_log", kwargs={"message": "x"}, connection=fake_redis)
     assert job.func is write_log
+
+
+def test_no_job_type_takes_the_name_of_another_route(monkeypatch):
+    import tests.fixtures
+
+    monkeypatch.setitem(tests.fixtures.JOB_TYPES, "retry", JOB_TYPES["log"])
+    job_types.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'retry' cannot name a job type"):
+            job_types(("tests.fixtures",))
+    finally:
+        job_types.cache_clear()
 
 
 def test_errors_are_described_without_tracebacks(fake_redis):

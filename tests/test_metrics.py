@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import metrics
+from jobs import keys, metrics
 from jobs.engine.job import Job
 from service import create_app
 from service.metrics import KNOWN_METHODS
+from tests.support import start_workers, wait_until
 from tests.test_api import assert_error
 
 
@@ -66,6 +69,27 @@ def test_ended_jobs_feed_counters_and_histograms(client, fake_redis):
     assert {s.labels["le"]: s.value for s in wait.samples if s.name.endswith("_bucket")}["2.5"] == 2
 
 
+def test_figures_recorded_under_an_embed_jobs_priority_count_under_its_queue(client, fake_redis):
+    # Before metrics named the RQ queue, an embed job on embed-default was counted as `default`.
+    fake_redis.hset(keys.METRICS_COUNTERS, mapping={"finished|embed|default": 2, "finished|log|default": 5})
+    fake_redis.hset(
+        keys.metrics_histogram("duration"), mapping={"embed|default|3": 2, "embed|default|sum": 0.1}
+    )
+    job = Job.fetch(client.post("/jobs/embed", json={"text": "x"}).get_json()["id"], connection=fake_redis)
+    start = datetime.now(UTC)
+    job.enqueued_at, job.started_at, job.ended_at = start, start, start + timedelta(seconds=0.02)
+    with fake_redis.pipeline() as pipe:
+        metrics.record_end(pipe, job, "finished")
+        pipe.execute()
+    families = scrape(client)
+    finished = {
+        (s.labels["type"], s.labels["queue"]): s.value for s in families["afterward_jobs_finished"].samples
+    }
+    assert finished == {("embed", "embed-default"): 3, ("log", "default"): 5}
+    counts = [s for s in families["afterward_job_duration_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels["type"], s.labels["queue"], s.value) for s in counts] == [("embed", "embed-default", 3)]
+
+
 def test_metrics_need_a_key_when_the_api_does(fake_redis, tmp_path):
     client = create_app(
         {"api_keys": ("k",), "search_warmup": 0, "log_file": str(tmp_path / "l")}
@@ -96,3 +120,40 @@ def test_invented_methods_and_paths_add_no_series(client):
     assert not any("made-up" in s.labels["route"] or "no/such" in s.labels["route"] for s in samples)
     invented = [s for s in samples if s.labels["route"] == "unmatched" and s.labels["method"] == "other"]
     assert sum(s.value for s in invented) >= 19 * 4
+
+
+@pytest.mark.integration
+def test_an_embed_job_is_counted_under_the_queue_it_is_on(web, env, proc_dir, real_redis):
+    # One name per queue everywhere: the job view, /queues, the depth gauge and the job series.
+    embedder = start_workers(env, proc_dir, count=1, kind="embedder")
+    try:
+        wait_until(lambda: real_redis.scard("rq:workers") >= 1, what="the embed worker", process=embedder)
+        accepted = web.post_job("embed", {"text": "counted where it ran", "queue": "default"})
+        assert accepted.status_code == 202, accepted.text
+        view = web.wait_for_status(accepted.json()["id"], {"finished", "failed"})
+        assert view["status"] == "finished", view
+    finally:
+        embedder.kill()
+    assert view["queue"] == "embed-default"
+    queues = {queue["name"] for queue in requests.get(web.url("/queues"), timeout=30).json()["queues"]}
+    assert "embed-default" in queues
+
+    answer = requests.get(web.url("/metrics"), timeout=30)
+    assert answer.status_code == 200, answer.text
+    families = {family.name: family for family in text_string_to_metric_families(answer.text)}
+    assert {s.labels["queue"] for s in families["afterward_queue_depth"].samples} == queues
+    for name in ("afterward_jobs_accepted", "afterward_jobs_finished"):
+        embed = [s for s in families[name].samples if s.labels["type"] == "embed"]
+        assert [s.labels["queue"] for s in embed if s.value] == ["embed-default"], (name, embed)
+    for name in ("afterward_job_duration_seconds", "afterward_job_wait_seconds"):
+        embed = [
+            s for s in families[name].samples if s.labels["type"] == "embed" and s.name.endswith("_count")
+        ]
+        assert [(s.labels["queue"], s.value) for s in embed] == [("embed-default", 1)], (name, embed)
+    job_series = [
+        sample
+        for family in families.values()
+        if family.name.startswith(("afterward_jobs_", "afterward_job_"))
+        for sample in family.samples
+    ]
+    assert job_series and {sample.labels["queue"] for sample in job_series} <= queues

@@ -95,6 +95,7 @@ KEYLESS_ROUTES = {
     "/docs/",
     "/docs/<path:path>",
     "/static/<path:filename>",
+    "/favicon.ico",
 }
 
 

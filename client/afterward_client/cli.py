@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if error.details:
             err.print(json.dumps(error.details, indent=2, ensure_ascii=False), markup=False, highlight=False)
+        if error.status == 401:
+            err.print(
+                "the API key given (--api-key or AFTERWARD_API_KEY) was refused"
+                if args.api_key
+                else "no API key was given: pass --api-key KEY, or set AFTERWARD_API_KEY=KEY",
+                highlight=False,
+            )
         return REFUSED
     except Unreachable as error:
         sys.stderr.write(f"{error}\n")
@@ -527,11 +534,15 @@ def field_parser(job_type: str, schema: dict[str, Any]) -> argparse.ArgumentPars
 
 
 def _is_submit(path: str, item: dict[str, Any]) -> bool:
+    """A job type's route: `POST /jobs/<type>` answers 202 with the job it created. Other
+    `POST /jobs/...` routes (`/jobs/retry`, which queues many jobs again) answer otherwise."""
+    accepted = item.get("post", {}).get("responses", {}).get("202", {})
+    schema = accepted.get("content", {}).get("application/json", {}).get("schema", {})
     return (
         path.startswith("/jobs/")
         and path.count("/") == 2
         and "{" not in path
-        and "requestBody" in item.get("post", {})
+        and "JobView" in (schema.get("$ref", "").rsplit("/", 1)[-1], schema.get("title"))
     )
 
 

@@ -13,6 +13,8 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 TERMINAL = frozenset({"finished", "failed", "canceled", "stopped"})
 RETRYABLE = frozenset({429, 503})
+# `POST /jobs/<name>` routes that are no job type: `retry` runs failed jobs again, in bulk.
+NOT_JOB_TYPES = frozenset({"retry"})
 # Seconds to wait for a connection to open; a server that takes longer is as good as down.
 CONNECT_TIMEOUT = 5.0
 
@@ -55,8 +57,11 @@ class Client:
         self, job_type: str, fields: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Submit a job; the answer is the job view. Retries (429, 503, network) are safe."""
+        if job_type in NOT_JOB_TYPES:
+            raise ValueError(f"{job_type!r} is not a job type: POST /jobs/{job_type} is another route")
         key = idempotency_key or uuid.uuid4().hex
-        response = self._call("POST", f"jobs/{job_type}", json=fields, headers={"Idempotency-Key": key})
+        path = f"jobs/{quote(job_type, safe='')}"
+        response = self._call("POST", path, json=fields, headers={"Idempotency-Key": key})
         view = response.json()
         view["_location"] = response.headers.get("Location", f"/jobs/{view['id']}")
         return view

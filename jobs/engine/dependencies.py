@@ -100,9 +100,9 @@ def settle(connection: Any, job_ids: Iterable[str]) -> list[str]:
             for job in Job.fetch_many(batch, connection=connection)
             if job is not None and job.get_status(refresh=False) == JobStatus.DEFERRED
         ]
-        statuses = statuses_of(connection, {d for job in jobs for d in job._dependency_ids})
+        statuses = statuses_of(connection, {d for job in jobs for d in job.depends_on_ids})
         for job in jobs:
-            mine = {d: statuses.get(d) for d in job._dependency_ids}
+            mine = {d: statuses.get(d) for d in job.depends_on_ids}
             found = verdict(mine, bool(job.allow_dependency_failures))
             if found is None:
                 continue
@@ -154,7 +154,7 @@ def cancel(connection: Any, job_id: str, dependency_id: str, status: str) -> boo
                 pipe.multi()
                 job.meta["error"] = errors.dependency_failed(dependency_id, status)
                 job.ended_at = now()
-                job._status = JobStatus.CANCELED
+                job.set_status(JobStatus.CANCELED, pipeline=pipe)
                 deferred = DeferredJobRegistry(job.origin, connection=connection, job_class=Job)
                 deferred.remove(job, pipeline=pipe)
                 CanceledJobRegistry(job.origin, connection=connection, job_class=Job).add(job, pipeline=pipe)

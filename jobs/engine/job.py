@@ -70,6 +70,15 @@ class Job(RQJob):
         self.max_active: int | None = None
 
     @property
+    def depends_on_ids(self) -> list[str]:
+        """The ids of the jobs this one waits for, as it was written or read with them.
+
+        RQ keeps them in memory only under a private name; its public `dependency_ids` reads
+        them back from Redis, where a job being written in a transaction has none yet.
+        """
+        return list(self._dependency_ids)
+
+    @property
     def func_name(self) -> str:
         name = super().func_name
         return LEGACY_PATHS.get(name, name)
@@ -221,12 +230,17 @@ class Job(RQJob):
 
         connection = pipeline if pipeline is not None else self.connection
         if pipeline is not None:
-            connection.watch(*[self.key_for(dependency_id) for dependency_id in self._dependency_ids])
+            connection.watch(*[self.key_for(dependency_id) for dependency_id in self.depends_on_ids])
         ids = [as_text(member) for member in connection.smembers(self.dependencies_key)]
         ids = [job_id for job_id in ids if job_id != exclude_job_id]
         statuses = dependencies.statuses_of(self.connection, ids)
         if parent_job is not None and parent_job.id in statuses:
-            statuses[parent_job.id] = parent_job.get_status(refresh=refresh_job_status).value
+            # RQ's success handler passes the job whose end it is recording, before the status
+            # is written: as in RQ, that job is done unless it ended badly.
+            parent = parent_job.get_status(refresh=refresh_job_status).value
+            statuses[parent_job.id] = (
+                parent if parent in dependencies.ENDED_BADLY else JobStatus.FINISHED.value
+            )
         found = dependencies.verdict(statuses, bool(self.allow_dependency_failures))
         return found is not None and found.run
 

@@ -106,7 +106,7 @@ class Queue(RQQueue):
         """RQ's, but in a transaction already begun (a submission's, or several jobs'), where
         RQ cannot WATCH the dependencies first: there the job is deferred as it is written, and
         whoever runs the transaction settles it after (jobs.engine.dependencies.settle)."""
-        if job._dependency_ids and pipeline is not None and pipeline.explicit_transaction:
+        if job.depends_on_ids and pipeline is not None and pipeline.explicit_transaction:
             job.set_status(JobStatus.DEFERRED, pipeline=pipeline)
             job.register_dependency(pipeline=pipeline)
             job.save(pipeline=pipeline)

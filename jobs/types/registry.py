@@ -29,6 +29,9 @@ from jobs.types.schema import OPTION_FIELDS, JobInput
 from jobs.types.sleep import SleepInput, sleep_for
 
 DEFAULT_TIMEOUT = 180
+# Names of routes beside `POST /jobs/<type>`: a job type of that name could never be submitted
+# (`POST /jobs/retry` runs failed jobs again), so none may take one.
+RESERVED_TYPE_NAMES = frozenset({"retry"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ def job_types(extra_modules: tuple[str, ...] = ()) -> Mapping[str, JobType]:
         module = importlib.import_module(name)
         types.update(module.JOB_TYPES)
     for type_name, job_type in types.items():
+        if type_name in RESERVED_TYPE_NAMES:
+            raise ValueError(f"{type_name!r} cannot name a job type: POST /jobs/{type_name} is another route")
         clash = OPTION_FIELDS & set(job_type.input.model_fields)
         if clash:
             raise ValueError(f"job type {type_name!r} uses reserved field names: {sorted(clash)}")
