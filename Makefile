@@ -7,13 +7,17 @@ BIN := $(VENV)/bin
 # Extra arguments: make test PYTEST_ARGS='-m "not faults and not browser and not bench"'
 PYTEST_ARGS ?=
 
-.PHONY: run test lint chromium clean
+.PHONY: run test lint docs chromium clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python scripts/run.py
 
 test: $(VENV)/.dev lint chromium
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The documentation site, from docs/ and mkdocs.yml, into site/ (tests/test_docs_site.py builds it too).
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 chromium:
 	scripts/ensure-chromium
@@ -34,4 +38,4 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
 	touch $@
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache site

@@ -270,5 +270,10 @@ def apply_process_environment(environ: dict | None = None) -> None:
 @cache
 def get_settings() -> Settings:
     """This process's settings, read from its environment once (`get_settings.cache_clear()`
-    makes the next call read it again)."""
-    return Settings.from_env()
+    makes the next call read it again). A setting it cannot take stops the process with one
+    line naming it (SystemExit prints it), not a traceback: every process reads its settings
+    as it starts."""
+    try:
+        return Settings.from_env()
+    except ValueError as error:
+        raise SystemExit(f"configuration error: {error}") from None

@@ -11,6 +11,7 @@ import redis
 from rq.worker import WorkerStatus
 
 from jobs.connection import WORKER_BACKOFF_BASE, WORKER_BACKOFF_CAP, WorkerRedis, retries_within
+from jobs.engine.horse import RETIRING, Horse
 from jobs.engine.queue import STOPPING, Queue
 from jobs.engine.worker import Worker
 from jobs.settings import Settings
@@ -86,3 +87,19 @@ def test_a_stop_signal_may_interrupt_its_own_handler_anywhere(monkeypatch):
         assert {handler for _, handler in installed} == {worker.request_force_stop}
     finally:
         STOPPING.clear()
+
+
+def test_a_replaced_work_horse_leaves_no_descriptor_open_in_its_worker():
+    # A horse is replaced after every job that fails: a worker that kept its pipes would run
+    # out of descriptors after a few hundred failures.
+    def retire_at_once(orders, reports):
+        reports.send_bytes(RETIRING + b" done here")
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        horse = Horse(retire_at_once)
+        assert horse.wait_report(timeout=10) == RETIRING + b" done here"
+        assert horse.wait_report(timeout=10) == b""  # gone
+        assert horse.reap() == 0
+        del horse  # what the worker does with a horse it buried
+    assert len(os.listdir("/proc/self/fd")) == before

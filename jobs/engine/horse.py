@@ -1,7 +1,8 @@
 """A work-horse that outlives its job, recycled the way gunicorn and Celery recycle theirs.
 
 RQ forks a new work-horse for every job. Here the worker forks one child and hands it job
-after job over a pipe, which saves a fork, a new Redis connection and cold caches per job
+after job over a pipe (a `multiprocessing.connection` pair each way: orders in, reports out),
+which saves a fork, a new Redis connection and cold caches per job
 (BENCHMARKS.md measures it). Between jobs the horse puts back what a job can change in its
 process: working directory, environment variables, umask and signal handlers. Everything
 else a job leaves behind (module state, caches, memory, open files) the next job in the same
@@ -21,16 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import select
 import signal
-import struct
 import sys
 import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import BinaryIO
+from multiprocessing.connection import Connection, Pipe
 
 import psutil
 
@@ -59,10 +58,6 @@ class Order:
     queue: str
     items: list[Item]
 
-    def encode(self) -> bytes:
-        payload = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-        return struct.pack("!Q", len(payload)) + payload
-
 
 DONE = b"done"
 RETIRING = b"retiring"
@@ -73,33 +68,32 @@ ENDED = b"ended"
 class Horse:
     """The worker's side of a long-lived work-horse process."""
 
-    def __init__(self, run: Callable[[int, int], None]) -> None:
-        orders_read, orders_write = os.pipe()
-        reports_read, reports_write = os.pipe()
+    def __init__(self, run: Callable[[Connection, Connection], None]) -> None:
+        orders_read, orders_write = Pipe(duplex=False)
+        reports_read, reports_write = Pipe(duplex=False)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the horse
             try:
                 die_with_parent(parent)
-                os.close(orders_write)
-                os.close(reports_read)
+                orders_write.close()
+                reports_read.close()
                 run(orders_read, reports_write)
             finally:
                 os._exit(0)
-        os.close(orders_read)
-        os.close(reports_write)
+        orders_read.close()
+        reports_write.close()
         self.pid = pid
+        # Closed with this object: a buried horse's pipes go with it.
         self._orders = orders_write
         self._reports = reports_read
-        self._buffer = b""
         self.exit_status: int | None = None
 
     def send(self, order: Order) -> bool:
         """False when the horse is gone (it retired or died while idle)."""
-        data = memoryview(order.encode())
         try:
-            while data:
-                data = data[os.write(self._orders, data) :]
+            # The pipe is between this worker and the child it forked alone: pickle is safe.
+            self._orders.send(order)
             return True
         except BrokenPipeError:
             return False
@@ -107,21 +101,19 @@ class Horse:
     def wait_report(self, timeout: float, wake: int | None = None) -> bytes | None:
         """The horse's next report (`ENDED job-id`, DONE or `RETIRING reason`); b"" when it
         died; None when `timeout` passed or something was written to the `wake` pipe."""
-        while b"\n" not in self._buffer:
-            watched = [self._reports] if wake is None else [self._reports, wake]
-            ready, _, _ = select.select(watched, [], [], timeout)
-            if wake is not None and wake in ready:
-                with suppress(BlockingIOError):
-                    os.read(wake, 4096)
-                return None
-            if not ready:
-                return None
-            chunk = os.read(self._reports, 4096)
-            if not chunk:
-                return b""
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line
+        watched = [self._reports] if wake is None else [self._reports, wake]
+        # select rather than multiprocessing.connection.wait, which builds a selector per call.
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if wake is not None and wake in ready:
+            with suppress(BlockingIOError):
+                os.read(wake, 4096)
+            return None
+        if not ready:
+            return None
+        try:
+            return self._reports.recv_bytes()
+        except EOFError:
+            return b""
 
     def kill(self) -> None:
         with suppress(ProcessLookupError):
@@ -139,9 +131,8 @@ class Horse:
 
     def close(self) -> None:
         """Make sure the horse is gone: an idle horse has nothing to lose."""
-        for fd in (self._orders, self._reports):
-            with suppress(OSError):
-                os.close(fd)
+        self._orders.close()
+        self._reports.close()
         self.kill()
         self.reap()
 
@@ -156,17 +147,12 @@ def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def read_orders(orders: BinaryIO) -> Order | None:
+def read_orders(orders: Connection) -> Order | None:
     """The horse's side: block for the next order; None when the worker closed the pipe."""
-    header = orders.read(8)
-    if len(header) < 8:
+    try:
+        return orders.recv()
+    except EOFError:
         return None
-    (size,) = struct.unpack("!Q", header)
-    payload = orders.read(size)
-    if len(payload) < size:
-        return None
-    # The worker that forked this horse wrote it: the pipe is between the two processes alone.
-    return pickle.loads(payload)
 
 
 class ProcessState:

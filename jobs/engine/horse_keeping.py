@@ -13,6 +13,7 @@ import random
 import signal
 from collections.abc import Callable
 from contextlib import suppress
+from multiprocessing.connection import Connection
 from typing import Any
 
 from jobs.engine.horse import (
@@ -59,17 +60,16 @@ class HorseKeeping:
         status = self._bury_horse()
         return None, status, None
 
-    def _horse_main(self, orders_fd: int, reports_fd: int) -> None:
+    def _horse_main(self, orders: Connection, reports: Connection) -> None:
         """The horse: run each order it is sent and report; retire when it must be replaced."""
         random.seed()
         self._in_horse = True
         self._outage.muted = True  # the worker says when Redis is away, once
-        self._reports_fd = reports_fd
+        self._reports = reports
         signal.set_wakeup_fd(-1)  # the worker's wake-up pipe is the worker's
         self.setup_work_horse_signals()
         self.horse_started()
         state = ProcessState()
-        orders = os.fdopen(orders_fd, "rb")
         done = 0
         while (order := read_orders(orders)) is not None:
             try:
@@ -80,7 +80,7 @@ class HorseKeeping:
             done += len(order.items)
             state.restore()
             reason = self._retire_reason(succeeded, state, done)
-            os.write(reports_fd, DONE + b"\n" if reason is None else RETIRING + f" {reason}\n".encode())
+            reports.send_bytes(DONE if reason is None else RETIRING + f" {reason}".encode())
             if reason is not None:
                 return
 

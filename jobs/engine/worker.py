@@ -214,7 +214,7 @@ class Worker(Maintenance, Shutdown, HorseKeeping, ForkingWorker):
             self.execution = execution
             with logs.context(job=job.id, request=job.meta.get("request_id")):
                 succeeded = self.perform_job(job, queue, execution) and succeeded
-            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+            self._reports.send_bytes(ENDED + f" {job.id}".encode())
         return succeeded
 
     def _restore(self, item: Item) -> tuple[Job, Execution]:
@@ -270,7 +270,7 @@ class Worker(Maintenance, Shutdown, HorseKeeping, ForkingWorker):
                 job.meta["progress"] = job_type.final_progress(job.kwargs)
         self._finish(running, queue, with_meta=job_type.final_progress is not None)
         for job in jobs:
-            os.write(self._reports_fd, ENDED + f" {job.id}\n".encode())
+            self._reports.send_bytes(ENDED + f" {job.id}".encode())
         log.info(
             "%d %s jobs ran together in %.3f s",
             len(jobs),
