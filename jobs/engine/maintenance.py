@@ -64,7 +64,7 @@ class Maintenance:
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # RQ sets IDLE both after a job and before each dequeue: write only a change.
-        if pipeline is None and state == self._state:
+        if pipeline is None and state == self.get_state():
             return
         super().set_state(state, pipeline=pipeline)
 
@@ -162,7 +162,7 @@ class Scheduler(RQScheduler):
         """RQ's, with each due job queued by the engine's Queue: RQ's scheduler pushes onto
         the queue list itself, past the fair share and without a wake-up signal."""
         self._status = self.Status.WORKING
-        if not self._scheduled_job_registries and self._acquired_locks:
+        if not self._scheduled_job_registries and self.acquired_locks:
             self.prepare_registries()
         for registry in self._scheduled_job_registries:
             job_ids = registry.get_jobs_to_schedule(current_timestamp())
