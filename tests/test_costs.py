@@ -15,6 +15,7 @@ import pytest
 import redis
 from rq import Queue as RQQueue
 
+from jobs import keys
 from jobs.engine.queue import Queue
 from tests.support import ROOT, Process, base_env, start_workers, wait_until
 
@@ -74,3 +75,31 @@ def test_a_job_costs_our_worker_far_fewer_round_trips_than_stock_rq(real_redis, 
     # Dequeue with the job's hash, start, finish, idle: about 4 round trips; stock RQ about 27.
     assert reads <= 8 < stock_reads / 2
     assert commands < stock_commands
+
+
+def test_a_drained_worker_waits_quietly_and_says_it_is_idle(real_redis, env, proc_dir: Path):
+    """A burst leaves a wake-up signal per job pushed while the worker was busy; once the
+    queue is empty they are stale, and a worker that found nothing to take must not go
+    through them one by one (a take and a wait each, two round trips per job of the burst).
+    Its state, written only when it starts waiting (none between jobs taken back to back),
+    reads idle."""
+    ours = start_workers(env, proc_dir, count=1)
+    try:
+        wait_until(lambda: real_redis.scard("rq:workers") >= 1, what="our worker", process=ours)
+        worker_key = real_redis.smembers("rq:workers").pop()
+        time.sleep(1)  # the worker settles into waiting
+        real_redis.config_resetstat()
+        queue = Queue("default", connection=real_redis)
+        with real_redis.pipeline() as pipe:
+            for i in range(JOBS):
+                queue.enqueue("jobs.types.log.write_log", message=f"job {i}", pipeline=pipe)
+            pipe.execute()
+        wait_until(lambda: queue.finished_job_registry.count == JOBS, what="the burst to finish")
+        time.sleep(1)
+        waits = real_redis.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0)
+        # The wait the burst ended, the one after it, a poll a second: not one per job.
+        assert waits <= 6, f"{waits} waits for {JOBS} jobs"
+        assert real_redis.llen(keys.wakeup_list("default")) == 0
+        assert real_redis.hget(worker_key, "state") == b"idle"
+    finally:
+        ours.kill()

@@ -182,6 +182,14 @@ local function read(id)
   return hash, size
 end
 
+-- Nothing to take: the wake-up signals waiting on these queues' lists are stale (every job
+-- they announced has been taken, or waits on a pause or a cap whose end signals anew), and
+-- they go in the same step, or an idle worker would spin through them, a take and a wait each.
+local function nothing()
+  for i = 1, n do redis.call('DEL', KEYS[i * PER - 1]) end
+  return false
+end
+
 -- Queues an operator paused give no job; their jobs wait, and those running run on.
 local open = {}
 for i = 1, n do open[i] = redis.call('EXISTS', KEYS[i * PER]) == 0 end
@@ -208,7 +216,7 @@ if not shared then
       return taken
     end
   end
-  return false
+  return nothing()
 end
 
 local candidates, owners = {}, {}
@@ -219,7 +227,7 @@ for i = 1, n do
     owners[c.owner] = true
   end
 end
-if #candidates == 0 then return false end
+if #candidates == 0 then return nothing() end
 
 -- Jobs running per owner in this process type: started, with a live heartbeat, or taken. Not
 -- needed to choose between the jobs of one owner, unless a cap may hold them back.
@@ -275,7 +283,7 @@ while count < most and (count == 0 or size < budget) do
     end
   end
 end
-if count == 0 then return false end
+if count == 0 then return nothing() end
 table.insert(taken, 1, KEYS[(queue_index - 1) * PER + 1])
 return taken
 """

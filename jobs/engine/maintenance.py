@@ -16,6 +16,7 @@ import redis
 from rq.executions import Execution
 from rq.scheduler import RQScheduler
 from rq.utils import current_timestamp
+from rq.worker import WorkerStatus
 
 from jobs import batches
 from jobs.connection import Outage, process_outage
@@ -63,10 +64,23 @@ class Maintenance:
             self._suspension_checked_at = time.monotonic()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
-        # RQ sets IDLE both after a job and before each dequeue: write only a change.
+        # RQ sets IDLE both after a job and before each dequeue: write only a change, and IDLE
+        # only once the worker finds no job and waits (write_idle, in that wait's round trip):
+        # a worker that takes its next job at once goes from busy to busy.
+        if pipeline is None and state == WorkerStatus.IDLE and state != self.get_state():
+            self._idle_unwritten = True
+            return
         if pipeline is None and state == self.get_state():
             return
+        self._idle_unwritten = False
         super().set_state(state, pipeline=pipeline)
+
+    def write_idle(self, pipeline: Any) -> None:
+        """Add the IDLE state the worker has not written yet to `pipeline` (the dequeue calls
+        it as it starts waiting for work: jobs.engine.queue.Queue.before_wait)."""
+        if self._idle_unwritten:
+            self._idle_unwritten = False
+            super().set_state(WorkerStatus.IDLE, pipeline=pipeline)
 
     @property
     def dequeue_timeout(self) -> int:

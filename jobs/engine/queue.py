@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -81,6 +81,10 @@ class Queue(fair.FairQueue):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["job_class"] = Job
         super().__init__(*args, **kwargs)
+        # What a worker taking from this queue writes in the round trip that starts its wait
+        # for work (its state, idle: jobs.engine.maintenance), so that a worker taking job
+        # after job writes no state between them.
+        self.before_wait: Callable[[Any], None] | None = None
 
     @property
     def intermediate_queue(self) -> IntermediateQueue:
@@ -194,7 +198,16 @@ class Queue(fair.FairQueue):
             if remaining <= 0:
                 raise DequeueTimeout(timeout, list(by_key))
             wakeups = [keys.wakeup_list(queue.name) for queue in queues]
-            connection.blpop(wakeups, timeout=max(1, min(IDLE_POLL_SECONDS, int(remaining))))
+            wait = max(1, min(IDLE_POLL_SECONDS, int(remaining)))
+            hooks = {hook for q in queues if (hook := getattr(q, "before_wait", None)) is not None}
+            if hooks:
+                with connection.pipeline(transaction=False) as pipe:
+                    for hook in hooks:
+                        hook(pipe)
+                    pipe.blpop(wakeups, timeout=wait)
+                    pipe.execute()
+            else:
+                connection.blpop(wakeups, timeout=wait)
 
 
 def _text(value: bytes | str) -> str:

@@ -104,6 +104,9 @@ class Worker(Maintenance, Shutdown, HorseKeeping, ForkingWorker):
         names = [q.name if isinstance(q, RQQueue) else q for q in queues]
         super().__init__([self.queue_class(name, connection=connection) for name in names], *args, **kwargs)
         self.settings = settings
+        self._idle_unwritten = False
+        for queue in self.queues:
+            queue.before_wait = self.write_idle
         self._horse: Horse | None = None
         self._in_horse = False
         # Why the running job's horse is being killed, when the worker killed it on purpose.
