@@ -179,6 +179,17 @@ def _owned_by(meta: bytes | None, owner: str) -> bool:
         return False
 
 
+def share_limits(settings: Settings, at: float) -> dict[str, Any]:
+    """The key's share of Redis that a place reserved at `at` counts against (jobs.quota), and
+    when that place lapses if nobody releases it."""
+    return {
+        "now": at,
+        "lapses_at": at + settings.max_delay + settings.result_ttl,
+        "jobs": settings.key_max_waiting,
+        "size_limit": settings.key_max_waiting_mb * 2**20,
+    }
+
+
 @dataclass
 class Reservation:
     """A job's place in its key's share of Redis (jobs.quota), reserved in a given pipeline."""
@@ -195,10 +206,7 @@ class Reservation:
             self.owner,
             self.job_id,
             self.size,
-            now=self.at,
-            lapses_at=self.at + self.settings.max_delay + self.settings.result_ttl,
-            jobs=self.settings.key_max_waiting,
-            size_limit=self.settings.key_max_waiting_mb * 2**20,
+            **share_limits(self.settings, self.at),
         )
 
     def release(self, pipe: Any) -> None:

@@ -19,7 +19,7 @@ from jobs import batches, keys, quota
 from jobs.batches import MAX_JOBS
 from jobs.refusals import validate
 from jobs.settings import Settings
-from jobs.submission import JOB_ID, Prepared, check_callback_url, enqueue, prepare, settle
+from jobs.submission import JOB_ID, Prepared, check_callback_url, enqueue, prepare, settle, share_limits
 from service.body import query_args, read_json_object
 from service.errors import ApiError
 from service.replication import acknowledges_writes
@@ -195,10 +195,7 @@ class _Reservations:
             pipe,
             self.owner,
             self.sizes,
-            now=self.at,
-            lapses_at=self.at + self.settings.max_delay + self.settings.result_ttl,
-            jobs=self.settings.key_max_waiting,
-            size_limit=self.settings.key_max_waiting_mb * 2**20,
+            **share_limits(self.settings, self.at),
         )
 
     def release(self, pipe: Any) -> None:
