@@ -114,7 +114,21 @@ class Node:
         )
 
     def launch(self, lines: list[str], timeout: float = 30.0) -> None:
-        """Write the configuration and start the server; raise with its log if it does not answer."""
+        """Write the configuration and start the server; raise with its log if it does not answer.
+        At its first start a node whose port another program took meanwhile moves to a free
+        one (nothing refers to its port yet); a restart keeps its port."""
+        for attempt in range(3):
+            first = self.process is None
+            if self._start(lines, timeout):
+                return
+            self.kill()
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            if not first or attempt == 2 or "Address already in use" not in tail:
+                raise RuntimeError(f"{self.name} did not start on port {self.port}:\n{tail}")
+            self.process, self.port = None, free_port()
+            self.log.unlink(missing_ok=True)
+
+    def _start(self, lines: list[str], timeout: float) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         listen = self.tls.server_lines(self.port) if self.tls else [f"port {self.port}"]
         common = [*listen, "bind 127.0.0.1", f"dir {self.directory.resolve()}"]
@@ -134,13 +148,11 @@ class Node:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                break
+                return False
             if self.answers():
-                return
+                return True
             time.sleep(0.05)
-        self.kill()
-        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-        raise RuntimeError(f"{self.name} did not start on port {self.port}:\n{tail}")
+        return False
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from scripts.sentinel import SentinelTopology
+from scripts.sentinel import Node, SentinelTopology
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -45,3 +47,16 @@ def test_a_paused_primary_is_failed_over_and_demoted_when_it_resumes(tmp_path):
         topology.wait_replica(old, timeout=60)
         assert old.role() == "slave"
         assert topology.primary() is new
+
+
+def test_a_node_whose_port_was_taken_before_its_first_start_moves_to_a_free_one(tmp_path):
+    node = Node("redis-a", tmp_path / "a")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", node.port))
+    taken.listen()
+    try:
+        node.launch(['save ""'])
+        assert node.port != taken.getsockname()[1] and node.client().ping()
+    finally:
+        node.stop()
+        taken.close()
